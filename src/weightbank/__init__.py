@@ -1,0 +1,84 @@
+"""weightbank: a content-addressed, crash-safe bank for PyTorch checkpoints.
+
+Example:
+    >>> import torch, weightbank as wb
+    >>> bank = wb.open("memory://")
+    >>> info = bank.save({"w": torch.ones(2)}, run="demo", step=1, tags=["prod"])
+    >>> bank.load("prod")["w"].tolist()
+    [1.0, 1.0]
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .bank.bank import AUTO, Bank, CheckpointDetail, open
+from .bank.results import (
+    CheckpointInfo,
+    DiffResult,
+    DuReport,
+    GcReport,
+    LoadResult,
+    PruneReport,
+    SaveStats,
+    TagEvent,
+    TagInfo,
+    TensorDiff,
+    TensorInfo,
+    VerifyProblem,
+    VerifyReport,
+)
+from .errors import (
+    AmbiguousRef,
+    CheckpointNotFound,
+    ConcurrentUpdate,
+    CorruptObject,
+    DeviceError,
+    IncompatibleState,
+    InvalidName,
+    InvalidRef,
+    InvalidState,
+    MissingObject,
+    NoHistory,
+    NotABank,
+    StorageError,
+    TagNotFound,
+    UnsupportedFormat,
+    WeightbankError,
+)
+
+__all__ = [
+    "AUTO",
+    "AmbiguousRef",
+    "Bank",
+    "CheckpointDetail",
+    "CheckpointInfo",
+    "CheckpointNotFound",
+    "ConcurrentUpdate",
+    "CorruptObject",
+    "DeviceError",
+    "DiffResult",
+    "DuReport",
+    "GcReport",
+    "IncompatibleState",
+    "InvalidName",
+    "InvalidRef",
+    "InvalidState",
+    "LoadResult",
+    "MissingObject",
+    "NoHistory",
+    "NotABank",
+    "PruneReport",
+    "SaveStats",
+    "StorageError",
+    "TagEvent",
+    "TagInfo",
+    "TagNotFound",
+    "TensorDiff",
+    "TensorInfo",
+    "UnsupportedFormat",
+    "VerifyProblem",
+    "VerifyReport",
+    "WeightbankError",
+    "__version__",
+    "open",
+]

@@ -1,0 +1,618 @@
+"""The Bank: one content-addressed store for every checkpoint of a model family.
+
+Example:
+    >>> import torch, weightbank as wb
+    >>> bank = wb.open("memory://")
+    >>> info = bank.save({"w": torch.ones(2)}, run="tts", step=1, metrics={"loss": 0.5}, tags=["candidate"])
+    >>> bank.load("candidate")["w"].tolist(), bank.resolve("tts@latest") == info.id
+    ([1.0, 1.0], True)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._version import __version__
+from ..errors import (
+    CheckpointNotFound,
+    ConcurrentUpdate,
+    IncompatibleState,
+    InvalidState,
+    NotABank,
+    TagNotFound,
+    UnsupportedFormat,
+)
+from ..format.codecs import get_codec
+from ..format.jsonsafe import decode, encode
+from ..format.manifest import FORMAT_VERSION, Manifest
+from ..format.tree import flatten, unflatten
+from ..storage import LocalStorage, open_storage
+from ..storage.base import Storage
+from . import maintenance
+from . import verify as verify_mod
+from .catalog import Catalog
+from .diff import diff_manifests
+from .environment import capture_env, who
+from .layout import FORMAT_KEY, check_name
+from .reader import check_device, read_tensors
+from .refs import resolve
+from .results import (
+    CheckpointInfo,
+    DiffResult,
+    DuReport,
+    GcReport,
+    LoadResult,
+    PruneReport,
+    TagEvent,
+    TagInfo,
+    TensorInfo,
+    VerifyReport,
+)
+from .tags import UNSET, TagStore
+from .writer import SaveOptions, write_checkpoint
+
+__all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
+
+
+class _Auto:
+    def __repr__(self) -> str:
+        return "AUTO"
+
+
+AUTO: Any = _Auto()
+"""Default for ``save(parent=...)``: the run's newest checkpoint."""
+
+
+@dataclass(frozen=True)
+class CheckpointDetail:
+    """``show``: a checkpoint's info plus its per-tensor table."""
+
+    info: CheckpointInfo
+    tensors: tuple[TensorInfo, ...]
+    packs: tuple[str, ...]
+
+
+def _init_storage(storage: Storage, *, create: bool) -> None:
+    try:
+        raw = storage.read(FORMAT_KEY)
+    except FileNotFoundError:
+        raw = None
+    if raw is not None:
+        try:
+            marker = json.loads(raw)
+            version = marker["version"]
+            if marker.get("format") != "weightbank" or not isinstance(version, int):
+                raise ValueError("not a weightbank marker")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise NotABank(storage.url, f"{FORMAT_KEY} is unreadable") from None
+        if version > FORMAT_VERSION:
+            raise UnsupportedFormat(storage.url, version, FORMAT_VERSION)
+        return
+    if isinstance(storage, LocalStorage):
+        root = storage.root
+        if root.exists() and not root.is_dir():
+            raise NotABank(storage.url, "it is a file")
+        if root.is_dir() and any(p.name not in ("tmp", "refs") for p in root.iterdir()):
+            raise NotABank(storage.url, f"the directory is not empty and has no {FORMAT_KEY}")
+    if not create:
+        raise NotABank(storage.url, f"no {FORMAT_KEY} found")
+    marker = {"format": "weightbank", "version": FORMAT_VERSION, "created": time.time(), "by": __version__}
+    storage.write(FORMAT_KEY, json.dumps(marker).encode())
+
+
+def open(url: str | os.PathLike[str] = "./bank", *, create: bool = True, workers: int | None = None) -> Bank:
+    """Open the bank at ``url`` (a directory, ``file://``, or ``memory://[name]``), creating it if asked.
+
+    Raises NotABank for a non-empty directory without a bank (or a file), and
+    UnsupportedFormat for a bank written by a newer weightbank.
+
+    Example:
+        >>> import weightbank as wb
+        >>> wb.open("memory://").url
+        'memory://'
+    """
+    storage = open_storage(url)
+    _init_storage(storage, create=create)
+    return Bank(storage, workers=workers)
+
+
+def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[int]:
+    if select is None:
+        return list(range(len(names)))
+    patterns = [select] if isinstance(select, str) else list(select)
+    return [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+class Bank:
+    """A checkpoint bank on one storage backend. Create with :func:`weightbank.open`.
+
+    Thread-safe: several threads may save and load at once; several processes
+    (and machines, on object stores) may share one bank.
+    """
+
+    def __init__(self, storage: Storage, *, workers: int | None = None) -> None:
+        self.storage = storage
+        self.workers = workers or min(4, max(2, os.cpu_count() or 2))
+        self._catalog = Catalog(storage)
+        self._tags = TagStore(storage)
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def __repr__(self) -> str:
+        return f"Bank({self.url!r})"
+
+    def close(self) -> None:
+        self.storage.close()
+
+    def __enter__(self) -> Bank:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- naming ------------------------------------------------------------------
+    def resolve(self, ref: str) -> str:
+        """The full id of the checkpoint ``ref`` names.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://"); cid = bank.save({"w": torch.ones(1)}, run="r", step=7).id
+            >>> bank.resolve("r@7") == bank.resolve(cid[:8]) == cid
+            True
+        """
+        self._catalog.refresh()
+        return resolve(ref, self._catalog, self._tags)
+
+    def _manifest(self, ref: str) -> tuple[str, Manifest]:
+        cid = self.resolve(ref)
+        try:
+            return cid, self._catalog.get(cid)
+        except FileNotFoundError:
+            raise CheckpointNotFound(ref, detail=f"{cid[:12]} was deleted") from None
+
+    def _info(
+        self, cid: str, m: Manifest, tags_by_target: Mapping[str, list[str]] | None = None
+    ) -> CheckpointInfo:
+        if tags_by_target is None:
+            tags_by_target = self._tags_by_target()
+        return CheckpointInfo(
+            id=cid,
+            run=m.run,
+            step=m.step,
+            parent=m.parent,
+            created=m.created,
+            message=m.message,
+            metrics=decode(m.metrics),
+            config=decode(m.config),
+            meta=decode(m.meta),
+            env=dict(m.env),
+            nbytes=m.nbytes,
+            stored_bytes=m.stored_bytes,
+            n_tensors=len(m.tensors),
+            tags=tuple(sorted(tags_by_target.get(cid, []))),
+        )
+
+    def _tags_by_target(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for name, target in self._tags.live().items():
+            out.setdefault(target, []).append(name)
+        return out
+
+    # -- save / load --------------------------------------------------------------
+    def save(
+        self,
+        state: object,
+        *,
+        run: str = "main",
+        step: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+        message: str = "",
+        meta: Mapping[str, Any] | None = None,
+        parent: Any = AUTO,
+        codec: str = "raw",
+        chunk_size: int | None = None,
+    ) -> CheckpointInfo:
+        """Store ``state`` as a new immutable checkpoint and return its info.
+
+        ``state`` is any nesting of dict/list/tuple with tensor or JSON-safe
+        leaves. Everything is validated before a byte is written; chunks the
+        bank already holds are not written again. ``parent`` defaults to the
+        run's newest checkpoint; pass a ref (e.g. another run's checkpoint) or
+        None for a root.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> a = bank.save({"w": torch.ones(1000)}, run="r", step=1)
+            >>> b = bank.save({"w": torch.ones(1000)}, run="r", step=2)
+            >>> b.parent == a.id, b.save_stats.written_bytes
+            (True, 0)
+        """
+        check_name("run", run)
+        tag_names = [check_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise InvalidState("step", f"step must be a non-negative int or None, not {step!r}")
+        if not isinstance(message, str):
+            raise InvalidState("message", "message must be a string")
+        get_codec(codec)
+        header = {
+            "run": run,
+            "step": step,
+            "message": message,
+            "metrics": encode(dict(metrics or {}), "metrics"),
+            "config": encode(dict(config or {}), "config"),
+            "meta": encode(dict(meta or {}), "meta"),
+            "env": capture_env(),
+        }
+        spec, leaves = flatten(state)
+        if parent is AUTO:
+            self._catalog.refresh()
+            members = self._catalog.runs().get(run)
+            header["parent"] = members[-1][0] if members else None
+        elif parent is None:
+            header["parent"] = None
+        else:
+            header["parent"] = self.resolve(str(parent))
+        header["created"] = time.time()
+        options = SaveOptions(
+            codec=codec, workers=self.workers, **({"chunk_size": chunk_size} if chunk_size else {})
+        )
+        cid, manifest, stats = write_checkpoint(
+            self.storage, self._catalog, spec=spec, leaves=leaves, header=header, options=options
+        )
+        for name in tag_names:
+            self._move_tag_retrying(
+                name, cid, why=f"saved {run}@{step}" if step is not None else f"saved {run}"
+            )
+        info = self._info(cid, manifest)
+        return CheckpointInfo(**{**info.__dict__, "save_stats": stats})
+
+    def _move_tag_retrying(self, name: str, cid: str, why: str) -> None:
+        for attempt in range(8):
+            try:
+                self._tags.update(name, "set", cid, by=who(), why=why)
+                return
+            except ConcurrentUpdate:
+                if attempt == 7:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+
+    def load(
+        self,
+        ref: str,
+        *,
+        into: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
+        select: str | Sequence[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        strict: bool = True,
+        prefix: str = "",
+    ) -> Any:
+        """Load a checkpoint: the saved state, or (``into=``) copy it into a module in place.
+
+        ``select`` keeps tensors whose names match a glob (``"decoder.*"``);
+        ``device`` places tensors (``"cuda:0"``); ``dtype`` casts floating
+        tensors only when asked — with ``into=``, a dtype mismatch is an error
+        unless ``dtype`` says what to convert to. With ``into=`` the checkpoint
+        names (minus ``prefix``) must match the module's state_dict keys
+        (``strict``: all of them when nothing is selected); tied parameters stay
+        tied, and nothing is written into the module until all checks pass.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://"); lin = torch.nn.Linear(2, 2)
+            >>> _ = bank.save(lin.state_dict(), tags=["v1"])
+            >>> bank.load("v1", into=torch.nn.Linear(2, 2)).loaded
+            ('weight', 'bias')
+        """
+        t0 = time.perf_counter()
+        cid, m = self._manifest(ref)
+        dev = check_device(device)
+        names = [t.name for t in m.tensors]
+        chosen = _select(names, select)
+        if select is not None and not chosen:
+            raise IncompatibleState(f"select {select!r} matches no tensor of {cid[:12]}", names[:20])
+        if into is not None:
+            return self._load_into(cid, m, into, chosen, select is not None, dtype, strict, prefix, t0)
+        loaded = read_tensors(self.storage, cid, m, chosen, workers=self.workers, device=dev)
+        if dtype is not None:
+            loaded = {i: (t.to(dtype) if t.is_floating_point() else t) for i, t in loaded.items()}
+        tensors: list[torch.Tensor | None] = [loaded.get(i) for i in range(len(m.tensors))]
+        return unflatten(m.tree, tensors)
+
+    def _load_into(
+        self,
+        cid: str,
+        m: Manifest,
+        into: torch.nn.Module | Mapping[str, torch.Tensor],
+        chosen: list[int],
+        selected: bool,
+        dtype: torch.dtype | None,
+        strict: bool,
+        prefix: str,
+        t0: float,
+    ) -> LoadResult:
+        target = into.state_dict(keep_vars=False) if isinstance(into, torch.nn.Module) else dict(into)
+        by_key: dict[str, int] = {}
+        for i in chosen:
+            name = m.tensors[i].name
+            if prefix and not name.startswith(prefix):
+                continue
+            by_key[name[len(prefix) :]] = i
+        problems = []
+        missing = [k for k in target if k not in by_key] if (strict and not selected) else []
+        unexpected = [k for k in by_key if k not in target]
+        if missing:
+            problems.append(
+                f"missing in checkpoint: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"
+            )
+        if unexpected and (strict or selected):
+            problems.append(
+                f"not in target: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"
+            )
+        into_idx: dict[int, torch.Tensor] = {}
+        for key, i in by_key.items():
+            if key not in target:
+                continue
+            rec, dest = m.tensors[i], target[key]
+            if tuple(dest.shape) != rec.shape:
+                problems.append(f"{key}: checkpoint shape {list(rec.shape)} != target {list(dest.shape)}")
+            elif str(dest.dtype).removeprefix("torch.") != rec.dtype and dtype is None:
+                problems.append(
+                    f"{key}: checkpoint dtype {rec.dtype} != target {dest.dtype} (pass dtype= to convert)"
+                )
+            else:
+                into_idx[i] = dest
+        if problems:
+            raise IncompatibleState(
+                f"checkpoint {cid[:12]} does not fit the target: " + "; ".join(problems), missing + unexpected
+            )
+        # Tied targets (one storage under two names) are written once.
+        seen_ptr: dict[tuple[int, torch.device], int] = {}
+        write: dict[int, torch.Tensor] = {}
+        for i, dest in into_idx.items():
+            key_ptr = (dest.data_ptr(), dest.device)
+            if dest.numel() and key_ptr in seen_ptr and m.tensors[i].alias_of is not None:
+                continue
+            seen_ptr.setdefault(key_ptr, i)
+            write[i] = dest
+        read_tensors(self.storage, cid, m, list(write), workers=self.workers, into=write)
+        loaded = tuple(m.tensors[i].name[len(prefix) :] for i in into_idx)
+        skipped = tuple(k for k in unexpected)
+        info = self._info(cid, m)
+        return LoadResult(checkpoint=info, loaded=loaded, skipped=skipped, seconds=time.perf_counter() - t0)
+
+    # -- inspection ---------------------------------------------------------------
+    def log(self, run: str | None = None) -> list[CheckpointInfo]:
+        """Checkpoints (of ``run``, or all), newest first.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> for s in (1, 2): _ = bank.save({"w": torch.ones(1)}, run="r", step=s)
+            >>> [c.step for c in bank.log("r")]
+            [2, 1]
+        """
+        if run is not None:
+            check_name("run", run)
+        self._catalog.refresh()
+        by_target = self._tags_by_target()
+        runs = self._catalog.runs()
+        if run is not None and run not in runs:
+            raise CheckpointNotFound(
+                f"{run}@latest", [r for r in runs if r.startswith(run[:3])], detail=f"no run {run!r}"
+            )
+        members = (
+            runs[run]
+            if run is not None
+            else sorted((x for lst in runs.values() for x in lst), key=lambda x: (x[1].created, x[0]))
+        )
+        return [self._info(cid, m, by_target) for cid, m in reversed(members)]
+
+    def runs(self) -> list[str]:
+        """Names of every run in the bank."""
+        self._catalog.refresh()
+        return sorted(self._catalog.runs())
+
+    def show(self, ref: str) -> CheckpointDetail:
+        """Metadata, metrics and the per-tensor table of one checkpoint."""
+        cid, m = self._manifest(ref)
+        rows = []
+        for t in m.tensors:
+            base = m.tensors[t.alias_of] if t.alias_of is not None else t
+            chunks = [m.chunks[c] for c in base.chunks]
+            rows.append(
+                TensorInfo(
+                    name=t.name,
+                    dtype=t.dtype,
+                    shape=t.shape,
+                    nbytes=t.nbytes,
+                    chunks=len(chunks),
+                    stored_bytes=0 if t.alias_of is not None else sum(c.stored_len for c in chunks),
+                    alias_of=base.name if t.alias_of is not None else None,
+                    codecs=tuple(sorted({c.codec for c in chunks})),
+                )
+            )
+        return CheckpointDetail(info=self._info(cid, m), tensors=tuple(rows), packs=m.packs)
+
+    def diff(self, a: str, b: str) -> DiffResult:
+        """Per-tensor changes from checkpoint ``a`` to ``b`` (same / changed / added / removed)."""
+        a_id, ma = self._manifest(a)
+        b_id, mb = self._manifest(b)
+
+        def load(cid: str, m: Manifest, idx: list[int]) -> dict[int, torch.Tensor]:
+            return read_tensors(self.storage, cid, m, idx, workers=self.workers)
+
+        return diff_manifests(a_id, ma, b_id, mb, load)
+
+    # -- tags ---------------------------------------------------------------------
+    def tag(self, name: str, ref: str, *, why: str = "", expect: Any = UNSET) -> TagEvent:
+        """Point tag ``name`` at ``ref``'s checkpoint (compare-and-swap; history recorded).
+
+        ``expect`` (an id, or None for "no tag yet") makes the move conditional
+        on the tag's current target; a concurrent change raises ConcurrentUpdate.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://"); cid = bank.save({"w": torch.ones(1)}).id
+            >>> bank.tag("prod", cid).new == cid
+            True
+        """
+        check_name("tag", name)
+        cid = self.resolve(ref)
+        if expect is not UNSET and expect is not None:
+            expect = self.resolve(expect)
+        return self._tags.update(name, "set", cid, by=who(), why=why, expect=expect)
+
+    def untag(self, name: str, *, why: str = "") -> TagEvent:
+        """Remove a tag (its history stays; ``rollback`` restores it)."""
+        return self._tags.update(name, "untag", None, by=who(), why=why)
+
+    def rollback(self, name: str, steps: int = 1, *, why: str = "") -> TagEvent:
+        """Move tag ``name`` back ``steps`` targets (undoing the last moves).
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> a = bank.save({"w": torch.zeros(1)}, tags=["prod"]).id
+            >>> b = bank.save({"w": torch.ones(1)}, tags=["prod"]).id
+            >>> bank.rollback("prod").new == a
+            True
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, not {steps!r}")
+        return self._tags.update(name, "rollback", None, by=who(), why=why, steps=steps)
+
+    def tags(self) -> list[TagInfo]:
+        """Every live tag and its target."""
+        return [self._tags.info(n) for n in self._tags.names() if self._tags.target(n) is not None]
+
+    def tag_history(self, name: str) -> list[TagEvent]:
+        """Every change ever made to tag ``name``, oldest first."""
+        check_name("tag", name)
+        rec, _ = self._tags.read(name)
+        if rec is None:
+            raise TagNotFound(name, self._tags.names())
+        return rec.events()
+
+    # -- maintenance --------------------------------------------------------------
+    def delete(self, ref: str, *, force: bool = False, why: str = "") -> str:
+        """Delete one checkpoint (its data goes at the next ``gc``). Tagged ones need ``force``."""
+        cid, m = self._manifest(ref)
+        tagged = self._tags_by_target().get(cid, [])
+        if tagged and not force:
+            raise IncompatibleState(
+                f"checkpoint {cid[:12]} is tagged {', '.join(tagged)}; untag it or pass force=True"
+            )
+        maintenance.trash(self.storage, cid, m, by=who(), why=why)
+        self._catalog.forget(cid)
+        return cid
+
+    def prune(
+        self,
+        *,
+        run: str | None = None,
+        keep_last: int | None = None,
+        keep_best: tuple[str, int] | tuple[str, int, str] | None = None,
+        keep_every: int | None = None,
+        keep_tagged: bool = True,
+        older_than: float | None = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Delete checkpoints no retention rule keeps; say what that frees.
+
+        Rules are unions: a checkpoint survives if any rule keeps it. Per run:
+        ``keep_last`` newest N, ``keep_best=("val_loss", K[, "min"|"max"])``,
+        ``keep_every`` M (steps divisible by M); tagged ones with
+        ``keep_tagged``; only checkpoints older than ``older_than`` seconds
+        are candidates. With no rule at all nothing is deleted.
+        """
+        if keep_last is None and keep_best is None and keep_every is None and older_than is None:
+            raise ValueError("prune needs at least one rule (keep_last, keep_best, keep_every, older_than)")
+        self._catalog.refresh()
+        runs = self._catalog.runs()
+        if run is not None:
+            check_name("run", run)
+            runs = {run: runs.get(run, [])}
+        tagged = set(self._tags.live().values()) if keep_tagged else set()
+        now = time.time()
+        keep: set[str] = set()
+        candidates: list[str] = []
+        for members in runs.values():
+            ids = [cid for cid, _ in members]
+            if keep_last is not None:
+                keep.update(ids[-keep_last:] if keep_last > 0 else [])
+            if keep_best is not None:
+                metric, k = keep_best[0], keep_best[1]
+                mode = keep_best[2] if len(keep_best) > 2 else "min"
+                scored = [
+                    (v, cid)
+                    for cid, m in members
+                    if isinstance(v := maintenance.metric_value(m, metric), (int, float)) and v == v
+                ]
+                scored.sort(key=lambda x: x[0], reverse=(mode == "max"))
+                keep.update(cid for _, cid in scored[:k])
+            if keep_every is not None and keep_every > 0:
+                keep.update(cid for cid, m in members if m.step is not None and m.step % keep_every == 0)
+            for cid, m in members:
+                if older_than is not None and now - m.created < older_than:
+                    keep.add(cid)
+                candidates.append(cid)
+        keep |= tagged
+        doomed = [cid for cid in candidates if cid not in keep]
+        # Bytes freed: chunks referenced only by doomed checkpoints.
+        survivors = [m for cid, m in self._catalog.items() if cid not in doomed]
+        live_chunks = {c.hash for m in survivors for c in m.chunks}
+        freed: dict[str, int] = {}
+        for cid in doomed:
+            for c in self._catalog.get(cid).chunks:
+                if c.hash not in live_chunks:
+                    freed[c.hash] = c.stored_len
+        if not dry_run:
+            for cid in doomed:
+                maintenance.trash(self.storage, cid, self._catalog.get(cid), by=who(), why="prune")
+                self._catalog.forget(cid)
+        return PruneReport(
+            deleted=tuple(doomed),
+            kept=tuple(cid for cid in candidates if cid in keep),
+            bytes_freed=sum(freed.values()),
+            dry_run=dry_run,
+        )
+
+    def gc(self, *, grace: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Remove data no checkpoint needs; never touches data a save in flight may use.
+
+        ``grace`` (seconds) spares anything younger, for clock skew and slow
+        object-store listings; ``gc(grace=0)`` is safe on one machine.
+        """
+        return maintenance.gc(self.storage, self._catalog, grace=grace, dry_run=dry_run)
+
+    def verify(self, ref: str | None = None, *, full: bool = True) -> VerifyReport:
+        """Check manifests, chunk hashes (``full``) or just presence, and tags; report problems.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://"); _ = bank.save({"w": torch.ones(1)})
+            >>> bank.verify().problems
+            ()
+        """
+        ids = None if ref is None else [self.resolve(ref)]
+        return verify_mod.verify(
+            self.storage, self._catalog, self._tags, ids, full=full, workers=self.workers
+        )
+
+    def du(self) -> DuReport:
+        """Logical, unique and stored bytes of the bank (dedup and compression at a glance)."""
+        return verify_mod.disk_usage(self.storage, self._catalog)

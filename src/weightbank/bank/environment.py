@@ -1,0 +1,79 @@
+"""Metadata recorded with every save without being asked: when, where, with what.
+
+Example:
+    >>> from weightbank.bank.environment import capture_env
+    >>> sorted(capture_env())[:3]
+    ['host', 'pid', 'platform']
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import os
+import platform
+import socket
+import subprocess
+from typing import Any
+
+import torch
+
+from .._version import __version__
+
+__all__ = ["capture_env", "git_info", "who"]
+
+
+@functools.lru_cache(maxsize=8)
+def git_info(cwd: str) -> dict[str, Any] | None:
+    """Commit and dirty flag of the git repository containing ``cwd``, if any (cached per directory)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
+        )
+        if commit.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=5, check=False,
+        )  # fmt: skip
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {
+        "commit": commit.stdout.strip(),
+        "dirty": bool(status.stdout.strip()),
+        "repo": top.stdout.strip(),
+    }
+
+
+def who() -> str:
+    """``user@host`` of this process, for tag history."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
+
+
+def capture_env() -> dict[str, Any]:
+    """Host, user, pid, versions and the caller's git commit."""
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "user": who().split("@", 1)[0],
+        "weightbank": __version__,
+    }
+    git = git_info(os.getcwd())
+    if git is not None:
+        env["git"] = git
+    return env

@@ -1,0 +1,141 @@
+"""Deleting checkpoints, retention (prune) and garbage collection, safe against saves in flight.
+
+Deleting a checkpoint moves its manifest to ``trash/`` with the time of
+deletion (written first, then the manifest is removed), so a concurrent save
+that already chose to reuse its chunks is still covered.
+
+``gc`` removes packs no committed checkpoint needs. It never deletes:
+
+* a pack holding any chunk of a live manifest, or of a trashed manifest
+  deleted after the oldest live lease began or after gc itself began;
+* a pack written by a save that still holds a live lease;
+* anything younger than ``grace`` seconds (covers clock skew and saves whose
+  lease this gc could not see yet).
+
+Leases are listed *before* manifests are read, so a save that starts after
+that listing only reuses chunks of manifests this gc sees as live (or trashed
+after gc began). Stale leases (dead process, or older than the lease TTL) are
+removed, and trash entries no lease can still need are dropped.
+
+Example:
+    >>> import torch, weightbank as wb
+    >>> bank = wb.open("memory://")
+    >>> for s in range(3): _ = bank.save({"w": torch.full((4,), float(s))}, run="r", step=s)
+    >>> len(bank.prune(keep_last=1).deleted), bank.gc(grace=0).bytes_freed
+    (2, 32)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import CorruptObject, WeightbankError
+from ..format.jsonsafe import decode
+from ..format.manifest import Manifest
+from ..storage.base import Storage
+from . import leases
+from .catalog import Catalog
+from .layout import PACKS, TRASH, manifest_key, save_id_from_pack, trash_key
+from .results import GcReport
+
+__all__ = ["TrashEntry", "gc", "read_trash", "trash"]
+
+
+@dataclass(frozen=True)
+class TrashEntry:
+    cid: str
+    deleted_at: float
+    manifest: Manifest | None
+    key: str
+
+
+def trash(storage: Storage, cid: str, manifest: Manifest, *, by: str, why: str) -> None:
+    """Delete a checkpoint: record it in trash (durably), then remove its manifest."""
+    body = {"id": cid, "deleted_at": time.time(), "by": by, "why": why, "manifest": manifest.to_json()}
+    storage.write(trash_key(cid), json.dumps(body, separators=(",", ":")).encode())
+    storage.delete(manifest_key(cid))
+
+
+def read_trash(storage: Storage) -> list[TrashEntry]:
+    out = []
+    for info in storage.list(TRASH):
+        try:
+            obj = json.loads(storage.read(info.key))
+            m = Manifest._parse(obj["manifest"])
+            out.append(TrashEntry(str(obj["id"]), float(obj["deleted_at"]), m, info.key))
+        except (WeightbankError, ValueError, KeyError, TypeError):
+            # A torn trash entry protects nothing; it still ages out by mtime.
+            out.append(TrashEntry("?", info.mtime, None, info.key))
+    return out
+
+
+def gc(
+    storage: Storage,
+    catalog: Catalog,
+    *,
+    grace: float = 3600.0,
+    lease_ttl: float = leases.DEFAULT_TTL,
+    dry_run: bool = False,
+) -> GcReport:
+    """Remove unreferenced packs (see module docstring for what is never removed)."""
+    started = time.time()
+    # Order matters: leases first, then manifests and trash.
+    all_leases = leases.all_leases(storage)
+    live_leases = [lease for lease in all_leases if not lease.stale(started, lease_ttl)]
+    stale_leases = [lease for lease in all_leases if lease.stale(started, lease_ttl)]
+    oldest_lease = min((lease.started for lease in live_leases), default=started)
+    protect_after = min(oldest_lease, started) - grace
+    catalog.refresh()
+    if catalog.broken:
+        # A manifest we cannot read may reference any pack: refuse to guess.
+        bad = ", ".join(cid[:12] for cid in catalog.broken)
+        raise CorruptObject(
+            manifest_key(next(iter(catalog.broken))),
+            detail=f"gc refuses to run while manifests are unreadable ({bad}); run `weightbank verify`",
+        )
+    needed: set[str] = set()
+    for m in dict(catalog.items()).values():
+        needed.update(m.packs)
+    drop_trash = []
+    for entry in read_trash(storage):
+        if entry.deleted_at >= protect_after:
+            if entry.manifest is not None:
+                needed.update(entry.manifest.packs)
+        else:
+            drop_trash.append(entry.key)
+    inflight = {lease.save_id for lease in live_leases}
+    deleted: list[str] = []
+    freed = 0
+    kept_inflight = 0
+    for info in storage.list(PACKS):
+        if not info.key.endswith(".pack") or info.key in needed:
+            continue
+        if save_id_from_pack(info.key) in inflight:
+            kept_inflight += 1
+            continue
+        if info.mtime >= started - grace:
+            continue
+        deleted.append(info.key)
+        freed += info.size
+    if not dry_run:
+        for key in deleted:
+            storage.delete(key)
+        for key in drop_trash:
+            storage.delete(key)
+        for lease in stale_leases:
+            storage.delete(lease.key)
+    return GcReport(
+        packs_deleted=tuple(sorted(deleted)),
+        bytes_freed=freed,
+        trash_dropped=len(drop_trash),
+        leases_dropped=len(stale_leases),
+        packs_kept_for_inflight=kept_inflight,
+        dry_run=dry_run,
+    )
+
+
+def metric_value(m: Manifest, name: str) -> Any:
+    return decode(m.metrics).get(name)

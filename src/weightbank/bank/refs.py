@@ -1,0 +1,155 @@
+"""Parsing and resolving refs: the names a user gives checkpoints.
+
+::
+
+    <id> | <id prefix, >= 6 hex chars>   a checkpoint by content hash
+    <tag>                                a tag's current target
+    <tag>@{N}                            the tag's N-th previous target (what rollback N restores)
+    <run>@<step>                         the newest checkpoint of run at that step
+    <run>@latest                         the run's newest checkpoint
+    <run>@best:<metric>[:min|:max]       the run's checkpoint with the lowest (or highest) metric
+    <ref>~N, <ref>~                      the N-th (first) parent of ref; suffixes add up
+
+Tags win over id prefixes when a name is both. An unknown ref raises
+CheckpointNotFound with close matches; a prefix matching several ids raises
+AmbiguousRef listing them.
+
+Example:
+    >>> from weightbank.bank.refs import parse
+    >>> parse("tts@best:val_loss:max~2")
+    ('tts@best:val_loss:max', 2)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+
+from ..errors import AmbiguousRef, CheckpointNotFound, InvalidRef, TagNotFound
+from ..format.hashing import MIN_PREFIX
+from ..format.jsonsafe import decode
+from ..format.manifest import Manifest
+from .catalog import Catalog
+from .layout import check_name
+from .tags import TagStore
+
+__all__ = ["parse", "resolve"]
+
+_SUFFIX = re.compile(r"~(\d*)$")
+_TAG_HIST = re.compile(r"^(?P<tag>[^@]+)@\{(?P<n>\d+)\}$")
+_BEST = re.compile(r"^best:(?P<metric>[^:]+)(?::(?P<mode>min|max))?$")
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+def parse(ref: str) -> tuple[str, int]:
+    """Split ``ref`` into its base and the total number of ``~`` parent steps."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise InvalidRef(str(ref), "empty ref")
+    if any(ord(c) < 32 for c in ref):
+        raise InvalidRef(ref, "contains control characters")
+    base, up = ref, 0
+    while True:
+        m = _SUFFIX.search(base)
+        if not m:
+            break
+        up += int(m.group(1)) if m.group(1) else 1
+        base = base[: m.start()]
+    if not base:
+        raise InvalidRef(ref, "nothing before '~'")
+    return base, up
+
+
+def _metric(m: Manifest, name: str) -> float | None:
+    value = decode(m.metrics).get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def _suggest(word: str, catalog: Catalog, tags: TagStore) -> list[str]:
+    runs = catalog.runs()
+    candidates = list(tags.names()) + list(runs) + [f"{r}@latest" for r in runs]
+    return difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
+
+
+def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
+    run, _, what = base.partition("@")
+    check_name("run", run) if run else None
+    if not run or not what:
+        raise InvalidRef(ref, "expected <run>@<step>, <run>@latest or <run>@best:<metric>")
+    members = catalog.runs().get(run)
+    if not members:
+        raise CheckpointNotFound(ref, _suggest(run, catalog, tags), detail=f"no run {run!r}")
+    if what == "latest":
+        return members[-1][0]
+    if what.isdigit():
+        step = int(what)
+        at = [cid for cid, m in members if m.step == step]
+        if not at:
+            steps = sorted({m.step for _, m in members if m.step is not None})
+            near = sorted(steps, key=lambda s: abs(s - step))[:3]
+            raise CheckpointNotFound(
+                ref, [f"{run}@{s}" for s in near], detail=f"run {run!r} has no step {step}"
+            )
+        return at[-1]
+    best = _BEST.match(what)
+    if best:
+        metric, mode = best.group("metric"), best.group("mode") or "min"
+        scored = [(v, i, cid) for i, (cid, m) in enumerate(members) if (v := _metric(m, metric)) is not None]
+        if not scored:
+            raise CheckpointNotFound(ref, detail=f"no checkpoint of run {run!r} has metric {metric!r}")
+        # ties go to the newest checkpoint
+        pick = (
+            min(scored, key=lambda s: (s[0], -s[1]))
+            if mode == "min"
+            else max(scored, key=lambda s: (s[0], s[1]))
+        )
+        return pick[2]
+    raise InvalidRef(
+        ref, f"unknown selector {what!r} after '@' (use a step, latest, best:<metric>, or {{N}})"
+    )
+
+
+def _resolve_base(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
+    hist = _TAG_HIST.match(base)
+    if hist:
+        return tags.previous(check_name("tag", hist.group("tag")), int(hist.group("n")))
+    if "@" in base:
+        return _resolve_run(base, ref, catalog, tags)
+    try:
+        check_name("tag", base)
+        is_name = True
+    except ValueError:
+        is_name = False
+    if is_name:
+        rec, _ = tags.read(base)
+        if rec is not None:
+            if rec.target is None:
+                raise TagNotFound(
+                    base, [f"(tag {base!r} was removed; `weightbank rollback {base}` restores it)"]
+                )
+            return rec.target
+    if _HEX.match(base):
+        if len(base) < MIN_PREFIX:
+            raise InvalidRef(ref, f"an id prefix needs at least {MIN_PREFIX} hex characters")
+        ids = catalog.ids()
+        broken = list(catalog.broken)
+        matches = [i for i in ids + broken if i.startswith(base)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise AmbiguousRef(base, matches)
+    raise CheckpointNotFound(ref, _suggest(base, catalog, tags))
+
+
+def resolve(ref: str, catalog: Catalog, tags: TagStore) -> str:
+    """The full checkpoint id ``ref`` names (see the module docstring for the grammar)."""
+    base, up = parse(ref)
+    cid = _resolve_base(base, ref, catalog, tags)
+    for i in range(up):
+        parent = catalog.get(cid).parent
+        if parent is None:
+            raise CheckpointNotFound(ref, detail=f"{cid[:12]} has no parent ({i} of {up} steps up)")
+        cid = parent
+    return cid

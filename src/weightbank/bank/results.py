@@ -1,0 +1,217 @@
+"""Frozen result types returned by the bank: named fields, never loose dicts.
+
+Example:
+    >>> from weightbank.bank.results import SaveStats
+    >>> SaveStats(written_bytes=10, reused_bytes=90, new_chunks=1, reused_chunks=9, packs=1, seconds=0.1).dedup_ratio
+    0.9
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "CheckpointInfo",
+    "DiffResult",
+    "DuReport",
+    "GcReport",
+    "LoadResult",
+    "PruneReport",
+    "SaveStats",
+    "TagEvent",
+    "TagInfo",
+    "TensorDiff",
+    "TensorInfo",
+    "VerifyProblem",
+    "VerifyReport",
+]
+
+
+@dataclass(frozen=True)
+class SaveStats:
+    """What one save wrote: new bytes vs bytes it found already in the bank."""
+
+    written_bytes: int
+    reused_bytes: int
+    new_chunks: int
+    reused_chunks: int
+    packs: int
+    seconds: float
+    manifest_bytes: int = 0
+
+    @property
+    def dedup_ratio(self) -> float:
+        total = self.written_bytes + self.reused_bytes
+        return self.reused_bytes / total if total else 1.0
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint, as ``show`` lists it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: int
+    stored_bytes: int
+    alias_of: str | None = None
+    codecs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint's identity and metadata (no tensor data)."""
+
+    id: str
+    run: str
+    step: int | None
+    parent: str | None
+    created: float
+    message: str
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    meta: dict[str, Any]
+    env: dict[str, Any]
+    nbytes: int
+    stored_bytes: int
+    n_tensors: int
+    tags: tuple[str, ...] = ()
+    save_stats: SaveStats | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What ``load(..., into=module)`` did."""
+
+    checkpoint: CheckpointInfo
+    loaded: tuple[str, ...]
+    skipped: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TagEvent:
+    """One change of a tag: when, who, from which target to which, and why."""
+
+    tag: str
+    action: Literal["set", "untag", "rollback"]
+    old: str | None
+    new: str | None
+    at: float
+    by: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class TagInfo:
+    """A tag and its current target."""
+
+    name: str
+    target: str | None
+    updated: float
+    events: int
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How one tensor differs between two checkpoints."""
+
+    name: str
+    status: Literal["same", "changed", "added", "removed", "retyped"]
+    dtype: str
+    shape: tuple[int, ...]
+    max_abs: float | None = None
+    rel_l2: float | None = None
+    differing_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class DiffResult:
+    """Per-tensor differences between checkpoint ``a`` and ``b`` and the bytes that differ."""
+
+    a: str
+    b: str
+    tensors: tuple[TensorDiff, ...]
+    differing_bytes: int
+    total_bytes: int
+    metrics: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def by_status(self, status: str) -> list[TensorDiff]:
+        return [t for t in self.tensors if t.status == status]
+
+
+@dataclass(frozen=True)
+class VerifyProblem:
+    """One thing ``verify`` found wrong."""
+
+    kind: Literal["corrupt", "missing", "manifest", "tag", "orphan"]
+    key: str
+    detail: str
+    checkpoint: str = ""
+    tensor: str = ""
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of ``verify``: ok unless a problem other than orphans was found."""
+
+    checkpoints: int
+    chunks: int
+    bytes_checked: int
+    problems: tuple[VerifyProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.kind != "orphan" for p in self.problems)
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What ``gc`` removed (or would remove with ``dry_run``)."""
+
+    packs_deleted: tuple[str, ...]
+    bytes_freed: int
+    trash_dropped: int
+    leases_dropped: int
+    packs_kept_for_inflight: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What ``prune`` deleted (or would delete with ``dry_run``) and the bytes that frees."""
+
+    deleted: tuple[str, ...]
+    kept: tuple[str, ...]
+    bytes_freed: int
+    dry_run: bool
+
+
+@dataclass(frozen=True)
+class DuReport:
+    """Logical vs stored size of the bank."""
+
+    checkpoints: int
+    logical_bytes: int
+    unique_bytes: int
+    stored_bytes: int
+    pack_bytes: int
+    manifest_bytes: int
+    orphan_bytes: int
+    per_codec: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.logical_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def ratio(self) -> float:
+        """Logical bytes per stored byte."""
+        total = self.pack_bytes + self.manifest_bytes
+        return self.logical_bytes / total if total else 1.0

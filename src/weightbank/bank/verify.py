@@ -1,0 +1,149 @@
+"""Checking a bank: every manifest against its id, every chunk against its hash, every tag's target.
+
+Example:
+    >>> import torch, weightbank as wb
+    >>> bank = wb.open("memory://")
+    >>> _ = bank.save({"w": torch.ones(3)})
+    >>> bank.verify().ok
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import CorruptObject, MissingObject, WeightbankError
+from ..format.codecs import get_codec
+from ..format.hashing import digest
+from ..format.manifest import ChunkRecord, Manifest
+from ..storage.base import Storage
+from .catalog import Catalog
+from .layout import MANIFESTS, PACKS
+from .results import DuReport, VerifyProblem, VerifyReport
+from .tags import TagStore
+
+__all__ = ["disk_usage", "verify"]
+
+
+def _check_chunk(
+    storage: Storage, pack: str, rec: ChunkRecord, full: bool, sizes: dict[str, int]
+) -> str | None:
+    size = sizes.get(pack)
+    if size is None:
+        return "missing"
+    if rec.offset + rec.stored_len > size:
+        return f"pack is {size} bytes, chunk needs {rec.offset + rec.stored_len}"
+    if not full:
+        return None
+    payload = storage.read(pack, rec.offset, rec.stored_len)
+    out = bytearray(rec.raw_len)
+    try:
+        get_codec(rec.codec).decode(memoryview(payload), memoryview(out))
+    except CorruptObject as e:
+        return str(e.args[0])
+    actual = digest(out)
+    return None if actual == rec.hash else f"hash mismatch: expected {rec.hash[:16]}…, got {actual[:16]}…"
+
+
+def verify(
+    storage: Storage,
+    catalog: Catalog,
+    tags: TagStore,
+    ids: Iterable[str] | None = None,
+    *,
+    full: bool = True,
+    workers: int = 4,
+) -> VerifyReport:
+    """Check the named checkpoints (all when ``ids`` is None); ``full`` re-hashes every chunk."""
+    catalog.refresh()
+    problems: list[VerifyProblem] = []
+    whole_bank = ids is None
+    if whole_bank:
+        for cid, err in sorted(catalog.broken.items()):
+            problems.append(
+                VerifyProblem("manifest", f"{MANIFESTS}{cid[:2]}/{cid}.json", str(err), checkpoint=cid)
+            )
+        targets: list[tuple[str, Manifest]] = catalog.items()
+    else:
+        targets = [(cid, catalog.get(cid)) for cid in ids or []]
+    sizes = {info.key: info.size for info in storage.list(PACKS)}
+    seen: set[tuple[str, str]] = set()
+    work: list[tuple[str, str, ChunkRecord]] = []
+    for cid, m in targets:
+        for t in m.tensors:
+            for c in t.chunks:
+                rec = m.chunks[c]
+                where = (m.packs[rec.pack], rec.hash)
+                if where not in seen:
+                    seen.add(where)
+                    work.append((cid, t.name, rec))
+    checked_bytes = 0
+
+    def run(item: tuple[str, str, ChunkRecord, str]) -> tuple[str, str, ChunkRecord, str, str | None]:
+        cid, name, rec, pack = item
+        try:
+            return cid, name, rec, pack, _check_chunk(storage, pack, rec, full, sizes)
+        except MissingObject:
+            return cid, name, rec, pack, "missing"
+        except WeightbankError as e:
+            return cid, name, rec, pack, str(e)
+
+    items = [(cid, name, rec, catalog.get(cid).packs[rec.pack]) for cid, name, rec in work]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for cid, name, rec, pack, problem in pool.map(run, items):
+            checked_bytes += rec.raw_len
+            if problem is not None:
+                if problem == "missing":
+                    problems.append(
+                        VerifyProblem("missing", pack, "pack is missing", checkpoint=cid, tensor=name)
+                    )
+                else:
+                    problems.append(VerifyProblem("corrupt", pack, problem, checkpoint=cid, tensor=name))
+    for name, target in sorted(tags.live().items()):
+        if whole_bank and target not in catalog.ids():
+            problems.append(
+                VerifyProblem("tag", f"refs/tags/{name}.json", f"points to missing checkpoint {target[:12]}")
+            )
+    if whole_bank:
+        needed = {p for _, m in catalog.items() for p in m.packs}
+        for key, size in sorted(sizes.items()):
+            if key.endswith(".pack") and key not in needed:
+                problems.append(
+                    VerifyProblem("orphan", key, f"{size} bytes referenced by no checkpoint (gc removes it)")
+                )
+    return VerifyReport(
+        checkpoints=len(targets), chunks=len(work), bytes_checked=checked_bytes, problems=tuple(problems)
+    )
+
+
+def disk_usage(storage: Storage, catalog: Catalog) -> DuReport:
+    """Logical vs unique vs stored bytes of the whole bank."""
+    catalog.refresh()
+    logical = 0
+    unique: dict[str, tuple[int, int, str]] = {}
+    needed: set[str] = set()
+    for m in dict(catalog.items()).values():
+        logical += m.nbytes
+        needed.update(m.packs)
+        for rec in m.chunks:
+            unique.setdefault(rec.hash, (rec.raw_len, rec.stored_len, rec.codec))
+    per_codec: dict[str, int] = {}
+    for _raw, stored, codec in unique.values():
+        per_codec[codec] = per_codec.get(codec, 0) + stored
+    pack_bytes = orphan = 0
+    for info in storage.list(PACKS):
+        pack_bytes += info.size
+        if info.key not in needed:
+            orphan += info.size
+    manifest_bytes = sum(info.size for info in storage.list(MANIFESTS))
+    return DuReport(
+        checkpoints=len(catalog.ids()),
+        logical_bytes=logical,
+        unique_bytes=sum(u[0] for u in unique.values()),
+        stored_bytes=sum(u[1] for u in unique.values()),
+        pack_bytes=pack_bytes,
+        manifest_bytes=manifest_bytes,
+        orphan_bytes=orphan,
+        per_codec=per_codec,
+    )

@@ -1,0 +1,248 @@
+"""Every error weightbank raises, in one tree.
+
+Each class also inherits the built-in exception a caller would naturally catch,
+so ``except KeyError`` keeps working for a missing checkpoint and
+``except OSError`` for a damaged object::
+
+    WeightbankError
+    ├── CheckpointNotFound      (KeyError)     unknown ref; carries close matches
+    │   └── TagNotFound                        unknown tag
+    ├── AmbiguousRef            (ValueError)   id prefix matching several checkpoints
+    ├── InvalidRef              (ValueError)   ref that does not parse
+    ├── InvalidName             (ValueError)   bad tag / run name
+    ├── InvalidState            (TypeError)    a leaf that cannot be stored (no pickle)
+    ├── IncompatibleState       (ValueError)   shape/dtype/key mismatch on load into=
+    ├── NoHistory               (LookupError)  rollback past a tag's first target
+    ├── ConcurrentUpdate        (RuntimeError) a compare-and-swap lost a race
+    ├── DeviceError             (RuntimeError) requested device not available
+    └── StorageError            (OSError)      a backend could not do its job
+        ├── NotABank                           path exists but holds no bank
+        ├── UnsupportedFormat                  bank written by a newer weightbank
+        ├── MissingObject       (FileNotFoundError) object referenced but absent
+        └── CorruptObject                      bytes do not match their hash
+
+Example:
+    >>> import weightbank as wb
+    >>> try:
+    ...     wb.open("memory://").load("nope")
+    ... except KeyError as e:          # CheckpointNotFound is a KeyError too
+    ...     print(type(e).__name__)
+    CheckpointNotFound
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AmbiguousRef",
+    "CheckpointNotFound",
+    "ConcurrentUpdate",
+    "CorruptObject",
+    "DeviceError",
+    "IncompatibleState",
+    "InvalidName",
+    "InvalidRef",
+    "InvalidState",
+    "MissingObject",
+    "NoHistory",
+    "NotABank",
+    "StorageError",
+    "TagNotFound",
+    "UnsupportedFormat",
+    "WeightbankError",
+]
+
+
+class WeightbankError(Exception):
+    """Root of every error raised by weightbank."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; we want plain text everywhere.
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class CheckpointNotFound(WeightbankError, KeyError):
+    """A ref (id, prefix, tag, run@step, ...) names no checkpoint.
+
+    Attributes:
+        ref: the ref as the caller wrote it.
+        suggestions: close matches that do exist (tags, runs, ids).
+    """
+
+    def __init__(self, ref: str, suggestions: Sequence[str] = (), detail: str = "") -> None:
+        self.ref = ref
+        self.suggestions = list(suggestions)
+        msg = f"no checkpoint matches {ref!r}"
+        if detail:
+            msg += f": {detail}"
+        if self.suggestions:
+            msg += "; did you mean " + ", ".join(repr(s) for s in self.suggestions) + "?"
+        else:
+            msg += " (see `weightbank log` and `weightbank tags`)"
+        super().__init__(msg)
+
+
+class TagNotFound(CheckpointNotFound):
+    """A tag that does not exist (or was removed) was named."""
+
+    def __init__(self, tag: str, suggestions: Sequence[str] = ()) -> None:
+        super().__init__(tag, suggestions, detail="no such tag")
+        self.tag = tag
+
+
+class AmbiguousRef(WeightbankError, ValueError):
+    """An id prefix matches more than one checkpoint."""
+
+    def __init__(self, ref: str, matches: Sequence[str]) -> None:
+        self.ref = ref
+        self.matches = list(matches)
+        shown = ", ".join(m[:16] for m in self.matches[:10])
+        more = f" (+{len(self.matches) - 10} more)" if len(self.matches) > 10 else ""
+        super().__init__(f"id prefix {ref!r} is ambiguous: matches {shown}{more}; use more characters")
+
+
+class InvalidRef(WeightbankError, ValueError):
+    """A ref string does not parse (e.g. ``run@``, ``tag~x``, a prefix under 6 characters)."""
+
+    def __init__(self, ref: str, reason: str) -> None:
+        self.ref = ref
+        self.reason = reason
+        super().__init__(f"invalid ref {ref!r}: {reason}")
+
+
+class InvalidName(WeightbankError, ValueError):
+    """A tag or run name is not allowed (path separators, ``..``, control characters, ...)."""
+
+    def __init__(self, kind: str, name: str, reason: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.reason = reason
+        super().__init__(f"invalid {kind} name {name!r}: {reason}")
+
+
+class InvalidState(WeightbankError, TypeError):
+    """A state holds something that cannot be stored without pickle.
+
+    Attributes:
+        path: the key path of the offending leaf, e.g. ``"optim.param_groups.0.fn"``.
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        where = path if path else "<root>"
+        super().__init__(f"cannot store {where}: {reason}")
+
+
+class IncompatibleState(WeightbankError, ValueError):
+    """A checkpoint does not fit the module or tensors it is loaded into."""
+
+    def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
+        self.keys = list(keys)
+        super().__init__(message)
+
+
+class NoHistory(WeightbankError, LookupError):
+    """A tag has no earlier target to go back to."""
+
+    def __init__(self, tag: str, steps: int, available: int) -> None:
+        self.tag = tag
+        self.steps = steps
+        self.available = available
+        super().__init__(
+            f"tag {tag!r} has {available} earlier target(s); cannot go back {steps}"
+            " (see `weightbank tags --history`)"
+        )
+
+
+class ConcurrentUpdate(WeightbankError, RuntimeError):
+    """Another writer changed a ref between our read and our write (compare-and-swap lost)."""
+
+    def __init__(self, key: str, detail: str = "") -> None:
+        self.key = key
+        msg = f"{key} was changed concurrently by another writer"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg + "; re-read and retry")
+
+
+class DeviceError(WeightbankError, RuntimeError):
+    """A requested device (e.g. ``cuda:0``) is not available in this process."""
+
+
+class StorageError(WeightbankError, OSError):
+    """A storage backend failed, or found something it cannot accept."""
+
+
+class NotABank(StorageError):
+    """A location exists but does not hold a weightbank bank."""
+
+    def __init__(self, url: str, detail: str = "") -> None:
+        self.url = url
+        msg = f"{url} is not a weightbank bank"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg + "; use `weightbank init` on an empty or new directory")
+
+
+class UnsupportedFormat(StorageError):
+    """The bank (or an object in it) uses a format this weightbank cannot read."""
+
+    def __init__(self, url: str, found: object, supported: object) -> None:
+        self.url = url
+        self.found = found
+        self.supported = supported
+        super().__init__(
+            f"{url} uses format version {found}, this weightbank reads up to {supported};"
+            " upgrade with `pip install -U weightbank`"
+        )
+
+
+class MissingObject(StorageError, FileNotFoundError):
+    """An object the bank references is not in storage."""
+
+    def __init__(self, key: str, detail: str = "") -> None:
+        self.key = key
+        msg = f"object {key} is missing"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg + "; run `weightbank verify` to see what is affected")
+
+
+class CorruptObject(StorageError):
+    """Bytes read from storage do not match their content hash.
+
+    Attributes:
+        key: the storage object that holds the bad bytes.
+        checkpoint: checkpoint id being read (if known).
+        tensor: tensor name being read (if known).
+        expected, actual: hex digests.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        expected: str = "",
+        actual: str = "",
+        checkpoint: str = "",
+        tensor: str = "",
+        detail: str = "",
+    ) -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        self.checkpoint = checkpoint
+        self.tensor = tensor
+        parts = [f"corrupt object {key}"]
+        if checkpoint:
+            parts.append(f"checkpoint {checkpoint[:12]}")
+        if tensor:
+            parts.append(f"tensor {tensor!r}")
+        msg = ", ".join(parts)
+        if expected:
+            msg += f": expected hash {expected[:16]}…, got {actual[:16]}…"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(msg + "; the data was not returned; run `weightbank verify`")

@@ -1,0 +1,1 @@
+"""The on-storage format: dtypes, hashing, chunking, codecs, the state tree and manifests."""

@@ -1,0 +1,200 @@
+"""Flatten a nested state into a JSON tree plus a list of tensors, and back.
+
+A state is any nesting of ``dict`` (keys ``str`` or ``int``), ``list`` and
+``tuple`` whose leaves are torch tensors, numeric numpy arrays, or JSON-safe
+values (None, bool, int, float incl. inf/nan/-0.0, str). Everything else is
+refused *before anything is written*, with the key path of the offending leaf:
+there is no pickle fallback.
+
+The JSON tree encodes each node as a one-key object::
+
+    {"d": [[key, node], ...]}   dict (keys keep their type: "0" vs 0)
+    {"l": [node, ...]}          list
+    {"u": [node, ...]}          tuple
+    {"T": i} / {"N": i}         the i-th tensor (returned as torch / numpy)
+    {"v": value}                JSON value
+    {"f": "nan"|"inf"|"-inf"}   non-finite float
+
+Tensor names are key paths joined with ``.`` (``"model.decoder.weight"``,
+``"optim.state.0.exp_avg"``) — the names a user selects and diffs by.
+
+Example:
+    >>> import torch
+    >>> from weightbank.format.tree import flatten, unflatten
+    >>> spec, leaves = flatten({"w": torch.ones(2), "step": 3})
+    >>> [leaf.name for leaf in leaves], spec
+    (['w'], {'d': [['w', {'T': 0}], ['step', {'v': 3}]]})
+    >>> unflatten(spec, [leaf.tensor for leaf in leaves])["step"]
+    3
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidState
+from .dtypes import dtype_name
+
+__all__ = ["Leaf", "flatten", "tensor_problem", "unflatten"]
+
+_MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A tensor found in a state: its name, the tensor, and the index of an earlier leaf it aliases."""
+
+    name: str
+    tensor: torch.Tensor
+    alias_of: int | None = None
+    numpy: bool = False
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """Why ``t`` cannot be stored, or None if it can."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return f"tensor subclass {type(t).__name__} is not supported; convert it to a plain tensor"
+    if t.layout != torch.strided:
+        return f"{t.layout} tensors are not supported; call .to_dense() first"
+    if t.is_quantized:
+        return "quantized tensors are not supported; dequantize first"
+    if t.is_nested:
+        return "nested tensors are not supported"
+    if t.device.type == "meta":
+        return "meta tensors hold no data"
+    return None
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.leaves: list[Leaf] = []
+        self.names: dict[str, str] = {}
+        self._seen: dict[tuple[Any, ...], int] = {}
+        self._stack: set[int] = set()
+
+    def node(self, obj: object, path: str, depth: int) -> dict[str, Any]:
+        if depth > _MAX_DEPTH:
+            raise InvalidState(path, f"nested deeper than {_MAX_DEPTH} levels (is the state cyclic?)")
+        if isinstance(obj, torch.Tensor):
+            return {"T": self.tensor(obj, path, numpy=False)}
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biufc" or obj.dtype.byteorder == ">":
+                raise InvalidState(path, f"numpy array of dtype {obj.dtype} cannot be stored without pickle")
+            try:
+                t = torch.from_numpy(np.ascontiguousarray(obj))
+            except TypeError as e:
+                raise InvalidState(path, f"numpy dtype {obj.dtype} has no torch equivalent") from e
+            return {"N": self.tensor(t, path, numpy=True)}
+        if obj is None or isinstance(obj, (bool, str)):
+            return {"v": obj}
+        if isinstance(obj, int):
+            return {"v": int(obj)}
+        if isinstance(obj, float):
+            if math.isnan(obj):
+                return {"f": "nan"}
+            if math.isinf(obj):
+                return {"f": "inf" if obj > 0 else "-inf"}
+            return {"v": float(obj)}
+        if isinstance(obj, (dict, list, tuple)):
+            ident = id(obj)
+            if ident in self._stack:
+                raise InvalidState(path, "the state contains itself (cycle)")
+            self._stack.add(ident)
+            try:
+                return self.container(obj, path, depth)
+            finally:
+                self._stack.discard(ident)
+        raise InvalidState(
+            path,
+            f"values of type {type(obj).__module__}.{type(obj).__qualname__} cannot be stored "
+            "(allowed: tensors, numeric numpy arrays, dict/list/tuple, None, bool, int, float, str)",
+        )
+
+    def container(
+        self, obj: dict[Any, Any] | list[Any] | tuple[Any, ...], path: str, depth: int
+    ) -> dict[str, Any]:
+        if isinstance(obj, dict):
+            items = []
+            for key, value in obj.items():
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise InvalidState(
+                        _join(path, repr(key)), f"dict keys must be str or int, not {type(key).__name__}"
+                    )
+                items.append(
+                    [key if isinstance(key, str) else int(key), self.node(value, _join(path, key), depth + 1)]
+                )
+            return {"d": items}
+        children = [self.node(v, _join(path, i), depth + 1) for i, v in enumerate(obj)]
+        return {"u": children} if isinstance(obj, tuple) else {"l": children}
+
+    def tensor(self, t: torch.Tensor, path: str, *, numpy: bool) -> int:
+        problem = tensor_problem(t)
+        if problem:
+            raise InvalidState(path, problem)
+        dtype_name(t.dtype, path)
+        if path in self.names:
+            raise InvalidState(path, "two tensors would get this name; rename one of the keys")
+        self.names[path] = path
+        alias_of = None
+        if t.numel() > 0 and not numpy:
+            key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+            alias_of = self._seen.get(key)
+            if alias_of is None:
+                self._seen[key] = len(self.leaves)
+        self.leaves.append(Leaf(name=path, tensor=t.detach(), alias_of=alias_of, numpy=numpy))
+        return len(self.leaves) - 1
+
+
+def flatten(state: object) -> tuple[dict[str, Any], list[Leaf]]:
+    """Split ``state`` into its JSON tree and its tensor leaves (see module docstring)."""
+    f = _Flattener()
+    spec = f.node(state, "", 0)
+    return spec, f.leaves
+
+
+def unflatten(spec: dict[str, Any], tensors: Sequence[torch.Tensor | None]) -> Any:
+    """Rebuild the state from its tree; ``tensors[i]`` fills ``{"T": i}``.
+
+    A ``None`` in ``tensors`` (a tensor not selected by a partial load) drops
+    that entry from its dict; inside a list or tuple it stays ``None``.
+    """
+
+    def build(node: dict[str, Any]) -> Any:
+        if "v" in node:
+            return node["v"]
+        if "T" in node:
+            return tensors[node["T"]]
+        if "N" in node:
+            t = tensors[node["N"]]
+            return None if t is None else t.numpy()
+        if "f" in node:
+            return float(node["f"])
+        if "d" in node:
+            out = {}
+            for key, child in node["d"]:
+                value = build(child)
+                if value is None and _is_dropped(child):
+                    continue
+                out[key] = value
+            return out
+        if "l" in node:
+            return [build(c) for c in node["l"]]
+        if "u" in node:
+            return tuple(build(c) for c in node["u"])
+        raise InvalidState("", f"unknown tree node {sorted(node)}")
+
+    def _is_dropped(child: dict[str, Any]) -> bool:
+        idx = child.get("T", child.get("N"))
+        return idx is not None and tensors[idx] is None
+
+    return build(spec)
