@@ -146,12 +146,14 @@ class Bank:
 
     @property
     def url(self) -> str:
+        """Where the bank lives (a path or URL)."""
         return self.storage.url
 
     def __repr__(self) -> str:
         return f"Bank({self.url!r})"
 
     def close(self) -> None:
+        """Release the backend's resources (the bank can be reopened with :func:`open`)."""
         self.storage.close()
 
     def __enter__(self) -> Bank:

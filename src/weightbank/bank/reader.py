@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -90,6 +91,15 @@ def _fill_chunk(
         raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=cid, tensor=name)
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.complex32:
+        with warnings.catch_warnings():
+            # torch flags complex32 as experimental on allocation; the bytes are all we need.
+            warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
+            return torch.empty(shape, dtype=dtype)
+    return torch.empty(shape, dtype=dtype)
+
+
 def _load_fresh(
     storage: Storage, cid: str, manifest: Manifest, indices: Sequence[int], pool: ThreadPoolExecutor
 ) -> dict[int, torch.Tensor]:
@@ -97,7 +107,7 @@ def _load_fresh(
     jobs = []
     for i in indices:
         rec = manifest.tensors[i]
-        t = torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype))
+        t = _empty(rec.shape, dtype_from_name(rec.dtype))
         out[i] = t
         if rec.numel == 0:
             continue

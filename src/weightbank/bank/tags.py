@@ -163,6 +163,8 @@ class TagStore:
         check_name("tag", name)
         rec, token = self.read(name)
         if rec is None:
+            if action != "set":
+                raise TagNotFound(name, self.names())
             rec = TagRecord(name=name)
         old = rec.target
         if expect is not UNSET and expect != old:

@@ -105,7 +105,7 @@ def verify(
             problems.append(
                 VerifyProblem("tag", f"refs/tags/{name}.json", f"points to missing checkpoint {target[:12]}")
             )
-    if whole_bank:
+    if whole_bank and not catalog.broken:  # with unreadable manifests, "unreferenced" cannot be known
         needed = {p for _, m in catalog.items() for p in m.packs}
         for key, size in sorted(sizes.items()):
             if key.endswith(".pack") and key not in needed:

@@ -42,6 +42,10 @@ def chunk_spans(nbytes: int, chunk_size: int) -> list[tuple[int, int]]:
 def byte_view(t: torch.Tensor) -> torch.Tensor:
     """A flat ``uint8`` view of a contiguous tensor's bytes (same device, no copy)."""
     flat = t.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        # torch calls a tensor contiguous whatever the strides of its size-1
+        # dims, so a one-element view can flatten to stride != 1.
+        flat = flat.as_strided((1,), (1,))
     if flat.dtype == torch.uint8:
         return flat
     return flat.view(torch.uint8)

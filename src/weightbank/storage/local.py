@@ -139,7 +139,7 @@ class LocalStorage:
                 if offset:
                     f.seek(offset)
                 return f.read() if length is None else f.read(length)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise MissingObject(key) from None
         except IsADirectoryError:
             raise MissingObject(key, "is a directory") from None
