@@ -12,6 +12,9 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     ├── InvalidName             (ValueError)   bad tag / run name
     ├── InvalidState            (TypeError)    a leaf that cannot be stored (no pickle)
     ├── IncompatibleState       (ValueError)   shape/dtype/key mismatch on load into=
+    ├── ExternalFileError       (ValueError)   a file to import/export is unreadable or unknown
+    │   ├── ExternalFileNotFound (FileNotFoundError) the file to import does not exist
+    │   └── TargetExists        (FileExistsError)   export would overwrite a file
     ├── NoHistory               (LookupError)  rollback past a tag's first target
     ├── ConcurrentUpdate        (RuntimeError) a compare-and-swap lost a race
     ├── DeviceError             (RuntimeError) requested device not available
@@ -40,6 +43,8 @@ __all__ = [
     "ConcurrentUpdate",
     "CorruptObject",
     "DeviceError",
+    "ExternalFileError",
+    "ExternalFileNotFound",
     "IncompatibleState",
     "InvalidName",
     "InvalidRef",
@@ -49,6 +54,7 @@ __all__ = [
     "NotABank",
     "StorageError",
     "TagNotFound",
+    "TargetExists",
     "UnsupportedFormat",
     "WeightbankError",
 ]
@@ -141,6 +147,28 @@ class IncompatibleState(WeightbankError, ValueError):
     def __init__(self, message: str, keys: Sequence[str] = ()) -> None:
         self.keys = list(keys)
         super().__init__(message)
+
+
+class ExternalFileError(WeightbankError, ValueError):
+    """A file outside the bank (import source, export target) is unreadable, malformed or of an unknown kind.
+
+    Attributes:
+        path: the file in question.
+        keys: tensor names involved, if any.
+    """
+
+    def __init__(self, path: object, message: str, keys: Sequence[str] = ()) -> None:
+        self.path = str(path)
+        self.keys = list(keys)
+        super().__init__(message)
+
+
+class ExternalFileNotFound(ExternalFileError, FileNotFoundError):
+    """The file or directory to import does not exist."""
+
+
+class TargetExists(ExternalFileError, FileExistsError):
+    """An export would replace an existing file (pass ``overwrite=True``)."""
 
 
 class NoHistory(WeightbankError, LookupError):

@@ -281,3 +281,19 @@ def test_huge_tensor_over_4gib(tmp_path: Path) -> None:
     assert out.shape == big.shape and torch.equal(out[-3:], big[-3:]) and torch.equal(out, big)
     del out
     assert bank.verify(full=False).ok
+
+
+def test_mapped_loads_are_private_and_self_contained(local_bank: wb.Bank, tmp_path: Path) -> None:
+    state = {f"w{i}": seeded((256, 256), i) for i in range(4)}  # 256 KiB each: mapped from the pack
+    info = local_bank.save(state)
+    out = local_bank.load(info.id)
+    out["w0"].add_(1.0)  # copy-on-write: the bank's bytes are untouched
+    assert torch.equal(local_bank.load(info.id)["w0"], state["w0"])
+    assert local_bank.verify().ok
+    torch.save({"w1": out["w1"]}, tmp_path / "one.pt")
+    assert (tmp_path / "one.pt").stat().st_size < 2 * 256 * 256 * 4, (
+        "a loaded tensor does not drag its pack along"
+    )
+    local_bank.prune(keep_last=0)
+    local_bank.gc(grace=0)
+    assert torch.equal(out["w2"], state["w2"]), "tensors stay valid after their pack is collected"

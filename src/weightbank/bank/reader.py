@@ -6,6 +6,12 @@ into it (other codecs); the bytes are then hashed in place and compared with
 the chunk's content hash. On a mismatch CorruptObject is raised and the tensor
 is never handed out.
 
+When a tensor's chunks lie raw and back to back in a pack on a local disk, the
+tensor is instead a private (copy-on-write) memory map of those bytes: the
+page cache already holds them, and faulting fresh anonymous memory costs more
+than reading the file. The mapped bytes are hashed just the same before the
+tensor is returned; writes to it never reach the pack.
+
 Loading ``into=`` existing tensors (a module's parameters) must not leave
 unverified bytes in them, so tensors are first loaded and verified in scratch
 memory, a bounded group at a time, and only then copied into place.
@@ -20,6 +26,8 @@ Example:
 
 from __future__ import annotations
 
+import mmap
+import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,12 +40,14 @@ from ..format.chunking import byte_view
 from ..format.codecs import get_codec
 from ..format.dtypes import dtype_from_name
 from ..format.hashing import digest
-from ..format.manifest import ChunkRecord, Manifest
+from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..storage.base import Storage
 
 __all__ = ["check_device", "read_tensors"]
 
 _SCRATCH_GROUP = 256 << 20
+#: Tensors at least this big are mapped from local packs instead of copied.
+_MMAP_MIN = 64 << 10
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -100,14 +110,67 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
+def _map_tensor(storage: Storage, manifest: Manifest, rec: TensorRecord) -> torch.Tensor | None:
+    """A copy-on-write mmap view of the tensor's bytes in its pack, when they lie there raw and in one run.
+
+    The mapping covers only this tensor (plus page alignment), so the tensor's
+    storage is its own: ``torch.save`` of it writes the tensor, not the pack.
+    """
+    if rec.nbytes < _MMAP_MIN or rec.alias_of is not None:
+        return None
+    chunks = [manifest.chunks[c] for c in rec.chunks]
+    if any(c.codec != "raw" or c.pack != chunks[0].pack for c in chunks):
+        return None
+    start = chunks[0].offset
+    pos = start
+    for c in chunks:
+        if c.offset != pos:
+            return None
+        pos += c.raw_len
+    key = manifest.packs[chunks[0].pack]
+    path = storage.local_path(key)
+    if path is None:
+        return None
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < pos:
+                return None  # truncated: the copy path reports it with names
+            mapped = mmap.mmap(
+                f.fileno(),
+                pos - base,
+                flags=mmap.MAP_PRIVATE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=base,
+            )
+    except FileNotFoundError:
+        return None
+    dtype = dtype_from_name(rec.dtype)
+    flat = torch.frombuffer(mapped, dtype=torch.uint8, count=rec.nbytes, offset=start - base)
+    return flat.view(dtype).reshape(rec.shape) if dtype != torch.uint8 else flat.reshape(rec.shape)
+
+
+def _verify_chunk(key: str, cid: str, name: str, rec: ChunkRecord, view: memoryview) -> None:
+    actual = digest(view)
+    if actual != rec.hash:
+        raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=cid, tensor=name)
+
+
 def _load_fresh(
-    storage: Storage, cid: str, manifest: Manifest, indices: Sequence[int], pool: ThreadPoolExecutor
+    storage: Storage,
+    cid: str,
+    manifest: Manifest,
+    indices: Sequence[int],
+    pool: ThreadPoolExecutor,
+    *,
+    allow_mmap: bool = True,
 ) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
-    jobs = []
+    futures = []
     for i in indices:
         rec = manifest.tensors[i]
-        t = _empty(rec.shape, dtype_from_name(rec.dtype))
+        mapped = _map_tensor(storage, manifest, rec) if allow_mmap else None
+        t = mapped if mapped is not None else _empty(rec.shape, dtype_from_name(rec.dtype))
         out[i] = t
         if rec.numel == 0:
             continue
@@ -116,11 +179,13 @@ def _load_fresh(
         pos = 0
         for c in rec.chunks:
             chunk = manifest.chunks[c]
-            jobs.append((rec.name, chunk, view[pos : pos + chunk.raw_len]))
+            dest = view[pos : pos + chunk.raw_len]
+            if mapped is not None:
+                key = manifest.packs[chunk.pack]
+                futures.append(pool.submit(_verify_chunk, key, cid, rec.name, chunk, dest))
+            else:
+                futures.append(pool.submit(_fill_chunk, storage, cid, manifest, rec.name, chunk, dest))
             pos += chunk.raw_len
-    futures = [
-        pool.submit(_fill_chunk, storage, cid, manifest, name, chunk, dest) for name, chunk, dest in jobs
-    ]
     for f in futures:
         f.result()
     return out

@@ -45,7 +45,11 @@ from .catalog import Catalog, ChunkLocation
 from .layout import manifest_key, pack_key
 from .results import SaveStats
 
-__all__ = ["SaveOptions", "write_checkpoint"]
+__all__ = ["CHUNK_ALIGN", "SaveOptions", "write_checkpoint"]
+
+#: Chunks start at multiples of this in a pack, so a raw chunk can be mapped
+#: straight into a tensor of any dtype (and SIMD loads stay aligned).
+CHUNK_ALIGN = 64
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class _Chunked:
     raw_len: int
     payload: memoryview | bytes | None  # None when the bank already has it
     codec: str
+    found: ChunkLocation | None = None  # where the bank has it, as seen by the worker
 
 
 @dataclass
@@ -87,6 +92,10 @@ class _Packer:
             self._key = pack_key(self.save_id, len(self.committed))
             self._writer = self.storage.open_writer(self._key)
             self._offset = 0
+        pad = -self._offset % CHUNK_ALIGN
+        if pad:
+            self._writer.write(bytes(pad))
+            self._offset += pad
         offset = self._offset
         self._writer.write(payload)
         self._offset += len(payload)
@@ -143,8 +152,9 @@ def write_checkpoint(
             i, start, end = task
             raw = chunk_bytes(leaves[i].tensor, start, end)
             h = digest(raw)
-            if h in known:
-                return _Chunked(i, h, end - start, None, "raw")
+            loc = known.get(h)
+            if loc is not None:
+                return _Chunked(i, h, end - start, None, "raw", loc)
             encoded = codec.encode(raw)
             if encoded is None:
                 return _Chunked(i, h, end - start, raw, "raw")
@@ -160,9 +170,8 @@ def write_checkpoint(
             nonlocal written, reused, new_chunks, reused_chunks
             idx = record_of.get(c.hash)
             if idx is None:
-                loc = known.get(c.hash)
-                if loc is not None:
-                    pkey, rec = loc
+                if c.found is not None:
+                    pkey, rec = c.found
                     reused += c.raw_len
                     reused_chunks += 1
                     pidx = pack_index.setdefault(pkey, len(pack_index))

@@ -112,5 +112,8 @@ class Storage(Protocol):
     def list_refs(self, prefix: str) -> Iterator[str]:
         """Keys of the refs under ``prefix``."""
 
+    def local_path(self, key: str) -> str | None:
+        """A filesystem path holding the object's bytes, if the backend has one (enables mmap loads)."""
+
     def close(self) -> None:
         """Release resources (connections, file handles)."""

@@ -245,6 +245,10 @@ class LocalStorage:
         for info in self.list(prefix):
             yield info.key
 
+    def local_path(self, key: str) -> str | None:
+        path = self._path(key)
+        return str(path) if path.is_file() else None
+
     def close(self) -> None:
         return None
 

@@ -135,6 +135,9 @@ class MemoryStorage:
             keys = [k for k in self._refs if k.startswith(prefix)]
         yield from keys
 
+    def local_path(self, key: str) -> str | None:
+        return None
+
     def close(self) -> None:
         return None
 
