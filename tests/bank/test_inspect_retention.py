@@ -152,3 +152,52 @@ def test_older_than(bank: wb.Bank) -> None:
         bank.save({"w": torch.full((3,), float(step))}, run="r", step=step)
     assert bank.prune(older_than=3600, dry_run=True).deleted == ()
     assert len(bank.prune(older_than=0, keep_last=1, dry_run=True).deleted) == 2
+
+
+def test_run_events_append_and_read(bank: wb.Bank) -> None:
+    cid = bank.save({"w": torch.ones(1)}, run="tts", step=3).id
+    bank.record_event(
+        "tts", "rollback", step=7, checkpoint="tts@latest", data={"reason": "nan", "loss": float("nan")}
+    )
+    bank.record_event("tts", "preempted", step=9)
+    events = bank.events("tts")
+    assert [(e.kind, e.step) for e in events] == [("rollback", 7), ("preempted", 9)]
+    assert (
+        events[0].checkpoint == cid
+        and events[0].data["reason"] == "nan"
+        and math.isnan(events[0].data["loss"])
+    )
+    assert bank.events("other") == []
+    with pytest.raises(wb.InvalidName):
+        bank.record_event("../x", "rollback")
+
+
+def test_concurrent_event_appends_all_kept(bank: wb.Bank) -> None:
+    import threading
+
+    def go(i: int) -> None:
+        for j in range(5):
+            bank.record_event("r", "tick", step=i * 10 + j)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(e.step for e in bank.events("r") if e.step is not None) == sorted(
+        i * 10 + j for i in range(4) for j in range(5)
+    )
+
+
+def test_load_tensors_by_exact_name_and_content_keys(bank: wb.Bank) -> None:
+    w = seeded((32, 32), 0)
+    a = bank.save({"a[0]": w, "b*": torch.zeros(2), "tied": w}, run="r", step=1)
+    b = bank.save({"other": w.clone(), "x": torch.ones(2)}, run="r", step=2)
+    got = bank.load_tensors(a.id, ["a[0]", "b*"])
+    assert list(got) == ["a[0]", "b*"] and torch.equal(got["a[0]"], w)
+    with pytest.raises(wb.IncompatibleState, match="nope"):
+        bank.load_tensors(a.id, ["nope"])
+    keys_a = {t.name: t.content_key for t in bank.show(a.id).tensors}
+    keys_b = {t.name: t.content_key for t in bank.show(b.id).tensors}
+    assert keys_a["a[0]"] == keys_a["tied"] == keys_b["other"], "same bytes, dtype and shape -> same key"
+    assert keys_a["b*"] != keys_b["x"]

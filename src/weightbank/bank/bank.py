@@ -41,6 +41,8 @@ from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
 from .environment import capture_env, who
+from .events import EventLog
+from .into import plan_into
 from .layout import FORMAT_KEY, check_name
 from .reader import check_device, read_tensors
 from .refs import resolve
@@ -51,6 +53,7 @@ from .results import (
     GcReport,
     LoadResult,
     PruneReport,
+    RunEvent,
     TagEvent,
     TagInfo,
     TensorInfo,
@@ -143,6 +146,7 @@ class Bank:
         self.workers = workers or min(4, max(2, os.cpu_count() or 2))
         self._catalog = Catalog(storage)
         self._tags = TagStore(storage)
+        self._events = EventLog(storage)
 
     @property
     def url(self) -> str:
@@ -347,52 +351,10 @@ class Bank:
         t0: float,
     ) -> LoadResult:
         target = into.state_dict(keep_vars=False) if isinstance(into, torch.nn.Module) else dict(into)
-        by_key: dict[str, int] = {}
-        for i in chosen:
-            name = m.tensors[i].name
-            if prefix and not name.startswith(prefix):
-                continue
-            by_key[name[len(prefix) :]] = i
-        problems = []
-        missing = [k for k in target if k not in by_key] if (strict and not selected) else []
-        unexpected = [k for k in by_key if k not in target]
-        if missing:
-            problems.append(
-                f"missing in checkpoint: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}"
-            )
-        if unexpected and (strict or selected):
-            problems.append(
-                f"not in target: {', '.join(unexpected[:8])}{' …' if len(unexpected) > 8 else ''}"
-            )
-        into_idx: dict[int, torch.Tensor] = {}
-        for key, i in by_key.items():
-            if key not in target:
-                continue
-            rec, dest = m.tensors[i], target[key]
-            if tuple(dest.shape) != rec.shape:
-                problems.append(f"{key}: checkpoint shape {list(rec.shape)} != target {list(dest.shape)}")
-            elif str(dest.dtype).removeprefix("torch.") != rec.dtype and dtype is None:
-                problems.append(
-                    f"{key}: checkpoint dtype {rec.dtype} != target {dest.dtype} (pass dtype= to convert)"
-                )
-            else:
-                into_idx[i] = dest
-        if problems:
-            raise IncompatibleState(
-                f"checkpoint {cid[:12]} does not fit the target: " + "; ".join(problems), missing + unexpected
-            )
-        # Tied targets (one storage under two names) are written once.
-        seen_ptr: dict[tuple[int, torch.device], int] = {}
-        write: dict[int, torch.Tensor] = {}
-        for i, dest in into_idx.items():
-            key_ptr = (dest.data_ptr(), dest.device)
-            if dest.numel() and key_ptr in seen_ptr and m.tensors[i].alias_of is not None:
-                continue
-            seen_ptr.setdefault(key_ptr, i)
-            write[i] = dest
+        write, loaded, skipped = plan_into(
+            cid, m, target, chosen, selected=selected, dtype=dtype, strict=strict, prefix=prefix
+        )
         read_tensors(self.storage, cid, m, list(write), workers=self.workers, into=write)
-        loaded = tuple(m.tensors[i].name[len(prefix) :] for i in into_idx)
-        skipped = tuple(k for k in unexpected)
         info = self._info(cid, m)
         return LoadResult(checkpoint=info, loaded=loaded, skipped=skipped, seconds=time.perf_counter() - t0)
 
@@ -432,7 +394,7 @@ class Bank:
         """Metadata, metrics and the per-tensor table of one checkpoint."""
         cid, m = self._manifest(ref)
         rows = []
-        for t in m.tensors:
+        for i, t in enumerate(m.tensors):
             base = m.tensors[t.alias_of] if t.alias_of is not None else t
             chunks = [m.chunks[c] for c in base.chunks]
             rows.append(
@@ -445,9 +407,37 @@ class Bank:
                     stored_bytes=0 if t.alias_of is not None else sum(c.stored_len for c in chunks),
                     alias_of=base.name if t.alias_of is not None else None,
                     codecs=tuple(sorted({c.codec for c in chunks})),
+                    content_key=m.content_key(i),
                 )
             )
         return CheckpointDetail(info=self._info(cid, m), tensors=tuple(rows), packs=m.packs)
+
+    def load_tensors(
+        self, ref: str, names: Sequence[str], *, device: str | torch.device | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Load exactly the named tensors of a checkpoint (no glob matching), verified like every load.
+
+        Tensors that alias each other come back as one tensor. Unknown names
+        raise IncompatibleState listing them.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://"); cid = bank.save({"a[0]": torch.ones(1), "b": torch.zeros(1)}).id
+            >>> list(bank.load_tensors(cid, ["a[0]"]))
+            ['a[0]']
+        """
+        cid, m = self._manifest(ref)
+        dev = check_device(device)
+        index = {t.name: i for i, t in enumerate(m.tensors)}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise IncompatibleState(
+                f"checkpoint {cid[:12]} has no tensor(s) {', '.join(map(repr, unknown[:8]))}", unknown
+            )
+        loaded = read_tensors(
+            self.storage, cid, m, [index[n] for n in names], workers=self.workers, device=dev
+        )
+        return {n: loaded[index[n]] for n in names}
 
     def diff(self, a: str, b: str) -> DiffResult:
         """Per-tensor changes from checkpoint ``a`` to ``b`` (same / changed / added / removed)."""
@@ -509,6 +499,32 @@ class Bank:
             raise TagNotFound(name, self._tags.names())
         return rec.events()
 
+    # -- run events ---------------------------------------------------------------
+    def record_event(
+        self,
+        run: str,
+        kind: str,
+        *,
+        step: int | None = None,
+        checkpoint: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> RunEvent:
+        """Append an event (e.g. ``"rollback"``) to a run's log; ``log`` shows it beside the checkpoints.
+
+        Example:
+            >>> import weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> bank.record_event("tts", "rollback", step=5, data={"reason": "nan"}).kind
+            'rollback'
+        """
+        if checkpoint is not None:
+            checkpoint = self.resolve(checkpoint)
+        return self._events.append(run, kind, by=who(), step=step, checkpoint=checkpoint, data=data)
+
+    def events(self, run: str) -> list[RunEvent]:
+        """A run's events, oldest first (empty for a run without any)."""
+        return self._events.read(run)
+
     # -- maintenance --------------------------------------------------------------
     def delete(self, ref: str, *, force: bool = False, why: str = "") -> str:
         """Delete one checkpoint (its data goes at the next ``gc``). Tagged ones need ``force``."""
@@ -549,29 +565,9 @@ class Bank:
             check_name("run", run)
             runs = {run: runs.get(run, [])}
         tagged = set(self._tags.live().values()) if keep_tagged else set()
-        now = time.time()
-        keep: set[str] = set()
-        candidates: list[str] = []
-        for members in runs.values():
-            ids = [cid for cid, _ in members]
-            if keep_last is not None:
-                keep.update(ids[-keep_last:] if keep_last > 0 else [])
-            if keep_best is not None:
-                metric, k = keep_best[0], keep_best[1]
-                mode = keep_best[2] if len(keep_best) > 2 else "min"
-                scored = [
-                    (v, cid)
-                    for cid, m in members
-                    if isinstance(v := maintenance.metric_value(m, metric), (int, float)) and v == v
-                ]
-                scored.sort(key=lambda x: x[0], reverse=(mode == "max"))
-                keep.update(cid for _, cid in scored[:k])
-            if keep_every is not None and keep_every > 0:
-                keep.update(cid for cid, m in members if m.step is not None and m.step % keep_every == 0)
-            for cid, m in members:
-                if older_than is not None and now - m.created < older_than:
-                    keep.add(cid)
-                candidates.append(cid)
+        keep, candidates = maintenance.retention(
+            runs, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, older_than=older_than
+        )
         keep |= tagged
         doomed = [cid for cid in candidates if cid not in keep]
         # Bytes freed: chunks referenced only by doomed checkpoints.

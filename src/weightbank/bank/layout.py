@@ -6,6 +6,7 @@
     packs/<ab>/<save-id>-<n>.pack     chunk payloads, written once by one save
     manifests/<ab>/<checkpoint-id>.json
     refs/tags/<name>.json             tag target + full history (compare-and-swap)
+    refs/events/<run>.json            the run's event log (rollbacks, preemptions...)
     leases/<save-id>.json             a save in flight (gc keeps its data)
     trash/<checkpoint-id>.json        deleted manifests, kept until gc may drop their data
     tmp/                              local backend scratch
@@ -25,6 +26,7 @@ import re
 from ..errors import InvalidName
 
 __all__ = [
+    "EVENTS",
     "FORMAT_KEY",
     "LEASES",
     "MANIFESTS",
@@ -45,6 +47,7 @@ FORMAT_KEY = "weightbank.json"
 PACKS = "packs/"
 MANIFESTS = "manifests/"
 TAGS = "refs/tags/"
+EVENTS = "refs/events/"
 LEASES = "leases/"
 TRASH = "trash/"
 

@@ -18,6 +18,7 @@ __all__ = [
     "GcReport",
     "LoadResult",
     "PruneReport",
+    "RunEvent",
     "SaveStats",
     "TagEvent",
     "TagInfo",
@@ -58,6 +59,7 @@ class TensorInfo:
     stored_bytes: int
     alias_of: str | None = None
     codecs: tuple[str, ...] = ()
+    content_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,19 @@ class TagEvent:
     at: float
     by: str
     why: str = ""
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """Something that happened in a run besides a save (e.g. an automatic rollback)."""
+
+    run: str
+    kind: str
+    at: float
+    by: str
+    step: int | None = None
+    checkpoint: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
+
 from ..errors import CorruptObject, UnsupportedFormat
 from .chunking import DEFAULT_CHUNK_SIZE
 from .dtypes import itemsize
@@ -118,6 +120,17 @@ class Manifest:
     def stored_bytes(self) -> int:
         """Bytes this checkpoint's chunks occupy in packs (shared chunks counted in full)."""
         return sum(c.stored_len for c in self.chunks)
+
+    def content_key(self, index: int) -> str:
+        """A key equal for two tensors exactly when their dtype, shape and bytes are equal.
+
+        Derived from chunk hashes, so it costs no I/O: the serving pool keys
+        resident tensors by it to hold shared tensors once.
+        """
+        t = self.tensors[index]
+        base = self.tensors[t.alias_of] if t.alias_of is not None else t
+        parts = [t.dtype, ",".join(map(str, t.shape)), *(self.chunks[c].hash for c in base.chunks)]
+        return blake3.blake3("|".join(parts).encode()).hexdigest()
 
     def decoded_metrics(self) -> dict[str, Any]:
         return dict(decode(self.metrics))
