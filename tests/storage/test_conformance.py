@@ -110,7 +110,8 @@ def test_concurrent_cas_exactly_one_winner(storage: Storage) -> None:
     def go(i: int) -> None:
         barrier.wait()
         try:
-            storage.put_ref("r/x", str(i).encode(), start.token)
+            # distinct from the initial b"0": tokens may be content hashes (like S3 ETags)
+            storage.put_ref("r/x", f"v{i}".encode(), start.token)
             wins.append(i)
         except ConcurrentUpdate:
             losses.append(i)
@@ -122,7 +123,7 @@ def test_concurrent_cas_exactly_one_winner(storage: Storage) -> None:
         t.join()
     assert len(wins) == 1 and len(losses) == 7
     final = storage.get_ref("r/x")
-    assert final is not None and final.data == str(wins[0]).encode()
+    assert final is not None and final.data == f"v{wins[0]}".encode()
 
 
 def test_parallel_writes_and_reads(storage: Storage) -> None:

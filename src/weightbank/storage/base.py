@@ -10,7 +10,9 @@ Two kinds of object live in a backend:
 * **Refs** (tags): small mutable objects updated by compare-and-swap.
   ``get_ref`` returns the bytes and an opaque version token; ``put_ref`` writes
   only if the ref is still at the expected token (``None`` = must not exist),
-  else raises :class:`~weightbank.errors.ConcurrentUpdate`. On S3 this is a
+  else raises :class:`~weightbank.errors.ConcurrentUpdate`. Tokens may be
+  content hashes (as S3 ETags are), so writers must make every new value
+  differ from the old one — tag and event records carry a timestamp for this. On S3 this is a
   conditional put (If-Match / If-None-Match); on a local disk a lock + rename.
 
 Call order used by the bank on save (the crash-safety argument rests on it):

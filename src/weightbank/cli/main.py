@@ -1,0 +1,563 @@
+"""The ``weightbank`` command: a thin shell over the library, one subcommand per Bank verb.
+
+Each command opens the bank (``--bank``, or ``$WEIGHTBANK_BANK``, or ``./bank``),
+calls one library function, and prints its result as a table, or as JSON with
+``--json``. Only ``init``, ``save``, ``import`` and ``demo`` create a bank.
+
+Example:
+    >>> from typer.testing import CliRunner
+    >>> from weightbank.cli.main import app
+    >>> CliRunner().invoke(app, ["--version"]).output.startswith("weightbank ")
+    True
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import RenderableType
+
+from .. import open as open_bank
+from .._version import __version__
+from ..bank.bank import AUTO, Bank
+from ..bank.results import CheckpointInfo
+from ..errors import CheckpointNotFound, NotABank
+from . import render
+from .exitcodes import CORRUPT, EPILOG, BankGroup
+from .options import parse_config, parse_duration, parse_keep_best, parse_metrics
+
+__all__ = ["app", "main"]
+
+HELP = """\
+A content-addressed, crash-safe bank for PyTorch checkpoints.
+
+Refs name checkpoints: an id or unique id prefix (6+ hex), a tag (prod),
+run@step, run@latest, run@best:METRIC[:max], REF~N (N-th parent), TAG@{N}
+(the tag's N-th previous target).
+"""
+
+app = typer.Typer(
+    cls=BankGroup,
+    help=HELP,
+    epilog=EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEFAULT_BANK = "./bank"
+BankOpt = Annotated[
+    str,
+    typer.Option(
+        "--bank",
+        "-b",
+        envvar="WEIGHTBANK_BANK",
+        help="The bank: a directory, file://… or memory://….",
+        metavar="PATH",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+TagOpt = Annotated[
+    list[str], typer.Option("--tag", "-t", metavar="TAG", help="Tag the new checkpoint (repeatable).")
+]
+RunOpt = Annotated[str, typer.Option("--run", "-r", metavar="RUN", help="Run the checkpoint belongs to.")]
+StepOpt = Annotated[int | None, typer.Option("--step", "-s", min=0, metavar="N", help="Training step.")]
+MessageOpt = Annotated[
+    str, typer.Option("--message", "-m", metavar="TEXT", help="A note stored with the checkpoint.")
+]
+WhyOpt = Annotated[str, typer.Option("--why", metavar="TEXT", help="Reason, kept in the tag's history.")]
+
+
+# -- helpers --------------------------------------------------------------------------
+def _out(*renderables: RenderableType) -> None:
+    console = render.make_console()
+    for r in renderables:
+        console.print(r)
+
+
+def _json(obj: Any) -> None:
+    typer.echo(render.to_json(obj))
+
+
+def _open(path: str) -> Bank:
+    """An existing bank; never creates one (NotABank says how)."""
+    if "://" not in path and not os.path.isdir(path):
+        raise NotABank(os.path.abspath(path), "it is a file" if os.path.exists(path) else "no such directory")
+    return open_bank(path, create=False)
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+
+
+def _label_of(bank: Bank, cid: str | None) -> str | None:
+    if cid is None:
+        return None
+    try:
+        return render.label(bank.show(cid).info)
+    except CheckpointNotFound:
+        return "deleted"
+
+
+def _import(
+    bank_path: str,
+    source: Path,
+    *,
+    run: str,
+    step: int | None,
+    tags: list[str],
+    message: str,
+    metrics: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    parent: str | None = None,
+    as_json: bool = False,
+) -> None:
+    from ..interop import import_file
+
+    _require_file(source)
+    with open_bank(bank_path, create=True) as bank, render.busy(f"importing {source.name}"):
+        info: CheckpointInfo = import_file(
+            bank,
+            source,
+            run=run,
+            step=step,
+            tags=tags,
+            message=message,
+            metrics=metrics,
+            config=config,
+            parent=AUTO if parent is None else parent,
+        )
+    if as_json:
+        _json(info)
+    else:
+        _out(render.saved_line(info))
+
+
+# -- the group ------------------------------------------------------------------------
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"weightbank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """A content-addressed, crash-safe bank for PyTorch checkpoints."""
+
+
+# -- creating -------------------------------------------------------------------------
+@app.command()
+def init(bank: BankOpt = DEFAULT_BANK) -> None:
+    """Create an empty bank (a no-op on an existing bank; refuses a non-empty directory that is not one)."""
+    try:
+        with open_bank(bank, create=False) as b:
+            _out(f"{b.url} is already a bank")
+            return
+    except NotABank:
+        pass
+    with open_bank(bank, create=True) as b:
+        _out(f"initialized an empty bank at {b.url}")
+
+
+@app.command()
+def save(
+    file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A .safetensors, .pt/.pth/.bin file or a Hugging Face model dir."
+        ),
+    ],
+    run: RunOpt = "main",
+    step: StepOpt = None,
+    tag: TagOpt = [],  # noqa: B006 - typer reads the default, never mutates it
+    message: MessageOpt = "",
+    metric: Annotated[
+        list[str],
+        typer.Option(
+            "--metric", metavar="KEY=VALUE", help="KEY=VALUE metric, VALUE parsed as JSON (repeatable)."
+        ),
+    ] = [],  # noqa: B006
+    config_json: Annotated[
+        str | None, typer.Option("--config-json", metavar="JSON", help="Config as a JSON object.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", metavar="FILE", help="Config from a JSON file.")
+    ] = None,
+    parent: Annotated[
+        str | None,
+        typer.Option("--parent", metavar="REF", help="Parent ref (default: the run's newest checkpoint)."),
+    ] = None,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Save weights from a file as a new checkpoint (creates the bank if needed)."""
+    if config is not None:
+        _require_file(config)
+    _import(
+        bank,
+        file,
+        run=run,
+        step=step,
+        tags=tag,
+        message=message,
+        metrics=parse_metrics(metric),
+        config=parse_config(config_json, config),
+        parent=parent,
+        as_json=as_json,
+    )
+
+
+@app.command("import")
+def import_(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="FILE", help="A .safetensors, .pt/.pth/.bin file or a Hugging Face model dir."
+        ),
+    ],
+    run: RunOpt = "main",
+    step: StepOpt = None,
+    tag: TagOpt = [],  # noqa: B006
+    message: MessageOpt = "",
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a checkpoint file or model directory (creates the bank if needed)."""
+    _import(bank, source, run=run, step=step, tags=tag, message=message, as_json=as_json)
+
+
+@app.command()
+def export(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="Checkpoint to export.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output file ending in .safetensors or .pt.")],
+    select: Annotated[
+        list[str],
+        typer.Option("--select", metavar="GLOB", help="Only tensors matching this glob (repeatable)."),
+    ] = [],  # noqa: B006
+    force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists.")] = False,
+    bank: BankOpt = DEFAULT_BANK,
+) -> None:
+    """Write a checkpoint out as .safetensors or .pt."""
+    from ..interop import export as export_file
+
+    with _open(bank) as b, render.busy(f"exporting {ref}"):
+        chosen: str | list[str] | None = (select[0] if len(select) == 1 else select) or None
+        cid = b.resolve(ref)
+        try:
+            path = export_file(b, cid, out, select=chosen, overwrite=force)
+        except FileExistsError:
+            raise typer.BadParameter(
+                f"{out} exists; pass --force to replace it", param_hint="'OUT'"
+            ) from None
+    _out(f"exported {render.short(cid)} ({ref}) to {path} ({render.human_bytes(path.stat().st_size)})")
+
+
+# -- inspecting -----------------------------------------------------------------------
+def _log(bank: str, run: str | None, graph: bool, limit: int | None, as_json: bool) -> None:
+    with _open(bank) as b:
+        infos = b.log(run)
+    if limit is not None:
+        infos = infos[:limit]
+    if as_json:
+        _json(infos)
+    elif not infos:
+        _out("no checkpoints yet (add one with `weightbank save FILE`)")
+    else:
+        _out(render.graph_view(infos) if graph else render.checkpoint_table(infos))
+
+
+RunArg = Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.")]
+GraphOpt = Annotated[
+    bool, typer.Option("--graph", "-g", help="Draw the lineage graph (parents can cross runs).")
+]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", "-n", min=1, metavar="N", help="Show at most N checkpoints.")
+]
+
+
+@app.command()
+def log(
+    run: RunArg = None,
+    graph: GraphOpt = False,
+    limit: LimitOpt = None,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """List checkpoints, newest first, with their tags."""
+    _log(bank, run, graph, limit, as_json)
+
+
+@app.command("ls")
+def ls(
+    run: RunArg = None,
+    graph: GraphOpt = False,
+    limit: LimitOpt = None,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Same as `log`."""
+    _log(bank, run, graph, limit, as_json)
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(metavar="REF", help="Checkpoint to show.")],
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Metadata, metrics, config, environment and the per-tensor table of one checkpoint."""
+    with _open(bank) as b:
+        detail = b.show(ref)
+        parent = _label_of(b, detail.info.parent)
+    if as_json:
+        _json(detail)
+    else:
+        _out(render.detail_view(detail, parent))
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(metavar="A", help="Old checkpoint.")],
+    b: Annotated[str, typer.Argument(metavar="B", help="New checkpoint.")],
+    show_all: Annotated[bool, typer.Option("--all", "-a", help="Include unchanged tensors.")] = False,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-tensor differences from A to B (max |Δ|, relative L2, bytes that differ)."""
+    with _open(bank) as bk:
+        result = bk.diff(a, b)
+        labels = {cid: _label_of(bk, cid) or "" for cid in (result.a, result.b)}
+    if as_json:
+        _json(result)
+    else:
+        _out(render.diff_view(result, show_all=show_all, labels=labels))
+
+
+@app.command()
+def du(bank: BankOpt = DEFAULT_BANK, as_json: JsonOpt = False) -> None:
+    """Logical vs unique vs stored bytes: how much deduplication and compression save."""
+    with _open(bank) as b:
+        report = b.du()
+    if as_json:
+        _json(report)
+    else:
+        _out(render.du_view(report))
+
+
+# -- tags -----------------------------------------------------------------------------
+@app.command()
+def tag(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Tag name.")],
+    ref: Annotated[str, typer.Argument(metavar="REF", help="Checkpoint it should point to.")],
+    why: WhyOpt = "",
+    expect: Annotated[
+        str | None,
+        typer.Option(
+            "--expect",
+            metavar="REF",
+            help="Only move the tag if it points here now (a ref; `none`: only if the tag does not exist).",
+        ),
+    ] = None,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Point a tag at a checkpoint (recorded in the tag's history)."""
+    with _open(bank) as b:
+        kwargs: dict[str, Any] = {}
+        if expect is not None:
+            kwargs["expect"] = None if expect.lower() == "none" else expect
+        event = b.tag(name, ref, why=why, **kwargs)
+    if as_json:
+        _json(event)
+    else:
+        _out(render.tag_event_line(event))
+
+
+@app.command()
+def untag(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Tag to remove.")],
+    why: WhyOpt = "",
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a tag (its history stays; `rollback` brings it back)."""
+    with _open(bank) as b:
+        event = b.untag(name, why=why)
+    if as_json:
+        _json(event)
+    else:
+        _out(render.tag_event_line(event))
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(metavar="TAG", help="Tag to move back.")],
+    steps: Annotated[
+        int, typer.Option("--steps", "-n", min=1, metavar="N", help="How many moves to undo.")
+    ] = 1,
+    why: WhyOpt = "",
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a tag back to where it pointed before its last move(s)."""
+    with _open(bank) as b:
+        event = b.rollback(name, steps, why=why)
+    if as_json:
+        _json(event)
+    else:
+        _out(render.tag_event_line(event))
+
+
+@app.command()
+def tags(
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Show this tag's history.")] = None,
+    history: Annotated[bool, typer.Option("--history", help="Show every change, oldest first.")] = False,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """List tags and their targets, or (--history / NAME) every change made to them."""
+    with _open(bank) as b:
+        if name is None and not history:
+            live = b.tags()
+            infos = {c.id: c for c in b.log()}
+            if as_json:
+                _json(live)
+            elif not live:
+                _out("no tags yet (add one with `weightbank tag NAME REF`)")
+            else:
+                _out(render.tags_table(live, infos))
+            return
+        names = [name] if name is not None else [t.name for t in b.tags()]
+        events = sorted((e for n in names for e in b.tag_history(n)), key=lambda e: e.at)
+    if as_json:
+        _json(events)
+    elif not events:
+        _out("no tag history yet")
+    else:
+        _out(render.history_table(events))
+
+
+# -- maintenance ----------------------------------------------------------------------
+@app.command()
+def verify(
+    ref: Annotated[
+        str | None, typer.Argument(metavar="REF", help="Only this checkpoint (default: the whole bank).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Check presence and sizes, not every hash.")] = False,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every chunk and check manifests and tags; exit code 4 if anything is wrong."""
+    with _open(bank) as b, render.busy("verifying"):
+        report = b.verify(ref, full=not quick)
+    if as_json:
+        _json(report)
+    else:
+        _out(render.verify_view(report))
+    if not report.ok:
+        raise typer.Exit(CORRUPT)
+
+
+@app.command()
+def gc(
+    grace: Annotated[
+        str,
+        typer.Option(
+            "--grace", metavar="AGE", help="Spare data younger than this (seconds, or 30m, 1h, 2d)."
+        ),
+    ] = "3600",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove data no checkpoint needs (never data a save in flight may use)."""
+    seconds = parse_duration(grace, "--grace")
+    with _open(bank) as b:
+        report = b.gc(grace=seconds, dry_run=dry_run)
+    if as_json:
+        _json(report)
+    else:
+        _out(render.gc_view(report))
+
+
+@app.command()
+def prune(
+    keep_last: Annotated[
+        int | None, typer.Option("--keep-last", min=0, metavar="N", help="Keep each run's newest N.")
+    ] = None,
+    keep_best: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-best",
+            metavar="METRIC:K[:max]",
+            help="METRIC:K[:max]: keep each run's best K (lowest by default).",
+        ),
+    ] = None,
+    keep_every: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-every", min=1, metavar="M", help="Keep checkpoints whose step is a multiple of M."
+        ),
+    ] = None,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than", metavar="AGE", help="Only consider checkpoints older than this (e.g. 7d, 12h)."
+        ),
+    ] = None,
+    run: Annotated[
+        str | None, typer.Option("--run", "-r", metavar="RUN", help="Only prune this run.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete (default: dry run).")] = False,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete checkpoints no rule keeps. A DRY RUN unless --yes; tagged checkpoints are always kept.
+
+    Rules add up: a checkpoint survives if any rule keeps it. Data is freed by the next `gc`.
+    """
+    if keep_last is None and keep_best is None and keep_every is None and older_than is None:
+        raise typer.BadParameter(
+            "prune needs at least one rule: --keep-last, --keep-best, --keep-every or --older-than"
+        )
+    best = parse_keep_best(keep_best) if keep_best is not None else None
+    age = parse_duration(older_than) if older_than is not None else None
+    with _open(bank) as b:
+        infos = {c.id: c for c in b.log()}
+        report = b.prune(
+            run=run,
+            keep_last=keep_last,
+            keep_best=best,
+            keep_every=keep_every,
+            older_than=age,
+            dry_run=not yes,
+        )
+    if as_json:
+        _json(report)
+    else:
+        _out(render.prune_view(report, infos))
+
+
+# -- demo -----------------------------------------------------------------------------
+@app.command()
+def demo(bank: BankOpt = DEFAULT_BANK) -> None:
+    """Train a tiny model for a few steps on CPU and show what the bank does with its checkpoints."""
+    from .demo import run_demo
+
+    run_demo(bank, render.make_console())
+
+
+def main() -> None:
+    """Entry point of the ``weightbank`` console script."""
+    app()
