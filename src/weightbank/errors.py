@@ -18,6 +18,10 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     ├── NoHistory               (LookupError)  rollback past a tag's first target
     ├── ConcurrentUpdate        (RuntimeError) a compare-and-swap lost a race
     ├── DeviceError             (RuntimeError) requested device not available
+    ├── TrainingDiverged        (RuntimeError) training kept diverging after automatic rollbacks
+    ├── BudgetExceeded          (MemoryError)  a serving load or pin that cannot fit its byte budget
+    ├── InvalidRequest          (ValueError)   a serving request that does not fit the model or handler
+    ├── RouteNotFound           (KeyError)     unknown serving route
     └── StorageError            (OSError)      a backend could not do its job
         ├── NotABank                           path exists but holds no bank
         ├── UnsupportedFormat                  bank written by a newer weightbank
@@ -39,6 +43,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "AmbiguousRef",
+    "BudgetExceeded",
     "CheckpointNotFound",
     "ConcurrentUpdate",
     "CorruptObject",
@@ -48,13 +53,16 @@ __all__ = [
     "IncompatibleState",
     "InvalidName",
     "InvalidRef",
+    "InvalidRequest",
     "InvalidState",
     "MissingObject",
     "NoHistory",
     "NotABank",
+    "RouteNotFound",
     "StorageError",
     "TagNotFound",
     "TargetExists",
+    "TrainingDiverged",
     "UnsupportedFormat",
     "WeightbankError",
 ]
@@ -197,6 +205,80 @@ class ConcurrentUpdate(WeightbankError, RuntimeError):
 
 class DeviceError(WeightbankError, RuntimeError):
     """A requested device (e.g. ``cuda:0``) is not available in this process."""
+
+
+class BudgetExceeded(WeightbankError, MemoryError):
+    """A serving load or pin cannot fit its tier's byte budget; the budget was not broken.
+
+    ``transient`` is True when room may appear later (everything resident was
+    leased, pinned or too recently loaded to evict), False when the request
+    can never fit (a checkpoint bigger than the budget, pins beyond it).
+
+    Attributes:
+        tier: ``"device"`` or ``"host"``.
+        needed, used, budget: bytes.
+        ref: the checkpoint (ref or id) that did not fit.
+    """
+
+    def __init__(
+        self, tier: str, *, needed: int, used: int, budget: int, ref: str = "", transient: bool, detail: str = ""
+    ) -> None:
+        self.tier = tier
+        self.needed = needed
+        self.used = used
+        self.budget = budget
+        self.ref = ref
+        self.transient = transient
+        what = f"checkpoint {ref[:12]}" if ref else "the request"
+        msg = f"{what} needs {needed} more bytes on {tier}, which holds {used} of its {budget}-byte budget"
+        if detail:
+            msg += f" ({detail})"
+        hint = "retry later, or raise the budget" if transient else "raise the budget or unpin checkpoints"
+        super().__init__(f"{msg}; {hint}")
+
+
+class InvalidRequest(WeightbankError, ValueError):
+    """A serving request is malformed or does not fit the model (missing field, wrong tensor shape, ...).
+
+    Attributes:
+        field: the part of the request at fault (``"input"``, ``"ref"``, ...), if known.
+    """
+
+    def __init__(self, message: str, field: str = "") -> None:
+        self.field = field
+        super().__init__(message)
+
+
+class RouteNotFound(WeightbankError, KeyError):
+    """A serving route that does not exist was named."""
+
+    def __init__(self, name: str, known: Sequence[str] = ()) -> None:
+        self.name = name
+        self.known = list(known)
+        listed = ", ".join(repr(k) for k in self.known[:10]) or "none"
+        super().__init__(f"no route named {name!r} (routes: {listed}); create it with PUT /v1/routes/{name}")
+
+
+class TrainingDiverged(WeightbankError, RuntimeError):
+    """Training diverged (NaN/Inf or a loss spike) and automatic rollback could not, or may no longer, fix it.
+
+    Attributes:
+        step: the step at which the last divergence was seen.
+        reason: what the guard saw (``"loss is nan"``, ``"loss 9.1 > 5×median 1.2"``...).
+        rollbacks: steps of the rollbacks already done within the guard's window.
+    """
+
+    def __init__(self, step: int, reason: str, rollbacks: Sequence[int] = (), detail: str = "") -> None:
+        self.step = step
+        self.reason = reason
+        self.rollbacks = list(rollbacks)
+        msg = f"training diverged at step {step} ({reason})"
+        if detail:
+            msg += f": {detail}"
+        super().__init__(
+            msg + "; lower the learning rate, inspect the data near that step, or resume from an earlier"
+            " checkpoint (`weightbank log`)"
+        )
 
 
 class StorageError(WeightbankError, OSError):

@@ -40,6 +40,7 @@ from safetensors.torch import save_file as safetensors_save_file
 from .bank.bank import AUTO, Bank
 from .bank.results import CheckpointInfo
 from .errors import ExternalFileError, ExternalFileNotFound, IncompatibleState, InvalidState, TargetExists
+from .format.lossy import LOSSY_CODECS, quantizable, quantize_tensor
 from .format.tree import flatten
 
 __all__ = ["TORCH_SUFFIXES", "export", "import_file"]
@@ -354,6 +355,7 @@ def export(
     *,
     select: str | Sequence[str] | None = None,
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Write checkpoint ``ref`` (or its ``select``-ed tensors) to ``out_path``; return the path.
 
@@ -366,6 +368,13 @@ def export(
     with ``torch.load(weights_only=True)`` (numpy leaves become tensors). The
     file appears whole or not at all; an existing file is replaced only with
     ``overwrite=True``.
+
+    ``quantize="int8"`` or ``"fp8"`` (lossy, only when asked) writes each float
+    tensor of 2+ dims as codes (int8 / float8_e4m3fn) plus
+    ``<name>.weightbank_scale`` (float32, one scale per output channel, so
+    ``codes.float() * scale`` restores it); the measured max-abs and relative
+    error of each is listed as JSON under ``weightbank_quantized`` (safetensors
+    metadata, or a ``.pt`` key). The state must then be a flat dict of tensors.
 
     Example:
         >>> import tempfile, pathlib, torch, weightbank as wb
@@ -381,19 +390,31 @@ def export(
         raise ExternalFileError(
             out, f"cannot export to {out}: unknown file type {out.suffix!r}; use .safetensors or .pt"
         )
+    if quantize is not None and quantize not in LOSSY_CODECS:
+        raise ExternalFileError(
+            out,
+            f"cannot export to {out}: unknown quantization {quantize!r}; use one of {', '.join(LOSSY_CODECS)}",
+        )
     _check_target(out, overwrite)
     cid = bank.resolve(ref)
     state = bank.load(cid, select=select)
+    quantized: dict[str, Any] = {}
+    if quantize is not None:
+        state, quantized = _quantized(state, cid, quantize)
     if kind == ".safetensors":
         info = bank.show(cid).info
         tensors, aliases = _safetensors_tensors(state, cid, selected=select is not None)
         metadata = _safetensors_metadata(info, aliases)
+        if quantized:
+            metadata["weightbank_quantized"] = json.dumps(quantized, sort_keys=True)
 
         def write(tmp: Path) -> None:
             safetensors_save_file(tensors, str(tmp), metadata=metadata)
 
     else:
         plain = _numpy_to_torch(state)
+        if quantized:
+            plain["weightbank_quantized"] = json.dumps(quantized, sort_keys=True)
 
         def write(tmp: Path) -> None:
             with tmp.open("wb") as f:
@@ -401,6 +422,26 @@ def export(
 
     _atomic_write(out, write, overwrite=overwrite)
     return out
+
+
+def _quantized(state: Any, cid: str, method: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state with float matrices replaced by codes + scales, and each one's measured error."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise IncompatibleState(
+            f"checkpoint {cid[:12]} is not a flat dict of named tensors; quantized exports need one "
+            "(pick tensors with select=)"
+        )
+    out: dict[str, Any] = {}
+    errors: dict[str, Any] = {}
+    for name, value in state.items():
+        t = torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        if isinstance(t, torch.Tensor) and quantizable(t) and bool(torch.isfinite(t).all()):
+            codes, scale, errors[name] = quantize_tensor(t, method)
+            out[name] = codes
+            out[f"{name}.weightbank_scale"] = scale
+        else:
+            out[name] = value
+    return out, errors
 
 
 def _safetensors_tensors(

@@ -82,8 +82,8 @@ def test_diff_chunk_granularity(bank: wb.Bank) -> None:
 
 def test_du_counts_dedup(bank: wb.Bank) -> None:
     w = seeded((256, 256), 3)
-    bank.save({"w": w}, run="r", step=1)
-    bank.save({"w": w}, run="r", step=2)
+    bank.save({"w": w}, run="r", step=1, codec="raw")
+    bank.save({"w": w}, run="r", step=2, codec="raw")
     du = bank.du()
     assert du.checkpoints == 2 and du.logical_bytes == 2 * w.numel() * 4
     assert du.unique_bytes == w.numel() * 4 and du.dedup_ratio == 2.0
@@ -99,6 +99,7 @@ def test_prune_rules(bank: wb.Bank) -> None:
             run="r",
             step=step,
             metrics={"val_loss": abs(step - 3) + 0.5},
+            codec="raw",  # this test is about byte accounting, not codecs
         ).id
     bank.tag("keepme", ids[1])
     dry = bank.prune(keep_last=2, keep_best=("val_loss", 1), keep_every=5, dry_run=True)
@@ -118,7 +119,7 @@ def test_prune_rules(bank: wb.Bank) -> None:
 
 def test_prune_then_gc_frees_space(bank: wb.Bank) -> None:
     for step in range(4):
-        bank.save({"w": seeded((128, 128), step)}, run="r", step=step)
+        bank.save({"w": seeded((128, 128), step)}, run="r", step=step, codec="raw")
     pr = bank.prune(keep_last=1)
     assert len(pr.deleted) == 3 and pr.bytes_freed == 3 * 128 * 128 * 4
     dry = bank.gc(grace=0, dry_run=True)
@@ -131,7 +132,7 @@ def test_prune_then_gc_frees_space(bank: wb.Bank) -> None:
 
 def test_gc_grace_period_spares_young_data(bank: wb.Bank) -> None:
     for step in range(2):
-        bank.save({"w": seeded((64, 64), step)}, run="r", step=step)
+        bank.save({"w": seeded((64, 64), step)}, run="r", step=step, codec="raw")
     bank.prune(keep_last=1)
     assert bank.gc().bytes_freed == 0, "default one-hour grace"
     assert bank.gc(grace=0).bytes_freed == 64 * 64 * 4

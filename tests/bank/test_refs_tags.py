@@ -190,3 +190,13 @@ def test_bad_run_names(bank: wb.Bank, name: str) -> None:
     with pytest.raises(wb.InvalidName):
         bank.save({"w": torch.ones(1)}, run=name)
     assert bank.log() == []
+
+
+def test_rollback_onto_a_deleted_checkpoint_is_refused(bank: wb.Bank, chain: list[str]) -> None:
+    a, b, *_ = chain
+    bank.tag("prod", a)
+    bank.tag("prod", b)
+    bank.delete(a)
+    with pytest.raises(wb.CheckpointNotFound, match="deleted"):
+        bank.rollback("prod")
+    assert bank.resolve("prod") == b and len(bank.tag_history("prod")) == 2

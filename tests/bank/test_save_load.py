@@ -201,9 +201,9 @@ def test_unchanged_save_writes_only_a_manifest(local_bank: wb.Bank) -> None:
 
 def test_dedup_across_runs_and_within_a_state(bank: wb.Bank) -> None:
     w = seeded((512, 512), 7)
-    a = bank.save({"a": w, "b": w.clone()}, run="one")
+    a = bank.save({"a": w, "b": w.clone()}, run="one", codec="raw")
     assert a.save_stats is not None and a.save_stats.written_bytes == w.numel() * 4
-    b = bank.save({"x": w.clone(), "y": seeded((8,), 1)}, run="two")
+    b = bank.save({"x": w.clone(), "y": seeded((8,), 1)}, run="two", codec="raw")
     assert b.save_stats is not None and b.save_stats.written_bytes == 8 * 4
     du = bank.du()
     assert du.logical_bytes == 3 * w.numel() * 4 + 32 and du.unique_bytes == w.numel() * 4 + 32

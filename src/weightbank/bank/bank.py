@@ -30,7 +30,6 @@ from ..errors import (
     TagNotFound,
     UnsupportedFormat,
 )
-from ..format.codecs import get_codec
 from ..format.jsonsafe import decode, encode
 from ..format.manifest import FORMAT_VERSION, Manifest
 from ..format.tree import flatten, unflatten
@@ -60,7 +59,7 @@ from .results import (
     VerifyReport,
 )
 from .tags import UNSET, TagStore
-from .writer import SaveOptions, write_checkpoint
+from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 
 __all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
 
@@ -206,6 +205,7 @@ class Bank:
             stored_bytes=m.stored_bytes,
             n_tensors=len(m.tensors),
             tags=tuple(sorted(tags_by_target.get(cid, []))),
+            lossy=dict(m.lossy),
         )
 
     def _tags_by_target(self) -> dict[str, list[str]]:
@@ -227,8 +227,10 @@ class Bank:
         message: str = "",
         meta: Mapping[str, Any] | None = None,
         parent: Any = AUTO,
-        codec: str = "raw",
+        codec: str = "auto",
         chunk_size: int | None = None,
+        keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
+        lossy: str | None = None,
     ) -> CheckpointInfo:
         """Store ``state`` as a new immutable checkpoint and return its info.
 
@@ -237,6 +239,16 @@ class Bank:
         bank already holds are not written again. ``parent`` defaults to the
         run's newest checkpoint; pass a ref (e.g. another run's checkpoint) or
         None for a root.
+
+        ``codec``: ``"auto"`` (default) codes floats as byte planes, losslessly,
+        and a chunk as an XOR delta against the parent's chunk at the same
+        place when that is smaller, with a standalone keyframe at least every
+        ``keyframe_every`` generations (so a load reads at most that many
+        links); ``"planes"`` never deltas; ``"zstd"``; ``"raw"`` stores bytes
+        as they are (a serving copy that must load at disk speed). ``lossy``
+        (``"int8"`` or ``"fp8"``, never chosen automatically) quantizes float
+        tensors of 2+ dims with per-channel scales; the info's ``lossy`` then
+        lists each one with its measured ``max_abs`` and ``rel_err``.
 
         Example:
             >>> import torch, weightbank as wb
@@ -252,7 +264,13 @@ class Bank:
             raise InvalidState("step", f"step must be a non-negative int or None, not {step!r}")
         if not isinstance(message, str):
             raise InvalidState("message", "message must be a string")
-        get_codec(codec)
+        options = SaveOptions(
+            codec=codec,
+            workers=self.workers,
+            keyframe_every=keyframe_every,
+            lossy=lossy,
+            **({"chunk_size": chunk_size} if chunk_size else {}),
+        )  # validates the codec choices before anything is written
         header = {
             "run": run,
             "step": step,
@@ -272,9 +290,6 @@ class Bank:
         else:
             header["parent"] = self.resolve(str(parent))
         header["created"] = time.time()
-        options = SaveOptions(
-            codec=codec, workers=self.workers, **({"chunk_size": chunk_size} if chunk_size else {})
-        )
         cid, manifest, stats = write_checkpoint(
             self.storage, self._catalog, spec=spec, leaves=leaves, header=header, options=options
         )
@@ -408,6 +423,7 @@ class Bank:
                     alias_of=base.name if t.alias_of is not None else None,
                     codecs=tuple(sorted({c.codec for c in chunks})),
                     content_key=m.content_key(i),
+                    lossy=dict(m.lossy.get(base.name, {})),
                 )
             )
         return CheckpointDetail(info=self._info(cid, m), tensors=tuple(rows), packs=m.packs)
@@ -485,11 +501,22 @@ class Bank:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, not {steps!r}")
-        return self._tags.update(name, "rollback", None, by=who(), why=why, steps=steps)
+        check_name("tag", name)
+        current = self._tags.target(name)
+        target = self._tags.previous(name, steps)
+        self._catalog.refresh()
+        if target not in self._catalog.ids():
+            raise CheckpointNotFound(
+                f"{name}@{{{steps}}}",
+                detail=f"its target {target[:12]} was deleted; tag a checkpoint explicitly",
+            )
+        # expect=current: a tag moved since we looked is a conflict, not a silent double rollback.
+        return self._tags.update(name, "rollback", None, by=who(), why=why, steps=steps, expect=current)
 
-    def tags(self) -> list[TagInfo]:
-        """Every live tag and its target."""
-        return [self._tags.info(n) for n in self._tags.names() if self._tags.target(n) is not None]
+    def tags(self, *, include_removed: bool = False) -> list[TagInfo]:
+        """Every live tag and its target (and, with ``include_removed``, removed ones with target None)."""
+        infos = [self._tags.info(n) for n in self._tags.names()]
+        return infos if include_removed else [t for t in infos if t.target is not None]
 
     def tag_history(self, name: str) -> list[TagEvent]:
         """Every change ever made to tag ``name``, oldest first."""
@@ -563,21 +590,16 @@ class Bank:
         runs = self._catalog.runs()
         if run is not None:
             check_name("run", run)
-            runs = {run: runs.get(run, [])}
+            if run not in runs:
+                raise CheckpointNotFound(f"{run}@latest", sorted(runs)[:5], detail=f"no run {run!r}")
+            runs = {run: runs[run]}
         tagged = set(self._tags.live().values()) if keep_tagged else set()
         keep, candidates = maintenance.retention(
             runs, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, older_than=older_than
         )
         keep |= tagged
         doomed = [cid for cid in candidates if cid not in keep]
-        # Bytes freed: chunks referenced only by doomed checkpoints.
-        survivors = [m for cid, m in self._catalog.items() if cid not in doomed]
-        live_chunks = {c.hash for m in survivors for c in m.chunks}
-        freed: dict[str, int] = {}
-        for cid in doomed:
-            for c in self._catalog.get(cid).chunks:
-                if c.hash not in live_chunks:
-                    freed[c.hash] = c.stored_len
+        freed = maintenance.packs_freed(self.storage, self._catalog, doomed)
         if not dry_run:
             for cid in doomed:
                 maintenance.trash(self.storage, cid, self._catalog.get(cid), by=who(), why="prune")
@@ -585,7 +607,7 @@ class Bank:
         return PruneReport(
             deleted=tuple(doomed),
             kept=tuple(cid for cid in candidates if cid in keep),
-            bytes_freed=sum(freed.values()),
+            bytes_freed=freed,
             dry_run=dry_run,
         )
 

@@ -135,12 +135,16 @@ class Catalog:
         return out
 
     def chunk_index(self) -> dict[str, ChunkLocation]:
-        """chunk hash → where a committed manifest says it lives (for dedup on save)."""
+        """chunk hash → where a committed manifest says it lives (for dedup on save).
+
+        A snapshot: another thread's ``refresh``/``forget`` clears the live index,
+        and a save must keep seeing every chunk it saw when it began.
+        """
         with self._lock:
             missing = [cid for cid in self._manifests if cid not in self._chunks_of]
             if missing:
                 self._index(missing)
-            return self._chunks
+            return dict(self._chunks)
 
     def _index(self, cids: Iterable[str]) -> None:
         for cid in cids:

@@ -1,8 +1,14 @@
 """Deleting checkpoints, retention (prune) and garbage collection, safe against saves in flight.
 
-Deleting a checkpoint moves its manifest to ``trash/`` with the time of
-deletion (written first, then the manifest is removed), so a concurrent save
-that already chose to reuse its chunks is still covered.
+Deleting a checkpoint moves its manifest to ``trash/`` (written first, then
+the manifest is removed), so a concurrent save that already chose to reuse its
+chunks is still covered. The entry is written again with its deletion time
+only *after* the manifest is gone: a save may list the manifest up to the
+instant it disappears, so only a time taken after that bounds which leases
+could have seen it. An entry without a time protects its data (a delete in
+progress: its manifest may still be listed); if its manifest is already gone
+when gc begins (a delete that crashed before stamping), gc stamps it with that
+instant.
 
 ``gc`` removes packs no committed checkpoint needs. It never deletes:
 
@@ -28,12 +34,13 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CorruptObject, WeightbankError
+from ..errors import CorruptObject, MissingObject, WeightbankError
 from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
 from ..storage.base import Storage
@@ -42,22 +49,55 @@ from .catalog import Catalog
 from .layout import PACKS, TRASH, manifest_key, save_id_from_pack, trash_key
 from .results import GcReport
 
-__all__ = ["TrashEntry", "gc", "read_trash", "retention", "trash"]
+__all__ = ["TrashEntry", "gc", "packs_freed", "read_trash", "retention", "trash"]
 
 
 @dataclass(frozen=True)
 class TrashEntry:
     cid: str
-    deleted_at: float
+    deleted_at: float | None  # None: the manifest may still be visible (delete in progress)
     manifest: Manifest | None
     key: str
 
 
 def trash(storage: Storage, cid: str, manifest: Manifest, *, by: str, why: str) -> None:
-    """Delete a checkpoint: record it in trash (durably), then remove its manifest."""
-    body = {"id": cid, "deleted_at": time.time(), "by": by, "why": why, "manifest": manifest.to_json()}
+    """Delete a checkpoint: record it in trash (durably), remove its manifest, then stamp the entry."""
+    body: dict[str, Any] = {
+        "id": cid,
+        "deleted_at": None,
+        "by": by,
+        "why": why,
+        "manifest": manifest.to_json(),
+    }
     storage.write(trash_key(cid), json.dumps(body, separators=(",", ":")).encode())
     storage.delete(manifest_key(cid))
+    # Only now is the manifest certainly invisible to a save that lists manifests.
+    body["deleted_at"] = time.time()
+    storage.write(trash_key(cid), json.dumps(body, separators=(",", ":")).encode())
+
+
+def _crashed_deletes(storage: Storage) -> set[str]:
+    """Keys of trash entries without a deletion time whose manifest is already gone (a delete that crashed)."""
+    out = set()
+    for info in storage.list(TRASH):
+        try:
+            obj = json.loads(storage.read(info.key))
+            if obj["deleted_at"] is None and not storage.exists(manifest_key(str(obj["id"]))):
+                out.add(info.key)
+        except (WeightbankError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def _stamp(storage: Storage, key: str, when: float) -> None:
+    """Give a trash entry left without a deletion time (a delete that crashed) the time ``when``."""
+    try:
+        obj = json.loads(storage.read(key))
+    except (MissingObject, ValueError):
+        return  # dropped or replaced meanwhile: nothing left to stamp
+    if obj.get("deleted_at") is None:
+        obj["deleted_at"] = when
+        storage.write(key, json.dumps(obj, separators=(",", ":")).encode())
 
 
 def read_trash(storage: Storage) -> list[TrashEntry]:
@@ -66,7 +106,8 @@ def read_trash(storage: Storage) -> list[TrashEntry]:
         try:
             obj = json.loads(storage.read(info.key))
             m = Manifest._parse(obj["manifest"])
-            out.append(TrashEntry(str(obj["id"]), float(obj["deleted_at"]), m, info.key))
+            when = obj["deleted_at"]
+            out.append(TrashEntry(str(obj["id"]), None if when is None else float(when), m, info.key))
         except (WeightbankError, ValueError, KeyError, TypeError):
             # A torn trash entry protects nothing; it still ages out by mtime.
             out.append(TrashEntry("?", info.mtime, None, info.key))
@@ -82,7 +123,11 @@ def gc(
     dry_run: bool = False,
 ) -> GcReport:
     """Remove unreferenced packs (see module docstring for what is never removed)."""
-    started = time.time()
+    # Entries of deletes that crashed before stamping: their manifests were gone by `gone_by`,
+    # strictly before this gc begins (time.time() can repeat a value: order them explicitly).
+    crashed = _crashed_deletes(storage)
+    gone_by = time.time()
+    started = max(time.time(), math.nextafter(gone_by, math.inf))
     # Order matters: leases first, then manifests and trash.
     all_leases = leases.all_leases(storage)
     live_leases = [lease for lease in all_leases if not lease.stale(started, lease_ttl)]
@@ -101,12 +146,17 @@ def gc(
     for m in dict(catalog.items()).values():
         needed.update(m.packs)
     drop_trash = []
+    stamp = []
     for entry in read_trash(storage):
-        if entry.deleted_at >= protect_after:
-            if entry.manifest is not None:
-                needed.update(entry.manifest.packs)
-        else:
+        when = gone_by if entry.deleted_at is None and entry.key in crashed else entry.deleted_at
+        if when is not None and when < protect_after:
             drop_trash.append(entry.key)
+            continue
+        # No time yet (a delete in progress: its manifest may still be listed) protects too.
+        if entry.manifest is not None:
+            needed.update(entry.manifest.packs)
+        if entry.deleted_at is None and entry.key in crashed:
+            stamp.append(entry.key)
     inflight = {lease.save_id for lease in live_leases}
     deleted: list[str] = []
     freed = 0
@@ -126,6 +176,8 @@ def gc(
             storage.delete(key)
         for key in drop_trash:
             storage.delete(key)
+        for key in stamp:
+            _stamp(storage, key, gone_by)
         for lease in stale_leases:
             storage.delete(lease.key)
     return GcReport(
@@ -136,6 +188,18 @@ def gc(
         packs_kept_for_inflight=kept_inflight,
         dry_run=dry_run,
     )
+
+
+def packs_freed(storage: Storage, catalog: Catalog, doomed: Sequence[str]) -> int:
+    """Bytes ``gc`` would free once ``doomed`` are deleted: packs no surviving checkpoint uses.
+
+    gc frees whole packs (it does not rewrite partly-live ones), so this
+    counts packs, not chunks.
+    """
+    gone = set(doomed)
+    live = {p for cid, m in catalog.items() if cid not in gone for p in m.packs}
+    candidates = {p for cid in gone for p in catalog.get(cid).packs} - live
+    return sum(info.size for info in storage.list(PACKS) if info.key in candidates)
 
 
 def metric_value(m: Manifest, name: str) -> Any:

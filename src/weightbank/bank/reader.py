@@ -2,9 +2,11 @@
 
 For a fresh load each destination tensor is allocated once and every chunk is
 read by a worker thread directly into its byte range (raw codec) or decoded
-into it (other codecs); the bytes are then hashed in place and compared with
-the chunk's content hash. On a mismatch CorruptObject is raised and the tensor
-is never handed out.
+into it (other codecs; a delta chunk's whole chain is decoded in plane space
+and merged once, see :mod:`weightbank.format.delta`); the bytes are then
+hashed in place and compared with the chunk's content hash — for a delta that
+one hash covers every link, since any damaged link changes the result. On a
+mismatch CorruptObject is raised and the tensor is never handed out.
 
 When a tensor's chunks lie raw and back to back in a pack on a local disk, the
 tensor is instead a private (copy-on-write) memory map of those bytes: the
@@ -37,11 +39,11 @@ import torch
 
 from ..errors import CorruptObject, DeviceError, MissingObject
 from ..format.chunking import byte_view
-from ..format.codecs import get_codec
 from ..format.dtypes import dtype_from_name
 from ..format.hashing import digest
 from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..storage.base import Storage
+from .chunks import decode_record, records_by_hash
 
 __all__ = ["check_device", "read_tensors"]
 
@@ -74,7 +76,13 @@ def check_device(device: str | torch.device | None) -> torch.device:
 
 
 def _fill_chunk(
-    storage: Storage, cid: str, manifest: Manifest, name: str, rec: ChunkRecord, out: memoryview
+    storage: Storage,
+    cid: str,
+    manifest: Manifest,
+    name: str,
+    rec: ChunkRecord,
+    out: memoryview,
+    index: dict[str, ChunkRecord],
 ) -> None:
     key = manifest.packs[rec.pack]
     if rec.codec == "raw":
@@ -87,15 +95,12 @@ def _fill_chunk(
                 key, checkpoint=cid, tensor=name, detail=f"pack is truncated at offset {rec.offset}"
             )
     else:
-        payload = storage.read(key, rec.offset, rec.stored_len)
-        if len(payload) != rec.stored_len:
-            raise CorruptObject(
-                key, checkpoint=cid, tensor=name, detail=f"pack is truncated at offset {rec.offset}"
-            )
         try:
-            get_codec(rec.codec).decode(memoryview(payload), out)
+            decode_record(storage, manifest.packs, index, rec, out)
+        except MissingObject as e:
+            raise MissingObject(e.key, f"needed by checkpoint {cid[:12]} tensor {name!r}") from e
         except CorruptObject as e:
-            raise CorruptObject(key, checkpoint=cid, tensor=name, detail=str(e.args[0])) from None
+            raise CorruptObject(e.key, checkpoint=cid, tensor=name, detail=str(e.args[0])) from None
     actual = digest(out)
     if actual != rec.hash:
         raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=cid, tensor=name)
@@ -167,6 +172,7 @@ def _load_fresh(
 ) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
     futures = []
+    index = records_by_hash(manifest)
     for i in indices:
         rec = manifest.tensors[i]
         mapped = _map_tensor(storage, manifest, rec) if allow_mmap else None
@@ -184,7 +190,7 @@ def _load_fresh(
                 key = manifest.packs[chunk.pack]
                 futures.append(pool.submit(_verify_chunk, key, cid, rec.name, chunk, dest))
             else:
-                futures.append(pool.submit(_fill_chunk, storage, cid, manifest, rec.name, chunk, dest))
+                futures.append(pool.submit(_fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index))
             pos += chunk.raw_len
     for f in futures:
         f.result()

@@ -40,6 +40,8 @@ class SaveStats:
     packs: int
     seconds: float
     manifest_bytes: int = 0
+    per_codec: dict[str, int] = field(default_factory=dict)
+    """Bytes written per codec (new chunks only)."""
 
     @property
     def dedup_ratio(self) -> float:
@@ -60,6 +62,13 @@ class TensorInfo:
     alias_of: str | None = None
     codecs: tuple[str, ...] = ()
     content_key: str = ""
+    lossy: dict[str, Any] = field(default_factory=dict)
+    """For a quantized tensor: ``codec``, measured ``max_abs`` and ``rel_err``; empty if lossless."""
+
+    @property
+    def ratio(self) -> float:
+        """Logical bytes per stored byte of this tensor's own chunks (delta bases not counted)."""
+        return self.nbytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
 @dataclass(frozen=True)
@@ -81,10 +90,17 @@ class CheckpointInfo:
     n_tensors: int
     tags: tuple[str, ...] = ()
     save_stats: SaveStats | None = None
+    lossy: dict[str, Any] = field(default_factory=dict)
+    """Tensor name → {codec, max_abs, rel_err} for each quantized tensor; empty if bit-exact."""
 
     @property
     def short_id(self) -> str:
         return self.id[:12]
+
+    @property
+    def is_lossy(self) -> bool:
+        """Whether loading this checkpoint returns approximations of what was saved."""
+        return bool(self.lossy)
 
 
 @dataclass(frozen=True)
@@ -220,6 +236,14 @@ class DuReport:
     manifest_bytes: int
     orphan_bytes: int
     per_codec: dict[str, int] = field(default_factory=dict)
+    """Stored bytes of unique chunks, per codec."""
+    per_codec_raw: dict[str, int] = field(default_factory=dict)
+    """Raw (decoded) bytes of those same chunks, per codec."""
+
+    def codec_ratio(self, codec: str) -> float:
+        """Raw bytes per stored byte among the chunks of ``codec``."""
+        stored = self.per_codec.get(codec, 0)
+        return self.per_codec_raw.get(codec, 0) / stored if stored else 1.0
 
     @property
     def dedup_ratio(self) -> float:

@@ -11,9 +11,17 @@ Order of durability (each step starts only after the previous is durable):
 
 A crash before 3 leaves only unreferenced packs, which ``gc`` removes; a crash
 after 3 leaves a complete checkpoint. Hashing and coding run on a thread pool
-(BLAKE3 and zstd release the GIL) while the calling thread appends payloads to
-the current pack; contiguous CPU tensors are never copied, others are
-materialized a chunk at a time, so a save's extra memory is a few chunks.
+(BLAKE3, zstd and numpy release the GIL) while the calling thread appends
+payloads to the current pack; contiguous CPU tensors are never copied, others
+are materialized a chunk at a time, so a save's extra memory is a few chunks.
+
+Codecs (:mod:`weightbank.format.planner`): by default each new chunk is coded
+as byte planes, or as an XOR delta against the parent checkpoint's chunk at
+the same tensor name and chunk index when that is smaller. The base is read
+back from the bank (and hash-checked) by the worker; its whole chain is listed
+in the new manifest's chunk table, so the manifest alone says how to decode it
+and ``gc`` keeps every link alive. A chunk whose chain would exceed
+``keyframe_every`` links is coded standalone (a keyframe).
 
 Example:
     >>> import torch, weightbank as wb
@@ -33,33 +41,64 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import CorruptObject, InvalidState, MissingObject
+from ..format import planner
 from ..format.chunking import chunk_bytes, chunk_spans, tensor_nbytes
-from ..format.codecs import get_codec
+from ..format.delta import DELTA
 from ..format.dtypes import dtype_name
 from ..format.hashing import digest
+from ..format.lossy import LOSSY_CODECS, LOSSY_DTYPES, LossyStats, quantize
 from ..format.manifest import ChunkRecord, Manifest, TensorRecord
+from ..format.planes import layout_for
+from ..format.planner import Base, plan_chunk
 from ..format.tree import Leaf
 from ..storage.base import ObjectWriter, Storage
 from . import leases
 from .catalog import Catalog, ChunkLocation
+from .chunks import base_planes, chain_of, records_by_hash
 from .layout import manifest_key, pack_key
 from .results import SaveStats
 
-__all__ = ["CHUNK_ALIGN", "SaveOptions", "write_checkpoint"]
+__all__ = ["CHUNK_ALIGN", "DEFAULT_KEYFRAME_EVERY", "SaveOptions", "write_checkpoint"]
 
 #: Chunks start at multiples of this in a pack, so a raw chunk can be mapped
 #: straight into a tensor of any dtype (and SIMD loads stay aligned).
 CHUNK_ALIGN = 64
+#: Longest delta chain (links, keyframe included) a save creates; the decode-cost
+#: budget (:data:`~weightbank.format.planner.CHAIN_BUDGET`) usually ends fp32
+#: chains sooner. Measured: benchmarks/RESULTS.md ("Codecs": chain-end load).
+DEFAULT_KEYFRAME_EVERY = 16
 
 
 @dataclass(frozen=True)
 class SaveOptions:
-    """Tunables of the save pipeline."""
+    """Tunables of the save pipeline.
 
-    codec: str = "raw"
+    ``codec``: ``auto`` (byte planes, XOR deltas against the parent), ``planes``
+    (no deltas), ``zstd`` or ``raw``. ``lossy``: None, ``int8`` or ``fp8`` for
+    float tensors of 2+ dims (others stay lossless).
+    """
+
+    codec: str = "auto"
     chunk_size: int = 4 << 20
     pack_size: int = 512 << 20
     workers: int = 2
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY
+    chain_budget: float | None = None  # None: planner.CHAIN_BUDGET as it is at save time
+    lossy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.codec not in planner.MODES:
+            raise InvalidState(
+                "codec", f"codec must be one of {', '.join(planner.MODES)}, not {self.codec!r}"
+            )
+        if self.lossy is not None and self.lossy not in LOSSY_CODECS:
+            raise InvalidState(
+                "lossy", f"lossy must be None or one of {', '.join(LOSSY_CODECS)}, not {self.lossy!r}"
+            )
+        k = self.keyframe_every
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise InvalidState("keyframe_every", f"keyframe_every must be an int >= 1, not {k!r}")
 
 
 @dataclass
@@ -72,6 +111,8 @@ class _Chunked:
     payload: memoryview | bytes | None  # None when the bank already has it
     codec: str
     found: ChunkLocation | None = None  # where the bank has it, as seen by the worker
+    args: dict[str, Any] | None = None  # codec args (a delta: base, depth, cost, gen)
+    lossy: LossyStats | None = None
 
 
 @dataclass
@@ -116,12 +157,75 @@ class _Packer:
                 self.storage.delete(key)
 
 
-def _chunk_tasks(leaves: list[Leaf], chunk_size: int) -> Iterator[tuple[int, int, int]]:
+def _chunk_tasks(leaves: list[Leaf], chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
     for i, leaf in enumerate(leaves):
         if leaf.alias_of is not None:
             continue
-        for start, end in chunk_spans(tensor_nbytes(leaf.tensor), chunk_size):
-            yield i, start, end
+        for j, (start, end) in enumerate(chunk_spans(tensor_nbytes(leaf.tensor), chunk_size)):
+            yield i, j, start, end
+
+
+@dataclass
+class _Parent:
+    """The parent checkpoint, as far as delta coding needs it."""
+
+    manifest: Manifest
+    index: dict[str, ChunkRecord]
+    tensors: dict[str, TensorRecord]
+
+    @classmethod
+    def load(cls, catalog: Catalog, cid: str | None, chunk_size: int) -> _Parent | None:
+        if cid is None:
+            return None
+        try:
+            m = catalog.get(cid)
+        except (MissingObject, CorruptObject, FileNotFoundError):
+            return None  # deleted or damaged meanwhile: code standalone
+        if m.chunk_size != chunk_size:
+            return None  # chunk j would cover other bytes
+        return cls(m, records_by_hash(m), {t.name: t for t in m.tensors if t.alias_of is None})
+
+    def chunk(self, name: str, dtype: str, nbytes: int, j: int) -> ChunkRecord | None:
+        """The parent's chunk ``j`` of tensor ``name``, if that tensor has the same dtype and size."""
+        t = self.tensors.get(name)
+        if t is None or t.dtype != dtype or t.nbytes != nbytes or j >= len(t.chunks):
+            return None
+        return self.manifest.chunks[t.chunks[j]]
+
+    def location(self, h: str) -> ChunkLocation | None:
+        rec = self.index.get(h)
+        return None if rec is None else (self.manifest.packs[rec.pack], rec)
+
+
+def _depth(rec: ChunkRecord) -> int:
+    if rec.codec != DELTA or not rec.args:
+        return 0
+    depth = rec.args.get("depth")
+    return depth if isinstance(depth, int) and depth > 0 else 1
+
+
+def _cost(rec: ChunkRecord) -> float:
+    if rec.codec != DELTA or not rec.args:
+        return 0.0
+    cost = rec.args.get("cost")
+    return float(cost) if isinstance(cost, (int, float)) and cost >= 0 else 0.0
+
+
+def _gen(rec: ChunkRecord) -> int:
+    if rec.codec != DELTA or not rec.args:
+        return 0
+    gen = rec.args.get("gen")
+    return gen if isinstance(gen, int) and gen > 0 else _depth(rec)
+
+
+def _lossy_summary(codec: str, stats: list[LossyStats]) -> dict[str, Any]:
+    sq_err = sum(s.sq_err for s in stats)
+    sq_ref = sum(s.sq_ref for s in stats)
+    return {
+        "codec": codec,
+        "max_abs": max((s.max_abs for s in stats), default=0.0),
+        "rel_err": (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else 0.0,
+    }
 
 
 def write_checkpoint(
@@ -139,7 +243,6 @@ def write_checkpoint(
     message, metrics, config, meta, env). Nothing is visible unless this returns.
     """
     t0 = time.perf_counter()
-    codec = get_codec(options.codec)
     save_id = f"{int(time.time()):x}{uuid.uuid4().hex[:20]}"
     leases.acquire(storage, save_id)
     packer = _Packer(storage, save_id, options.pack_size)
@@ -147,46 +250,112 @@ def write_checkpoint(
         # Refresh only after the lease exists: gc keeps the data of anything we see from here on.
         catalog.refresh()
         known: dict[str, ChunkLocation] = catalog.chunk_index()
+        deltas = options.codec == "auto" and options.keyframe_every > 1
+        budget = planner.CHAIN_BUDGET if options.chain_budget is None else options.chain_budget
+        parent = _Parent.load(catalog, header.get("parent"), options.chunk_size) if deltas else None
+        dtypes = [dtype_name(leaf.tensor.dtype, leaf.name) for leaf in leaves]
 
-        def work(task: tuple[int, int, int]) -> _Chunked:
-            i, start, end = task
+        def base_for(i: int, j: int, raw_len: int) -> Base | None:
+            if parent is None:
+                return None
+            leaf = leaves[i]
+            rec = parent.chunk(leaf.name, dtypes[i], tensor_nbytes(leaf.tensor), j)
+            if rec is None or rec.raw_len != raw_len or _gen(rec) + 1 >= options.keyframe_every:
+                return None  # nothing to delta against, or a keyframe is due
+            gen = _gen(rec)
+            try:
+                last_link = planner.link_cost(rec.stored_len, rec.raw_len) if rec.codec == DELTA else 0.0
+                if _cost(rec) + last_link > budget:
+                    # Another link would likely break the decode budget: code against the
+                    # chain's keyframe instead (a two-link chain, a little larger).
+                    rec = chain_of(rec, parent.index)[0]
+                planes = base_planes(storage, parent.manifest.packs, parent.index, rec, layout_for(dtypes[i]))
+            except (CorruptObject, MissingObject):
+                return None  # a damaged or vanished base: this chunk becomes a keyframe
+            return Base(rec.hash, _depth(rec), planes, _cost(rec), gen)
+
+        def quantized(i: int, start: int, raw: memoryview) -> _Chunked | None:
+            t = leaves[i].tensor
+            if options.lossy is None or dtypes[i] not in LOSSY_DTYPES or t.dim() < 2:
+                return None
+            row = t.numel() // t.shape[0]
+            q = quantize(raw, dtypes[i], options.lossy, row=row, phase=(start // t.element_size()) % row)
+            if q is None:
+                return None  # NaN/inf: stored losslessly
+            h = digest(q.raw)
+            loc = known.get(h)
+            if loc is not None:
+                return _Chunked(i, h, len(q.raw), None, "raw", loc, lossy=q.stats)
+            return _Chunked(i, h, len(q.raw), q.payload, options.lossy, lossy=q.stats)
+
+        def work(task: tuple[int, int, int, int]) -> _Chunked:
+            i, j, start, end = task
             raw = chunk_bytes(leaves[i].tensor, start, end)
+            q = quantized(i, start, raw)
+            if q is not None:
+                return q
             h = digest(raw)
             loc = known.get(h)
             if loc is not None:
                 return _Chunked(i, h, end - start, None, "raw", loc)
-            encoded = codec.encode(raw)
-            if encoded is None:
-                return _Chunked(i, h, end - start, raw, "raw")
-            return _Chunked(i, h, end - start, encoded, codec.name)
+            base = base_for(i, j, end - start)
+            enc = plan_chunk(raw, dtypes[i], options.codec, base, budget)
+            return _Chunked(i, h, end - start, enc.payload, enc.codec, args=enc.args)
 
         pack_index: dict[str, int] = {}
         records: list[ChunkRecord] = []
         record_of: dict[str, int] = {}
         per_leaf: dict[int, list[int]] = {}
+        lossy_of: dict[int, list[LossyStats]] = {}
+        per_codec: dict[str, int] = {}
         written = reused = new_chunks = reused_chunks = 0
+
+        def relocated(pkey: str, rec: ChunkRecord) -> int:
+            pidx = pack_index.setdefault(pkey, len(pack_index))
+            idx = record_of[rec.hash] = len(records)
+            records.append(
+                ChunkRecord(rec.hash, rec.raw_len, rec.codec, pidx, rec.offset, rec.stored_len, rec.args)
+            )
+            return idx
+
+        def list_bases(rec: ChunkRecord) -> None:
+            # Every link of a delta chain is listed in this manifest: the reader
+            # finds bases here, and gc keeps a pack alive only if a manifest lists it.
+            while rec.codec == DELTA:
+                base = (rec.args or {}).get("base")
+                if not isinstance(base, str) or base in record_of:
+                    return
+                loc = (parent.location(base) if parent is not None else None) or known.get(base)
+                if loc is None:
+                    raise CorruptObject(
+                        "<catalog>",
+                        detail=f"delta base {base[:12]} of chunk {rec.hash[:12]} is in no manifest",
+                    )
+                relocated(*loc)
+                rec = loc[1]
 
         def place(c: _Chunked) -> None:
             nonlocal written, reused, new_chunks, reused_chunks
+            if c.lossy is not None:
+                lossy_of.setdefault(c.leaf, []).append(c.lossy)
             idx = record_of.get(c.hash)
             if idx is None:
                 if c.found is not None:
-                    pkey, rec = c.found
                     reused += c.raw_len
                     reused_chunks += 1
-                    pidx = pack_index.setdefault(pkey, len(pack_index))
-                    rec = ChunkRecord(
-                        rec.hash, rec.raw_len, rec.codec, pidx, rec.offset, rec.stored_len, rec.args
-                    )
+                    idx = relocated(*c.found)
+                    list_bases(c.found[1])
                 else:
                     assert c.payload is not None  # a chunk the bank lacks always carries its bytes
                     pkey, offset = packer.append(c.payload)
                     written += len(c.payload)
+                    per_codec[c.codec] = per_codec.get(c.codec, 0) + len(c.payload)
                     new_chunks += 1
                     pidx = pack_index.setdefault(pkey, len(pack_index))
-                    rec = ChunkRecord(c.hash, c.raw_len, c.codec, pidx, offset, len(c.payload))
-                idx = record_of[c.hash] = len(records)
-                records.append(rec)
+                    rec = ChunkRecord(c.hash, c.raw_len, c.codec, pidx, offset, len(c.payload), c.args)
+                    idx = record_of[c.hash] = len(records)
+                    records.append(rec)
+                    list_bases(rec)
             else:
                 reused += c.raw_len
                 reused_chunks += 1
@@ -208,7 +377,7 @@ def write_checkpoint(
             tensors.append(
                 TensorRecord(
                     name=leaf.name,
-                    dtype=dtype_name(leaf.tensor.dtype, leaf.name),
+                    dtype=dtypes[i],
                     shape=tuple(int(d) for d in leaf.tensor.shape),
                     chunks=tuple(per_leaf.get(i, [])) if leaf.alias_of is None else (),
                     alias_of=leaf.alias_of,
@@ -224,6 +393,10 @@ def write_checkpoint(
             chunk_size=options.chunk_size,
             packs=tuple(packs),
             chunks=tuple(records),
+            lossy={
+                leaves[i].name: _lossy_summary(options.lossy or "", stats)
+                for i, stats in sorted(lossy_of.items())
+            },
             **header,
         )
         data = manifest.to_bytes()
@@ -246,5 +419,6 @@ def write_checkpoint(
         packs=len(packer.committed),
         seconds=time.perf_counter() - t0,
         manifest_bytes=len(data),
+        per_codec=per_codec,
     )
     return cid, manifest, stats

@@ -1,9 +1,19 @@
 """Chunk codecs: how a chunk's raw bytes become the bytes stored in a pack.
 
 Every chunk record in a manifest names its codec, so codecs can be added
-without a format break (the byte-plane, delta, sparse and lossy codecs plug in
-here). A codec may decline a chunk (``encode`` returns None) when coding would
-not pay off; the chunk is then stored ``raw`` and costs nothing to decode.
+without a format break; a reader that meets a codec it does not know refuses
+with UnsupportedFormat ("upgrade weightbank"), never misreads. The codecs:
+
+* ``raw`` — bytes as they are; local loads map them straight into tensors.
+* ``zstd`` — plain zstd of the chunk (integer/bool data, and older banks).
+* ``planes`` / ``sparse`` — byte planes (:mod:`.planes`), the lossless default
+  for words of 2+ bytes; ``sparse`` is the same payload with a nonzero-word mask.
+* ``delta`` — XOR against a base chunk, then planes (:mod:`.delta`); its args
+  name the base, so it decodes only as part of a chain.
+* ``int8`` / ``fp8`` — opt-in lossy, per-channel scales (:mod:`.lossy`).
+
+Which codec a chunk gets is decided by :mod:`.planner`; a chunk that would
+not shrink by a meaningful margin is stored ``raw`` and costs nothing to decode.
 
 Decoding is always followed by a hash check of the raw bytes against the
 chunk's content hash, so a codec bug or a damaged payload is never returned.
@@ -24,21 +34,23 @@ from typing import Protocol
 import zstandard
 
 from ..errors import CorruptObject, UnsupportedFormat
+from .lossy import LOSSY_CODECS, dequantize
+from .planes import decode_planes
 
-__all__ = ["CODECS", "Codec", "RawCodec", "ZstdCodec", "get_codec"]
+__all__ = ["CODECS", "Codec", "RawCodec", "ZstdCodec", "get_codec", "is_lossy"]
 
 
 class Codec(Protocol):
-    """Turns raw chunk bytes into stored bytes and back.
+    """Turns stored bytes back into raw chunk bytes.
 
-    Call order on save: ``encode`` (None = store raw). On load: ``decode`` into a
-    buffer of exactly the raw length; the caller then verifies the hash.
+    Call order on load: ``decode`` into a buffer of exactly the raw length; the
+    caller then verifies the hash. Encoding is the planner's job
+    (:mod:`.planner`), since it needs the chunk's dtype and, for deltas, a base.
+    ``needs_base`` codecs decode only as part of a chain (:mod:`.delta`).
     """
 
     name: str
-
-    def encode(self, raw: memoryview) -> bytes | None:
-        """Stored bytes for ``raw``, or None if this codec would not pay off."""
+    needs_base: bool
 
     def decode(self, payload: memoryview, out: memoryview) -> None:
         """Write the raw bytes of ``payload`` into ``out`` (exactly ``len(out)`` bytes)."""
@@ -48,6 +60,7 @@ class RawCodec:
     """Bytes stored as they are; loads read them straight into the destination."""
 
     name = "raw"
+    needs_base = False
 
     def encode(self, raw: memoryview) -> bytes | None:
         return None
@@ -64,6 +77,7 @@ class ZstdCodec:
     """Plain zstd of the whole chunk, kept only when it saves at least ``min_saving``."""
 
     name = "zstd"
+    needs_base = False
 
     def __init__(self, level: int = 3, min_saving: float = 0.05) -> None:
         self.level = level
@@ -94,7 +108,53 @@ class ZstdCodec:
         out[:] = data
 
 
-CODECS: dict[str, Codec] = {"raw": RawCodec(), "zstd": ZstdCodec()}
+class PlanesCodec:
+    """Byte planes, each zstd-coded when it pays off (``sparse``: with a nonzero-word mask)."""
+
+    needs_base = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode(self, payload: memoryview, out: memoryview) -> None:
+        decode_planes(payload, out)
+
+
+class DeltaCodec:
+    """XOR against a base chunk; decoded by :func:`weightbank.format.delta.decode_chain`."""
+
+    name = "delta"
+    needs_base = True
+
+    def decode(self, payload: memoryview, out: memoryview) -> None:
+        raise CorruptObject("<chunk>", detail="a delta chunk decodes only together with its base chain")
+
+
+class LossyCodec:
+    """Opt-in int8 / fp8 with per-channel scales; decodes to the dequantized values."""
+
+    needs_base = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def decode(self, payload: memoryview, out: memoryview) -> None:
+        dequantize(payload, out)
+
+
+CODECS: dict[str, Codec] = {
+    "raw": RawCodec(),
+    "zstd": ZstdCodec(),
+    "planes": PlanesCodec("planes"),
+    "sparse": PlanesCodec("sparse"),
+    "delta": DeltaCodec(),
+    **{name: LossyCodec(name) for name in LOSSY_CODECS},
+}
+
+
+def is_lossy(name: str) -> bool:
+    """Whether chunks of codec ``name`` decode to approximations of what was saved."""
+    return name in LOSSY_CODECS
 
 
 def get_codec(name: str) -> Codec:

@@ -8,9 +8,14 @@ tensor (name, dtype, shape, which chunks), and where every chunk lives::
 
     chunks: [[hash, raw_len, codec, pack_index, offset, stored_len, args?], ...]
 
-``args`` is the codec's slot for its parameters (e.g. a delta codec's base),
-so new codecs need no format change. ``format`` is bumped only for changes an
-older reader would misread; such readers refuse with UnsupportedFormat.
+``args`` is the codec's slot for its parameters (a delta's ``base`` hash, its
+chain ``depth`` in links, its decode ``cost`` and ``gen``, the generations since
+its keyframe), so new codecs need no format change. A delta's base chain is
+always listed in the same table. ``lossy`` (present only for a checkpoint
+saved with a lossy codec) maps each quantized tensor to its codec and measured
+``max_abs`` and relative L2 error ``rel_err``. ``format`` is bumped only for
+changes an older reader would misread; such readers refuse with
+UnsupportedFormat.
 
 Example:
     >>> from weightbank.format.manifest import Manifest
@@ -108,6 +113,7 @@ class Manifest:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     packs: tuple[str, ...] = ()
     chunks: tuple[ChunkRecord, ...] = ()
+    lossy: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     # -- derived -----------------------------------------------------------
@@ -143,7 +149,7 @@ class Manifest:
 
     # -- bytes -------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "format": self.format,
             "run": self.run,
             "step": self.step,
@@ -160,6 +166,9 @@ class Manifest:
             "packs": list(self.packs),
             "chunks": [c.to_json() for c in self.chunks],
         }
+        if self.lossy:
+            out["lossy"] = self.lossy
+        return out
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode()
@@ -248,4 +257,5 @@ class Manifest:
             tensors=tuple(tensors),
             packs=packs,
             chunks=tuple(chunks),
+            lossy=typed(obj.get("lossy", {}), dict, "lossy"),
         )

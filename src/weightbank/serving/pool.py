@@ -1,0 +1,142 @@
+"""The content-keyed tensor pool of one tier: each distinct tensor held once, with its holders.
+
+Tensors are keyed by :attr:`~weightbank.TensorInfo.content_key`, which is
+equal for two tensors exactly when dtype, shape and bytes are equal, so two
+resident checkpoints that share a tensor share one pooled copy, and its bytes
+are counted once in the tier's :class:`~weightbank.serving.budget.TierLedger`.
+
+A slot is *reserved* (its bytes counted) before its tensor exists and is then
+filled or failed by the load that reserved it; other loads that need the same
+tensor hold the pending slot and wait for it instead of reading it again. A
+slot lives while it has holders (resident checkpoints, loads in flight); when
+the last holder lets go the slot and its tensor are dropped and its bytes
+uncounted. The pool keeps no other reference, so a dropped tensor is freed as
+soon as no module uses it.
+
+Not thread-safe by itself: the cache calls it under its lock (waiting on a
+slot's ``ready`` event is the exception, and happens without the lock).
+
+Example:
+    >>> import torch
+    >>> from weightbank.serving.budget import TierLedger
+    >>> pool = TensorPool(TierLedger("device", 100))
+    >>> _ = pool.reserve("k", 8, holder="a"); pool.fill("k", torch.zeros(2))
+    >>> _ = pool.hold("k", "b"); pool.drop("k", "a"), pool.drop("k", "b"), pool.ledger.used
+    (0, 8, 0)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import TierLedger
+
+__all__ = ["Slot", "TensorPool"]
+
+
+@dataclass(eq=False)
+class Slot:
+    """One pooled tensor (``None`` while its load is in flight) and who holds it."""
+
+    key: str
+    nbytes: int
+    tensor: torch.Tensor | None = None
+    holders: set[Hashable] = field(default_factory=set)
+    ready: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class TensorPool:
+    """Tensors of one tier by content key, reference-counted by holder."""
+
+    def __init__(self, ledger: TierLedger) -> None:
+        self.ledger = ledger
+        self._slots: dict[str, Slot] = {}
+
+    @property
+    def tier(self) -> str:
+        return self.ledger.tier
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def get(self, key: str) -> Slot | None:
+        return self._slots.get(key)
+
+    def keys(self) -> list[str]:
+        return list(self._slots)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The ready tensor under ``key`` (KeyError if absent or still pending)."""
+        t = self._slots[key].tensor
+        if t is None:
+            raise KeyError(key)
+        return t
+
+    def hold(self, key: str, holder: Hashable) -> Slot:
+        """Add ``holder`` to an existing slot (pending or ready)."""
+        slot = self._slots[key]
+        slot.holders.add(holder)
+        return slot
+
+    def reserve(self, key: str, nbytes: int, holder: Hashable, ref: str = "") -> Slot:
+        """Count ``nbytes`` and create a pending slot; BudgetExceeded (nothing changed) if it does not fit."""
+        if key in self._slots:
+            raise AssertionError(f"slot {key[:12]} already exists")
+        self.ledger.reserve(nbytes, ref)
+        slot = Slot(key=key, nbytes=nbytes, holders={holder})
+        self._slots[key] = slot
+        return slot
+
+    def fill(self, key: str, tensor: torch.Tensor) -> None:
+        slot = self._slots[key]
+        slot.tensor = tensor
+        slot.ready.set()
+
+    def fail(self, key: str, error: BaseException) -> None:
+        """The load of a pending slot failed: uncount it and wake its waiters with ``error``."""
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            return
+        self.ledger.release(slot.nbytes)
+        slot.error = error
+        slot.ready.set()
+
+    def drop(self, key: str, holder: Hashable) -> int:
+        """Remove ``holder`` from ``key``; returns the bytes freed (the slot's, if it was the last holder)."""
+        slot = self._slots.get(key)
+        if slot is None or holder not in slot.holders:
+            return 0
+        slot.holders.discard(holder)
+        if slot.holders:
+            return 0
+        del self._slots[key]
+        self.ledger.release(slot.nbytes)
+        return slot.nbytes
+
+    def freed_if_dropped(self, holdings: Iterable[tuple[Hashable, Iterable[str]]]) -> int:
+        """Bytes that dropping every (holder, keys) pair would free, without dropping anything."""
+        remaining: dict[str, set[Hashable]] = {}
+        freed = 0
+        for holder, keys in holdings:
+            for key in keys:
+                slot = self._slots.get(key)
+                if slot is None:
+                    continue
+                left = remaining.setdefault(key, set(slot.holders))
+                if holder in left:
+                    left.discard(holder)
+                    if not left:
+                        freed += slot.nbytes
+        return freed
+
+    def resident_bytes(self) -> int:
+        """Sum of every slot's bytes; always equal to the ledger's count (a test checks it)."""
+        return sum(s.nbytes for s in self._slots.values())

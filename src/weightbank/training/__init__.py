@@ -1,0 +1,48 @@
+"""Training: a checkpoint manager with policies, async saves, exact resume and automatic rollback.
+
+Example:
+    >>> import weightbank as wb
+    >>> wb.CheckpointManager is wb.training.CheckpointManager
+    True
+"""
+
+from __future__ import annotations
+
+from .data import ResumableLoader
+from .determinism import deterministic
+from .guard import Guard
+from .manager import CheckpointManager
+from .policies import (
+    BestN,
+    EarlyStopping,
+    Every,
+    EveryN,
+    KeepPolicy,
+    LastN,
+    MaxAge,
+    OnImprovement,
+    SavePolicy,
+)
+from .results import Rollback, StepOutcome
+from .saver import SaveHandle
+from .state import TrainingState
+
+__all__ = [
+    "BestN",
+    "CheckpointManager",
+    "EarlyStopping",
+    "Every",
+    "EveryN",
+    "Guard",
+    "KeepPolicy",
+    "LastN",
+    "MaxAge",
+    "OnImprovement",
+    "ResumableLoader",
+    "Rollback",
+    "SaveHandle",
+    "SavePolicy",
+    "StepOutcome",
+    "TrainingState",
+    "deterministic",
+]

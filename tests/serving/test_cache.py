@@ -1,0 +1,333 @@
+"""ModelCache: leases, content sharing, swap by difference, eviction, pins, TTL, tiers, single flight."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import weightbank as wb
+from weightbank.serving import ModelCache
+
+from .conftest import FakeClock
+from .family import Family, build, counting
+
+
+def cache_for(family: Family, **kw: object) -> ModelCache:
+    return ModelCache(family.bank, build, **kw)  # type: ignore[arg-type]
+
+
+def check_output(family: Family, cid: str, model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        assert torch.equal(model(family.x), family.expected(cid))
+
+
+def test_lease_serves_the_right_checkpoint_and_counts_hits(family: Family) -> None:
+    cache = cache_for(family)
+    for cid in family.ids:
+        lease = cache.lease(cid)
+        with lease as model:
+            assert lease.checkpoint == cid
+            check_output(family, cid, model)
+            assert not model.training
+            assert all(not p.requires_grad for p in model.parameters())
+    with cache.lease("prod") as model:
+        check_output(family, family.ids[0], model)
+    s = cache.stats()
+    assert s.hits["device"] == 1 and s.misses["device"] == len(family.ids) and s.loads == len(family.ids)
+    assert s.leases == 0 and s.hit_rate == pytest.approx(1 / (len(family.ids) + 1))
+
+
+def test_shared_tensors_are_held_once(family: Family) -> None:
+    cache = cache_for(family)
+    for cid in family.ids:
+        cache.load(cid)
+    used = cache.stats().tiers["device"].used
+    assert used == family.full_bytes + (len(family.ids) - 1) * family.head_bytes
+    with cache.lease(family.ids[1]) as a, cache.lease(family.ids[2]) as b:
+        assert a.layers[0].weight.data_ptr() == b.layers[0].weight.data_ptr()
+        assert a.head.weight.data_ptr() != b.head.weight.data_ptr()
+    status = {m.checkpoint: m for m in cache.models()}
+    assert status[family.ids[1]].unique_bytes == family.head_bytes
+    assert status[family.ids[1]].nbytes == family.full_bytes
+
+
+def test_swap_reads_only_the_tensors_that_differ(family: Family) -> None:
+    calls = counting(family.bank)
+    cache = cache_for(family)
+    cache.load(family.ids[0])
+    cache.load(family.ids[1])
+    assert calls()[0][0] == family.ids[0] and len(calls()[0][1]) == 8
+    assert calls()[1] == (family.ids[1], ("head.weight", "head.bias"))
+    s = cache.stats()
+    assert s.bytes_loaded["bank"] == family.full_bytes + family.head_bytes
+    assert s.bytes_reused == family.full_bytes - family.head_bytes
+
+
+def test_lru_eviction_keeps_the_budget(family: Family) -> None:
+    budget = family.full_bytes + 2 * family.head_bytes
+    cache = cache_for(family, budget={"device": budget})
+    for cid in family.ids:
+        cache.load(cid)
+        assert cache.stats().tiers["device"].used <= budget
+    resident = [m.checkpoint for m in cache.models()]
+    assert resident == [family.ids[4], family.ids[3], family.ids[2]]
+    s = cache.stats()
+    assert s.tiers["device"].peak <= budget and s.evictions["pressure"] == 2
+
+
+def test_eviction_never_takes_a_leased_checkpoint(family: Family) -> None:
+    budget = family.full_bytes + family.head_bytes
+    cache = cache_for(family, budget={"device": budget}, wait_timeout=0)
+    with cache.lease(family.ids[1]) as m1:
+        cache.load(family.ids[2])  # fits beside 1: they share the body
+        assert {m.checkpoint for m in cache.models()} == {family.ids[1], family.ids[2]}
+        with cache.lease(family.ids[2]) as m2, pytest.raises(wb.BudgetExceeded) as err:
+            cache.load(family.ids[3])
+        assert err.value.transient and err.value.tier == "device"
+        check_output(family, family.ids[1], m1)
+        check_output(family, family.ids[2], m2)
+    assert cache.stats().tiers["device"].peak <= budget
+
+
+def test_a_waiting_load_proceeds_when_the_lease_ends(family: Family) -> None:
+    budget = family.full_bytes
+    cache = cache_for(family, budget={"device": budget}, wait_timeout=10)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with cache.lease(family.ids[2]) as m:
+                check_output(family, family.ids[2], m)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+        done.set()
+
+    with cache.lease(family.ids[1]) as m1:
+        t = threading.Thread(target=other)
+        t.start()
+        time.sleep(0.2)
+        assert not done.is_set()  # it waits: the budget holds only one variant and 1 is leased
+        check_output(family, family.ids[1], m1)
+    t.join(5)
+    assert done.is_set() and not errors
+    assert cache.stats().tiers["device"].peak <= budget
+
+
+def test_single_flight_under_a_burst(family: Family) -> None:
+    calls = counting(family.bank, delay=0.2)
+    cache = cache_for(family)
+    barrier = threading.Barrier(16)
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        barrier.wait()
+        lease = cache.lease(family.ids[3])
+        with lease as model:
+            check_output(family, family.ids[3], model)
+            with lock:
+                seen.append(str(lease.checkpoint))
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(seen) == 16 and set(seen) == {family.ids[3]}
+    assert len(calls()) == 1
+    s = cache.stats()
+    assert s.loads == 1 and s.leases == 0
+
+
+def test_resident_checkpoints_keep_serving_while_another_loads(family: Family) -> None:
+    cache = cache_for(family)
+    cache.load(family.ids[0])
+    counting(family.bank, delay=1.0)
+    t = threading.Thread(target=cache.load, args=(family.ids[1],))
+    t.start()
+    time.sleep(0.1)
+    t0 = time.perf_counter()
+    with cache.lease(family.ids[0]) as m:
+        check_output(family, family.ids[0], m)
+    assert time.perf_counter() - t0 < 0.5
+    assert cache.stats().loads_in_flight == 1
+    t.join(5)
+
+
+def test_concurrent_load_cap(family: Family) -> None:
+    active = 0
+    peak = 0
+    lock = threading.Lock()
+    real = family.bank.load_tensors
+
+    def slow(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
+        nonlocal active, peak
+        with lock:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.1)
+        with lock:
+            active -= 1
+        return real(ref, names, device=device)  # type: ignore[arg-type]
+
+    family.bank.load_tensors = slow  # type: ignore[method-assign]
+    cache = cache_for(family, max_concurrent_loads=2)
+    threads = [threading.Thread(target=cache.load, args=(cid,)) for cid in family.ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert peak == 2 and cache.stats().resident["device"] == len(family.ids)
+
+
+def test_pinned_checkpoint_is_never_evicted(family: Family) -> None:
+    budget = family.full_bytes + family.head_bytes
+    cache = cache_for(family, budget={"device": budget}, wait_timeout=0)
+    cache.pin(family.ids[1])
+    for cid in family.ids[2:]:
+        cache.load(cid)
+        assert family.ids[1] in {m.checkpoint for m in cache.models()}
+    assert cache.unpin(family.ids[1]) and not cache.unpin(family.ids[1])
+    cache.load(family.ids[0])
+    cache.load(family.ids[2])
+    assert family.ids[1] not in {m.checkpoint for m in cache.models()}
+
+
+def test_pinning_beyond_the_budget_is_refused(family: Family) -> None:
+    budget = family.full_bytes + family.head_bytes
+    cache = cache_for(family, budget={"device": budget})
+    cache.pin(family.ids[1])
+    cache.pin(family.ids[2])  # shares its body with 1: both fit
+    with pytest.raises(wb.BudgetExceeded) as err:
+        cache.pin(family.ids[3])
+    assert not err.value.transient
+    assert cache.stats().pinned == 2
+    assert cache.stats().tiers["device"].peak <= budget
+
+
+def test_a_checkpoint_bigger_than_the_budget_is_refused(family: Family) -> None:
+    cache = cache_for(family, budget={"device": family.full_bytes - 1})
+    with pytest.raises(wb.BudgetExceeded) as err:
+        cache.load(family.ids[0])
+    assert not err.value.transient and isinstance(err.value, MemoryError)
+    assert cache.stats().tiers["device"].used == 0 and cache.models() == []
+
+
+def test_unload_while_leased_waits_for_the_lease(family: Family) -> None:
+    cache = cache_for(family)
+    with cache.lease(family.ids[1]) as m:
+        assert cache.unload(family.ids[1])
+        check_output(family, family.ids[1], m)
+        assert cache.models()[0].leases == 1
+    assert cache.models() == [] and cache.stats().tiers["device"].used == 0
+    assert not cache.unload(family.ids[1])
+
+
+def test_ttl_and_min_residency(family: Family, clock: FakeClock) -> None:
+    cache = cache_for(family, ttl=60, min_residency=5, clock=clock, sweep_interval=0, wait_timeout=0)
+    cache.load(family.ids[1])
+    clock.advance(30)
+    assert cache.sweep() == 0
+    clock.advance(31)
+    assert cache.sweep() == 1 and cache.models() == []
+    assert cache.stats().evictions == {"ttl": 1}
+    small = cache_for(
+        family, budget={"device": family.full_bytes}, min_residency=5, clock=clock, wait_timeout=0
+    )
+    small.load(family.ids[1])
+    with pytest.raises(wb.BudgetExceeded):
+        small.load(family.ids[2])  # 1 is younger than min_residency
+    clock.advance(5)
+    small.load(family.ids[2])
+    assert [m.checkpoint for m in small.models()] == [family.ids[2]]
+
+
+def test_demotion_to_host_and_promotion_by_copy(family: Family) -> None:
+    calls = counting(family.bank)
+    budget = {"device": family.full_bytes, "host": family.full_bytes + family.head_bytes}
+    cache = cache_for(family, budget=budget)
+    cache.load(family.ids[1])
+    cache.load(family.ids[2])  # 1 is demoted (its head goes to host, body shared... on the host too)
+    tiers = {m.checkpoint: m.tier for m in cache.models()}
+    assert tiers == {family.ids[1]: "host", family.ids[2]: "device"}
+    n_reads = len(calls())
+    with cache.lease(family.ids[1]) as m:
+        check_output(family, family.ids[1], m)
+    assert len(calls()) == n_reads  # promoted from the host: no bank read
+    s = cache.stats()
+    assert s.hits["host"] == 1 and s.bytes_loaded["host"] == family.head_bytes
+    assert s.evictions.get("demote", 0) >= 1
+    for tier, t in s.tiers.items():
+        assert t.peak <= t.budget, tier
+
+
+def test_prefetch_handle(family: Family) -> None:
+    cache = cache_for(family)
+    handle = cache.prefetch(family.ids[2])
+    status = handle.wait(5)
+    assert handle.done() and handle.exception() is None
+    assert status.checkpoint == family.ids[2] and status.tier == "device"
+    bad = cache.prefetch("no-such-tag")
+    with pytest.raises(wb.CheckpointNotFound):
+        bad.wait(5)
+    assert isinstance(bad.exception(), wb.CheckpointNotFound)
+    cache.close()
+
+
+def test_a_checkpoint_that_does_not_fit_the_module_leaves_nothing_behind(family: Family) -> None:
+    cache = ModelCache(family.bank, lambda info: torch.nn.Linear(3, 3))
+    with pytest.raises(wb.IncompatibleState, match="does not fit"):
+        cache.load(family.ids[0])
+    s = cache.stats()
+    assert s.tiers["device"].used == 0 and s.loads_in_flight == 0 and cache.models() == []
+
+
+def test_a_failed_read_leaves_nothing_behind(family: Family) -> None:
+    def broken(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
+        raise wb.CorruptObject("packs/x", detail="injected")
+
+    family.bank.load_tensors = broken  # type: ignore[method-assign]
+    cache = cache_for(family)
+    with pytest.raises(wb.CorruptObject):
+        cache.load(family.ids[0])
+    assert cache.stats().tiers["device"].used == 0 and cache.models() == []
+
+
+def test_prefix_selects_the_model_in_a_training_checkpoint() -> None:
+    bank = wb.open("memory://")
+    lin = torch.nn.Linear(2, 2)
+    state = {"model": lin.state_dict(), "optim": {"m": torch.zeros(4, 4)}}
+    cid = bank.save(state).id
+    cache = ModelCache(bank, lambda info: torch.nn.Linear(2, 2), prefix="model.")
+    with cache.lease(cid) as m:
+        assert torch.equal(m.weight, lin.weight)
+    assert cache.stats().tiers["device"].used == 24
+
+
+def test_unknown_ref_and_bad_device() -> None:
+    bank = wb.open("memory://")
+    cache = ModelCache(bank, lambda info: torch.nn.Linear(1, 1))
+    with pytest.raises(wb.CheckpointNotFound):
+        cache.load("nope")
+    with pytest.raises(wb.DeviceError):
+        ModelCache(bank, lambda info: torch.nn.Linear(1, 1), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(wb.DeviceError):
+            ModelCache(bank, lambda info: torch.nn.Linear(1, 1), device="cuda")
+
+
+def test_listeners_see_every_event(family: Family) -> None:
+    events: list[wb.CacheEvent] = []
+    cache = cache_for(family, budget={"device": family.full_bytes})
+    cache.subscribe(events.append)
+    cache.load(family.ids[1])
+    cache.load(family.ids[1])
+    cache.load(family.ids[2])
+    kinds = [e.kind for e in events]
+    assert kinds.count("load") == 2 and kinds.count("hit") == 1 and "evict" in kinds
+    evict = next(e for e in events if e.kind == "evict")
+    assert evict.reason == "pressure" and evict.checkpoint == family.ids[1]
