@@ -39,7 +39,7 @@ from . import maintenance
 from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
-from .environment import capture_env, who
+from .environment import capture_env, git_info, who
 from .events import EventLog
 from .into import plan_into
 from .layout import FORMAT_KEY, check_name
@@ -146,6 +146,10 @@ class Bank:
         self._catalog = Catalog(storage)
         self._tags = TagStore(storage)
         self._events = EventLog(storage)
+        # Look up the caller's git commit now, on the opening thread: running `git` for the
+        # first time from a background save thread while DataLoader workers fork can deadlock
+        # the forked children on the inherited pipe.
+        git_info(os.getcwd())
 
     @property
     def url(self) -> str:

@@ -257,8 +257,8 @@ def _section_nan(bank: Bank, console: Console) -> None:
 
 def _section_lineage(bank: Bank, console: Console) -> None:
     _header(console, "lineage · fine-tune from the best checkpoint in a new run (weightbank log --graph)")
-    _train(bank, "finetune", init_from="train@best:val_loss", total=20)
-    infos = [c for r in ("train", "finetune", "nan") for c in bank.log(r)]
+    _train(bank, "train-ft", init_from="train@best:val_loss", total=20)
+    infos = [c for r in ("train", "train-ft", "nan") for c in bank.log(r)]
     console.print(render.graph_view(sorted(infos, key=lambda c: c.created, reverse=True)))
 
 

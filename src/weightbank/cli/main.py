@@ -24,9 +24,11 @@ from rich.console import RenderableType
 from .. import open as open_bank
 from .._version import __version__
 from ..bank.bank import AUTO, Bank
-from ..bank.results import CheckpointInfo
+from ..bank.results import CheckpointInfo, RunEvent
 from ..errors import CheckpointNotFound, NotABank
+from . import drill as drill_command
 from . import render
+from . import serve as serve_command
 from .exitcodes import CORRUPT, EPILOG, BankGroup
 from .options import parse_config, parse_duration, parse_keep_best, parse_metrics
 
@@ -267,6 +269,7 @@ def export(
 def _log(bank: str, run: str | None, graph: bool, limit: int | None, as_json: bool) -> None:
     with _open(bank) as b:
         infos = b.log(run)
+        events = _events(b, run)
     if limit is not None:
         infos = infos[:limit]
     if as_json:
@@ -275,6 +278,13 @@ def _log(bank: str, run: str | None, graph: bool, limit: int | None, as_json: bo
         _out("no checkpoints yet (add one with `weightbank save FILE`)")
     else:
         _out(render.graph_view(infos) if graph else render.checkpoint_table(infos))
+        if events:
+            _out(render.events_table(events))
+
+
+def _events(b: Bank, run: str | None) -> list[RunEvent]:
+    runs = [run] if run is not None else b.runs()
+    return sorted((e for r in runs for e in b.events(r)), key=lambda e: e.at, reverse=True)
 
 
 RunArg = Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.")]
@@ -296,6 +306,23 @@ def log(
 ) -> None:
     """List checkpoints, newest first, with their tags."""
     _log(bank, run, graph, limit, as_json)
+
+
+@app.command()
+def events(
+    run: RunArg = None,
+    bank: BankOpt = DEFAULT_BANK,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run events besides saves (automatic rollbacks, preemptions), newest first."""
+    with _open(bank) as b:
+        found = _events(b, run)
+    if as_json:
+        _json(found)
+    elif not found:
+        _out("no run events")
+    else:
+        _out(render.events_table(found))
 
 
 @app.command("ls")
@@ -550,12 +577,39 @@ def prune(
 
 
 # -- demo -----------------------------------------------------------------------------
+DEMO_PARTS = ("all", "bank", "training", "serving")
+
+
 @app.command()
-def demo(bank: BankOpt = DEFAULT_BANK) -> None:
-    """Train a tiny model for a few steps on CPU and show what the bank does with its checkpoints."""
+def demo(
+    part: Annotated[
+        str, typer.Argument(help="bank | training | serving | all (the default runs the three in turn)")
+    ] = "all",
+    bank: BankOpt = DEFAULT_BANK,
+) -> None:
+    """Show weightbank on a new local bank: checkpoints and tags, training with resume and rollback, serving."""
+    if part not in DEMO_PARTS:
+        raise typer.BadParameter(f"unknown demo part {part!r}; choose one of {', '.join(DEMO_PARTS)}")
     from .demo import run_demo
 
-    run_demo(bank, render.make_console())
+    console = render.make_console()
+    if part in ("all", "bank"):
+        run_demo(bank, console)
+    if part in ("all", "training"):
+        from .demo_training import run as run_training
+
+        with open_bank(bank, create=True) as b:
+            run_training(b, console)
+    if part in ("all", "serving"):
+        from .demo_serving import run as run_serving
+
+        with open_bank(bank, create=True) as b:
+            run_serving(b, console)
+
+
+# Commands owned by the training and serving layers register themselves here.
+drill_command.register(app)
+serve_command.register(app)
 
 
 def main() -> None:

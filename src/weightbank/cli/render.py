@@ -35,6 +35,7 @@ from ..bank.results import (
     DuReport,
     GcReport,
     PruneReport,
+    RunEvent,
     TagEvent,
     TagInfo,
     VerifyReport,
@@ -210,6 +211,21 @@ def checkpoint_table(infos: Sequence[CheckpointInfo]) -> Table:
             human_bytes(c.nbytes),
             fmt_metrics(c.metrics),
             c.message,
+        )
+    return table
+
+
+def events_table(events: Sequence[RunEvent]) -> Table:
+    """Run events (automatic rollbacks, preemptions...), as ``log`` shows them under the checkpoints."""
+    table = _table("WHEN", "RUN", "STEP", "EVENT", "CHECKPOINT", "DETAILS", right=("STEP",))
+    for e in events:
+        table.add_row(
+            when(e.at),
+            Text(e.run, style=RUN),
+            "" if e.step is None else str(e.step),
+            Text(e.kind, style="bold yellow"),
+            Text(short(e.checkpoint), style=ID),
+            ", ".join(f"{k}={fmt_value(v)}" for k, v in e.data.items()),
         )
     return table
 
