@@ -13,8 +13,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,6 +148,8 @@ class Bank:
         self._catalog = Catalog(storage)
         self._tags = TagStore(storage)
         self._events = EventLog(storage)
+        self._pool_lock = threading.Lock()
+        self._load_pool: ThreadPoolExecutor | None = None
         # Look up the caller's git commit now, on the opening thread: running `git` for the
         # first time from a background save thread while DataLoader workers fork can deadlock
         # the forked children on the inherited pipe.
@@ -159,8 +163,19 @@ class Bank:
     def __repr__(self) -> str:
         return f"Bank({self.url!r})"
 
+    def _pool(self) -> ThreadPoolExecutor:
+        """The bank's load workers, started on first use and kept (a swap pays no thread start-up)."""
+        with self._pool_lock:
+            if self._load_pool is None:
+                self._load_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="wb-load")
+            return self._load_pool
+
     def close(self) -> None:
-        """Release the backend's resources (the bank can be reopened with :func:`open`)."""
+        """Release the backend's resources and worker threads (reopen with :func:`open`)."""
+        with self._pool_lock:
+            pool, self._load_pool = self._load_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.storage.close()
 
     def __enter__(self) -> Bank:
@@ -351,7 +366,9 @@ class Bank:
             raise IncompatibleState(f"select {select!r} matches no tensor of {cid[:12]}", names[:20])
         if into is not None:
             return self._load_into(cid, m, into, chosen, select is not None, dtype, strict, prefix, t0)
-        loaded = read_tensors(self.storage, cid, m, chosen, workers=self.workers, device=dev)
+        loaded = read_tensors(
+            self.storage, cid, m, chosen, workers=self.workers, device=dev, pool=self._pool()
+        )
         if dtype is not None:
             loaded = {i: (t.to(dtype) if t.is_floating_point() else t) for i, t in loaded.items()}
         tensors: list[torch.Tensor | None] = [loaded.get(i) for i in range(len(m.tensors))]
@@ -373,7 +390,7 @@ class Bank:
         write, loaded, skipped = plan_into(
             cid, m, target, chosen, selected=selected, dtype=dtype, strict=strict, prefix=prefix
         )
-        read_tensors(self.storage, cid, m, list(write), workers=self.workers, into=write)
+        read_tensors(self.storage, cid, m, list(write), workers=self.workers, into=write, pool=self._pool())
         info = self._info(cid, m)
         return LoadResult(checkpoint=info, loaded=loaded, skipped=skipped, seconds=time.perf_counter() - t0)
 
@@ -455,7 +472,13 @@ class Bank:
                 f"checkpoint {cid[:12]} has no tensor(s) {', '.join(map(repr, unknown[:8]))}", unknown
             )
         loaded = read_tensors(
-            self.storage, cid, m, [index[n] for n in names], workers=self.workers, device=dev
+            self.storage,
+            cid,
+            m,
+            [index[n] for n in names],
+            workers=self.workers,
+            device=dev,
+            pool=self._pool(),
         )
         return {n: loaded[index[n]] for n in names}
 
@@ -465,7 +488,7 @@ class Bank:
         b_id, mb = self._manifest(b)
 
         def load(cid: str, m: Manifest, idx: list[int]) -> dict[int, torch.Tensor]:
-            return read_tensors(self.storage, cid, m, idx, workers=self.workers)
+            return read_tensors(self.storage, cid, m, idx, workers=self.workers, pool=self._pool())
 
         return diff_manifests(a_id, ma, b_id, mb, load)
 

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import warnings
@@ -206,14 +207,21 @@ def read_tensors(
     workers: int = 4,
     device: torch.device | None = None,
     into: dict[int, torch.Tensor] | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> dict[int, torch.Tensor]:
     """Load the tensors at ``indices`` (aliases share their base's tensor).
 
     With ``into`` (index → existing tensor) bytes are verified before they are
     copied into place; the returned dict then maps to those same tensors.
+    ``pool`` lets a long-lived caller reuse its worker threads (a small swap
+    then costs no thread start-up); without it a pool of ``workers`` is made.
     """
     bases = sorted({_base(manifest, i) for i in indices})
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wb-load") as pool:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(
+                ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wb-load")
+            )
         if into is None:
             loaded = _load_fresh(storage, cid, manifest, bases, pool)
             if device is not None and device.type != "cpu":
