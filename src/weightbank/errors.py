@@ -221,7 +221,15 @@ class BudgetExceeded(WeightbankError, MemoryError):
     """
 
     def __init__(
-        self, tier: str, *, needed: int, used: int, budget: int, ref: str = "", transient: bool, detail: str = ""
+        self,
+        tier: str,
+        *,
+        needed: int,
+        used: int,
+        budget: int,
+        ref: str = "",
+        transient: bool,
+        detail: str = "",
     ) -> None:
         self.tier = tier
         self.needed = needed
