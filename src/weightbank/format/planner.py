@@ -17,13 +17,13 @@ Policy (every threshold measured on real fine-tune checkpoints, see
 Chain cost: decoding a delta link costs about its stored bytes (zstd's
 Huffman decoding dominates; merging and hashing are paid once per chain) plus
 a fixed overhead, so a link's cost is ``(stored + LINK_OVERHEAD) / raw`` and a
-chain's is the sum over its links. The
-budget bounds chain-end loads to about 1.5× a keyframe load whatever the
-data: tiny bf16 deltas make long chains, fp32 deltas (a third of the chunk)
-short ones. When another link would break the budget, the writer codes the
-chunk against its chain's keyframe instead (a two-link chain; measured on
-MiniLM fp32, that delta is 5-15% larger than one against the parent and still
-over 2× smaller than a keyframe). ``keyframe_every`` caps the generations since
+chain's is the sum over its links. The budget bounds what a chain-end load
+costs over a keyframe load whatever the data: tiny bf16 deltas make long
+chains, fp32 deltas (a third to half of the chunk) short ones. When another
+link would break the budget, the writer codes the chunk against its chain's
+keyframe instead (a two-link chain; measured on MiniLM fp32, that delta is
+5-15% larger than one against the parent and still over 2× smaller than a
+keyframe). ``keyframe_every`` caps the generations since
 the keyframe on top of it.
 
 Example:
@@ -65,9 +65,11 @@ DELTA_GAIN = 0.95
 #: A delta this small (fraction of the raw size) is kept without trying the standalone coding.
 DELTA_SURE = 0.25
 #: Most a chain's delta links may cost to decode, in raw-chunk units (see above).
-#: Measured on MiniLM fine-tunes (benchmarks/RESULTS.md, "chain budget sweep"):
-#: 1.0 keeps chain-end loads within ~1.5× a keyframe load; larger budgets store
-#: fp32 sequences up to ~8% smaller but load chain ends up to ~4× slower.
+#: Measured on 10-step MiniLM fine-tunes (benchmarks/RESULTS.md, "chain budget
+#: sweep"; fp32 / bf16 weights, × smaller than safetensors, chain-end load vs
+#: keyframe load): 0.35 → 1.9× / 5.6×, chain ends 1.2× / 1.05×; 1.0 → 2.5× / 11.5×,
+#: 1.4-1.7× / 1.6×; unbounded → 2.7× / 12×, 4-6× / 2.3×. 1.0 keeps every size
+#: target of issue #3 with the smallest chain-end cost that does.
 CHAIN_BUDGET = 1.0
 #: Fixed cost of decoding one more link (a read, headers, a few zstd frames, the
 #: sparse positions), in bytes of stored payload: measured 150-280 µs per link
