@@ -414,3 +414,20 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert b.du().dedup_ratio > 1.5
     # A second run refuses the now non-empty bank instead of mixing into it.
     assert "--bank" in fails(USAGE, "demo", bank=bank)
+
+
+def test_lossy_checkpoints_are_marked_and_export_quantizes(tmp_path: Path) -> None:
+    bank_dir = tmp_path / "bank"
+    b = wb.open(bank_dir)
+    g = torch.Generator().manual_seed(0)
+    b.save({"w": torch.randn(64, 64, generator=g)}, run="r", step=1, lossy="int8", tags=["q"])
+    b.save({"w": torch.randn(64, 64, generator=g)}, run="r", step=2, tags=["full"])
+    shown = run("show", "q", bank=bank_dir)
+    assert shown.exit_code == 0 and "LOSSY" in shown.output
+    assert "LOSSY" not in run("show", "full", bank=bank_dir).output
+    out = tmp_path / "q.safetensors"
+    done = run("export", "full", str(out), "--quantize", "int8", bank=bank_dir)
+    assert done.exit_code == 0, done.output
+    assert load_file(out)["w"].dtype == torch.int8
+    bad = run("export", "full", str(tmp_path / "x.pt"), "--quantize", "int4", bank=bank_dir)
+    assert bad.exit_code == USAGE and not (tmp_path / "x.pt").exists()

@@ -248,16 +248,24 @@ def export(
         typer.Option("--select", metavar="GLOB", help="Only tensors matching this glob (repeatable)."),
     ] = [],  # noqa: B006
     force: Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists.")] = False,
+    quantize: Annotated[
+        str | None,
+        typer.Option(
+            "--quantize", metavar="int8|fp8", help="Lossy: quantize float matrices (per-channel scales)."
+        ),
+    ] = None,
     bank: BankOpt = DEFAULT_BANK,
 ) -> None:
-    """Write a checkpoint out as .safetensors or .pt."""
+    """Write a checkpoint out as .safetensors or .pt (lossless unless --quantize)."""
+    if quantize not in (None, "int8", "fp8"):
+        raise typer.BadParameter(f"--quantize takes int8 or fp8, not {quantize!r}", param_hint="'--quantize'")
     from ..interop import export as export_file
 
     with _open(bank) as b, render.busy(f"exporting {ref}"):
         chosen: str | list[str] | None = (select[0] if len(select) == 1 else select) or None
         cid = b.resolve(ref)
         try:
-            path = export_file(b, cid, out, select=chosen, overwrite=force)
+            path = export_file(b, cid, out, select=chosen, overwrite=force, quantize=quantize)
         except FileExistsError:
             raise typer.BadParameter(
                 f"{out} exists; pass --force to replace it", param_hint="'OUT'"

@@ -317,6 +317,18 @@ def detail_view(detail: CheckpointDetail, parent_label: str | None = None) -> Gr
             f"{c.n_tensors} tensors in {len(detail.packs)} pack(s)",
         ),
     ]
+    if c.is_lossy:
+        worst = max((float(v.get("rel_err", 0.0)) for v in c.lossy.values()), default=0.0)
+        codecs = ", ".join(sorted({str(v.get("codec", "?")) for v in c.lossy.values()}))
+        head.append(
+            (
+                "LOSSY",
+                Text(
+                    f"{len(c.lossy)} tensor(s) quantized ({codecs}); worst relative error {worst:.3g}",
+                    style="bold red",
+                ),
+            )
+        )
     parts: list[RenderableType] = [_kv(head)]
     parts += _section("metrics", dict(sorted(c.metrics.items())))
     parts += _section("config", c.config)
