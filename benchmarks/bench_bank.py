@@ -69,6 +69,7 @@ import weightbank as wb
 import weightbank.bank.reader as wb_reader
 import weightbank.bank.writer as wb_writer
 import weightbank.storage.local as wb_local
+from results_file import write_section  # a sibling module of this script
 from weightbank.format.chunking import DEFAULT_CHUNK_SIZE
 from weightbank.format.hashing import digest
 
@@ -1001,14 +1002,7 @@ def report(
 
 def write_results(path: Path, section: str) -> None:
     """Put this benchmark's section into ``path``, keeping the other benchmarks' sections."""
-    text = path.read_text() if path.exists() else "# weightbank benchmark results\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section(path, section, BEGIN, END)
 
 
 # -- main --------------------------------------------------------------------------------

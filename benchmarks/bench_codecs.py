@@ -60,6 +60,7 @@ import weightbank.bank.chunks as wb_chunks
 import weightbank.bank.reader as wb_reader
 import weightbank.bank.writer as wb_writer
 import weightbank.format.planner as wb_planner
+from results_file import write_section  # a sibling module of this script
 from weightbank.bank.chunks import chain_of, records_by_hash
 from weightbank.format.delta import decode_chain
 from weightbank.format.hashing import digest
@@ -917,14 +918,8 @@ def section(rep: Report, args: argparse.Namespace, seconds: float, load: tuple[s
 
 
 def write_results(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# weightbank benchmark results\n"
-    if BEGIN in old and END in old:
-        before, rest = old.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        old = before + text + ("\n" + after if after else "")
-    else:
-        old = old.rstrip("\n") + "\n\n" + text
-    path.write_text(old)
+    """Put this benchmark's section into ``path``, keeping the other benchmarks' sections."""
+    write_section(path, text, BEGIN, END)
 
 
 def main(argv: list[str]) -> int:

@@ -54,6 +54,7 @@ from pydantic import BaseModel
 from torch import nn
 
 import weightbank as wb
+from results_file import write_section  # a sibling module of this script
 from weightbank.http import create_app
 from weightbank.serving import ModelService, TensorHandler
 
@@ -412,14 +413,8 @@ def report(
 
 
 def write_results(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# weightbank benchmark results\n"
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1].lstrip("\n")
-        text = before + section + ("\n" + after if after else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    """Put this benchmark's section into ``path``, keeping the other benchmarks' sections."""
+    write_section(path, section, BEGIN, END)
 
 
 def main() -> None:
