@@ -38,6 +38,9 @@ test: lint typecheck unit
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_bank.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_codecs.py
+	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_serving.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_BANK) .pytest_cache .mypy_cache .ruff_cache
