@@ -297,3 +297,20 @@ def test_mapped_loads_are_private_and_self_contained(local_bank: wb.Bank, tmp_pa
     local_bank.prune(keep_last=0)
     local_bank.gc(grace=0)
     assert torch.equal(out["w2"], state["w2"]), "tensors stay valid after their pack is collected"
+
+
+def test_many_packs_commit_in_the_background(local_bank: wb.Bank, monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from weightbank.bank import bank as bank_module
+    from weightbank.bank.writer import SaveOptions
+
+    monkeypatch.setattr(bank_module, "SaveOptions", functools.partial(SaveOptions, pack_size=1 << 16))
+    state = {f"w{i}": seeded((64, 64), i) for i in range(12)}  # 16 KiB each, 4 per pack
+    info = local_bank.save(state, codec="raw", chunk_size=8192)
+    assert info.save_stats is not None and info.save_stats.packs >= 3
+    assert len(local_bank.show(info.id).packs) == info.save_stats.packs
+    assert not list((Path(local_bank.url) / "tmp").glob("*")), "every pack was published"
+    out = local_bank.load(info.id)
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+    assert local_bank.verify().ok

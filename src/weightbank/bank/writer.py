@@ -117,7 +117,12 @@ class _Chunked:
 
 @dataclass
 class _Packer:
-    """Appends new chunks to this save's packs, rolling over at pack_size."""
+    """Appends new chunks to this save's packs, rolling over at pack_size.
+
+    A full pack is committed (fsync, rename) on a background thread while the
+    next one is written, so its fsync overlaps the writes; :meth:`flush` waits
+    for every commit, and only then may the manifest follow.
+    """
 
     storage: Storage
     save_id: str
@@ -126,11 +131,15 @@ class _Packer:
     _writer: ObjectWriter | None = None
     _key: str = ""
     _offset: int = 0
+    _opened: int = 0
+    _committing: list[tuple[str, ObjectWriter, Future[None]]] = field(default_factory=list)
+    _committer: ThreadPoolExecutor | None = None
 
     def append(self, payload: memoryview | bytes) -> tuple[str, int]:
         if self._writer is None or self._offset >= self.pack_size:
-            self.flush()
-            self._key = pack_key(self.save_id, len(self.committed))
+            self._roll()
+            self._key = pack_key(self.save_id, self._opened)
+            self._opened += 1
             self._writer = self.storage.open_writer(self._key)
             self._offset = 0
         pad = -self._offset % CHUNK_ALIGN
@@ -142,17 +151,45 @@ class _Packer:
         self._offset += len(payload)
         return self._key, offset
 
+    def _roll(self) -> None:
+        if self._writer is None:
+            return
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wb-commit")
+        self._committing.append((self._key, self._writer, self._committer.submit(self._writer.commit)))
+        self._writer = None
+
+    def _settle(self) -> BaseException | None:
+        """Wait for every background commit; the first failure, if any."""
+        failure: BaseException | None = None
+        for key, writer, fut in self._committing:
+            try:
+                fut.result()
+                self.committed.append(key)
+            except BaseException as e:  # re-raised by the caller; later commits still settle
+                failure = failure or e
+                with contextlib.suppress(Exception):
+                    writer.abort()  # a failed commit leaves nothing half-published behind
+        self._committing.clear()
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
+        return failure
+
     def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.commit()
-            self.committed.append(self._key)
-            self._writer = None
+        """Commit every pack; on return all are durable."""
+        self._roll()
+        failure = self._settle()
+        if failure is not None:
+            raise failure
 
     def abort(self) -> None:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        for key in self.committed:
+        pending = [key for key, _, _ in self._committing]
+        self._settle()
+        for key in [*self.committed, *pending]:
             with contextlib.suppress(Exception):
                 self.storage.delete(key)
 
