@@ -266,6 +266,9 @@ class FaultStorage:
         # No mmap shortcut: every byte a load reads goes through the wrapper (and its faults).
         return None
 
+    def sweep_incomplete(self, older_than: float) -> int:
+        return self.inner.sweep_incomplete(older_than)
+
     def close(self) -> None:
         self.inner.close()
 

@@ -239,3 +239,26 @@ def test_delete_cut_short_before_its_trash_stamp_is_collected_by_one_gc(tmp_path
     assert list(bank.storage.list(TRASH)) == []
     check_bank(path, must_have={keep.id})
     bank.close()
+
+
+def test_gc_sweeps_temp_files_of_dead_writers_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import weightbank as wb
+
+    bank = wb.open(tmp_path / "b")
+    tmp = tmp_path / "b" / "tmp"
+    tmp.mkdir(exist_ok=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
+    leftover = tmp / f"{int(dead.stdout)}-deadbeef.part"
+    leftover.write_bytes(b"x" * 1000)
+    w = bank.storage.open_writer("packs/zz/live-0.pack")  # a write in progress in this process
+    w.write(b"y" * 10)
+    report = bank.gc(grace=0)
+    assert report.incomplete_bytes_freed == 1000 and not leftover.exists()
+    w.commit()
+    assert bank.storage.read("packs/zz/live-0.pack") == b"y" * 10, "a live write is never swept"
+    assert bank.gc(grace=0, dry_run=True).incomplete_bytes_freed == 0

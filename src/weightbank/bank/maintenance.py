@@ -171,6 +171,7 @@ def gc(
             continue
         deleted.append(info.key)
         freed += info.size
+    swept = 0
     if not dry_run:
         for key in deleted:
             storage.delete(key)
@@ -180,6 +181,7 @@ def gc(
             _stamp(storage, key, gone_by)
         for lease in stale_leases:
             storage.delete(lease.key)
+        swept = storage.sweep_incomplete(grace)
     return GcReport(
         packs_deleted=tuple(sorted(deleted)),
         bytes_freed=freed,
@@ -187,6 +189,7 @@ def gc(
         leases_dropped=len(stale_leases),
         packs_kept_for_inflight=kept_inflight,
         dry_run=dry_run,
+        incomplete_bytes_freed=swept,
     )
 
 

@@ -212,6 +212,8 @@ class GcReport:
     leases_dropped: int
     packs_kept_for_inflight: int
     dry_run: bool
+    incomplete_bytes_freed: int = 0
+    """Bytes of writes that never committed (e.g. temp files of killed writers) swept away."""
 
 
 @dataclass(frozen=True)

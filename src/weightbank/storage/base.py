@@ -117,5 +117,12 @@ class Storage(Protocol):
     def local_path(self, key: str) -> str | None:
         """A filesystem path holding the object's bytes, if the backend has one (enables mmap loads)."""
 
+    def sweep_incomplete(self, older_than: float) -> int:
+        """Remove leftovers of writes that never committed (temp files of killed writers, unfinished uploads).
+
+        Never touches a write still in progress; ``older_than`` (seconds) is a
+        floor on the age of what may go. Returns the bytes freed.
+        """
+
     def close(self) -> None:
         """Release resources (connections, file handles)."""

@@ -21,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,18 @@ from .base import ObjectInfo, RefValue
 __all__ = ["LocalStorage"]
 
 _TMP = "tmp"
+#: A temp file untouched this long is a leftover even if a process with its pid exists (pid reuse).
+_TMP_TTL = 24 * 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -107,7 +120,8 @@ class LocalStorage:
     def _new_tmp(self) -> Path:
         tmpdir = self.root / _TMP
         tmpdir.mkdir(parents=True, exist_ok=True)
-        return tmpdir / f"{uuid.uuid4().hex}.part"
+        # The writer's pid is in the name, so a sweep can tell a killed writer's leftovers from a live write.
+        return tmpdir / f"{os.getpid()}-{uuid.uuid4().hex}.part"
 
     def _ensure_parent(self, path: Path) -> None:
         parent = path.parent
@@ -248,6 +262,26 @@ class LocalStorage:
     def local_path(self, key: str) -> str | None:
         path = self._path(key)
         return str(path) if path.is_file() else None
+
+    def sweep_incomplete(self, older_than: float) -> int:
+        freed = 0
+        now = time.time()
+        tmpdir = self.root / _TMP
+        if not tmpdir.is_dir():
+            return 0
+        for path in tmpdir.iterdir():
+            try:
+                st = path.stat()
+                pid = int(path.name.split("-", 1)[0])
+            except (OSError, ValueError):
+                continue
+            age = now - st.st_mtime
+            writer_gone = not _pid_alive(pid)
+            if age >= older_than and (writer_gone or age > _TMP_TTL):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    freed += st.st_size
+        return freed
 
     def close(self) -> None:
         return None

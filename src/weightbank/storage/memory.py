@@ -138,6 +138,9 @@ class MemoryStorage:
     def local_path(self, key: str) -> str | None:
         return None
 
+    def sweep_incomplete(self, older_than: float) -> int:
+        return 0  # a memory write is never left half-done
+
     def close(self) -> None:
         return None
 
