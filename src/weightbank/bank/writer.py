@@ -332,7 +332,9 @@ def write_checkpoint(
             if q is not None:
                 return q
             h = digest(raw)
-            loc = known.get(h)
+            # The parent is checked too: the bank-wide index may not list it yet, and a chunk
+            # equal to its own base must be reused, never coded as a delta against itself.
+            loc = known.get(h) or (parent.location(h) if parent is not None else None)
             if loc is not None:
                 return _Chunked(i, h, end - start, None, "raw", loc)
             base = base_for(i, j, end - start)
