@@ -69,7 +69,12 @@ import weightbank as wb
 import weightbank.bank.reader as wb_reader
 import weightbank.bank.writer as wb_writer
 import weightbank.storage.local as wb_local
-from results_file import write_section  # a sibling module of this script
+from bench_common import (  # a sibling module of this script
+    files_under,
+    fsync_file_and_dir,
+    tree_bytes,
+    write_section,
+)
 from weightbank.format.chunking import DEFAULT_CHUNK_SIZE
 from weightbank.format.hashing import digest
 
@@ -161,27 +166,6 @@ def touch(state: State) -> None:
 
 
 # -- files, caches, counters -----------------------------------------------------------
-def files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
-
-
-def tree_bytes(path: Path) -> int:
-    total = 0
-    for p in files_under(path):
-        with contextlib.suppress(FileNotFoundError):
-            total += p.stat().st_size
-    return total
-
-
-def fsync_file_and_dir(path: Path) -> None:
-    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
-        fd = os.open(target, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def drop_cache(paths: list[Path]) -> None:

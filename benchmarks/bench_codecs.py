@@ -60,7 +60,12 @@ import weightbank.bank.chunks as wb_chunks
 import weightbank.bank.reader as wb_reader
 import weightbank.bank.writer as wb_writer
 import weightbank.format.planner as wb_planner
-from results_file import write_section  # a sibling module of this script
+from bench_common import (  # a sibling module of this script
+    files_under,
+    fsync_file_and_dir,
+    tree_bytes,
+    write_section,
+)
 from weightbank.bank.chunks import chain_of, records_by_hash
 from weightbank.format.delta import decode_chain
 from weightbank.format.hashing import digest
@@ -93,25 +98,6 @@ T_CHAIN = 1.5
 # -- small helpers ---------------------------------------------------------------------
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def fsync_path(path: Path) -> None:
-    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | os.O_DIRECTORY)):
-        fd = os.open(target, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
-
-
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in files_under(path))
 
 
 def drop_cache(path: Path) -> None:
@@ -260,12 +246,12 @@ def nbytes(state: Flat) -> int:
 # -- peers -------------------------------------------------------------------------------
 def st_save(state: Flat, path: Path) -> None:
     save_file(state, str(path))
-    fsync_path(path)
+    fsync_file_and_dir(path)
 
 
 def pt_save(state: Any, path: Path) -> None:
     torch.save(state, path)
-    fsync_path(path)
+    fsync_file_and_dir(path)
 
 
 def zipnn_codec(dtype: torch.dtype) -> Any:

@@ -54,7 +54,7 @@ from pydantic import BaseModel
 from torch import nn
 
 import weightbank as wb
-from results_file import write_section  # a sibling module of this script
+from bench_common import write_section  # a sibling module of this script
 from weightbank.http import create_app
 from weightbank.serving import ModelService, TensorHandler
 

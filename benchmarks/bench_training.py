@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 import weightbank as wb
-from results_file import write_section  # a sibling module of this script
+from bench_common import write_section  # a sibling module of this script
 from weightbank.training.state import clone_tree
 
 BEGIN, END = "<!-- training:begin -->", "<!-- training:end -->"

@@ -24,6 +24,7 @@ import socket
 import time
 from dataclasses import dataclass
 
+from .._process import pid_alive
 from ..errors import WeightbankError
 from ..storage.base import Storage
 from .layout import LEASES, lease_key
@@ -46,18 +47,8 @@ class Lease:
         if now - self.started > ttl:
             return True
         if self.host == socket.gethostname():
-            return not _pid_alive(self.pid)
+            return not pid_alive(self.pid)
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def acquire(storage: Storage, save_id: str) -> None:

@@ -333,16 +333,7 @@ def events(
         _out(render.events_table(found))
 
 
-@app.command("ls")
-def ls(
-    run: RunArg = None,
-    graph: GraphOpt = False,
-    limit: LimitOpt = None,
-    bank: BankOpt = DEFAULT_BANK,
-    as_json: JsonOpt = False,
-) -> None:
-    """Same as `log`."""
-    _log(bank, run, graph, limit, as_json)
+app.command("ls", help="Same as `log`.")(log)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import blake3
 
+from .._process import pid_alive
 from ..errors import ConcurrentUpdate, MissingObject, StorageError
 from .base import ObjectInfo, RefValue
 
@@ -36,16 +37,6 @@ __all__ = ["LocalStorage"]
 _TMP = "tmp"
 #: A temp file untouched this long is a leftover even if a process with its pid exists (pid reuse).
 _TMP_TTL = 24 * 3600.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:
@@ -276,7 +267,7 @@ class LocalStorage:
             except (OSError, ValueError):
                 continue
             age = now - st.st_mtime
-            writer_gone = not _pid_alive(pid)
+            writer_gone = not pid_alive(pid)
             if age >= older_than and (writer_gone or age > _TMP_TTL):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
