@@ -22,6 +22,7 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     ├── BudgetExceeded          (MemoryError)  a serving load or pin that cannot fit its byte budget
     ├── InvalidRequest          (ValueError)   a serving request that does not fit the model or handler
     ├── RouteNotFound           (KeyError)     unknown serving route
+    ├── MissingDependency       (ImportError)  a backend's package (s3fs, gcsfs...) is not installed
     └── StorageError            (OSError)      a backend could not do its job
         ├── NotABank                           path exists but holds no bank
         ├── UnsupportedFormat                  bank written by a newer weightbank
@@ -55,6 +56,7 @@ __all__ = [
     "InvalidRef",
     "InvalidRequest",
     "InvalidState",
+    "MissingDependency",
     "MissingObject",
     "NoHistory",
     "NotABank",
@@ -287,6 +289,15 @@ class TrainingDiverged(WeightbankError, RuntimeError):
             msg + "; lower the learning rate, inspect the data near that step, or resume from an earlier"
             " checkpoint (`weightbank log`)"
         )
+
+
+class MissingDependency(WeightbankError, ImportError):
+    """An optional package needed for what was asked (e.g. ``s3fs`` for ``s3://`` banks) is not installed."""
+
+    def __init__(self, what: str, package: str, extra: str = "") -> None:
+        self.package = package
+        hint = f"pip install 'weightbank[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{what} needs the {package!r} package, which is not installed; {hint}")
 
 
 class StorageError(WeightbankError, OSError):

@@ -27,6 +27,17 @@ from .faults import (
 )
 
 
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def where(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A new bank location: a directory, or a prefix on the SeaweedFS server (children find it
+    through ``$WEIGHTBANK_STORAGE_OPTIONS``, as a CLI user would)."""
+    if request.param == "local":
+        return str(tmp_path / "bank")
+    srv = request.getfixturevalue("seaweed")
+    monkeypatch.setenv("WEIGHTBANK_STORAGE_OPTIONS", json.dumps(srv.storage_options()))
+    return str(request.getfixturevalue("s3_url"))
+
+
 def _go(children: Children) -> None:
     """Release every child at once (each has said ``ready``)."""
     for proc in children.procs:
@@ -37,8 +48,8 @@ def _go(children: Children) -> None:
         proc.stdin.flush()
 
 
-def test_processes_saving_into_one_bank_lose_nothing(tmp_path: Path, children: Children) -> None:
-    path = tmp_path / "bank"
+def test_processes_saving_into_one_bank_lose_nothing(where: str, children: Children) -> None:
+    path = where
     wb.open(path).close()
     plan = [
         ("a", [0, 2, 4, 6, 8, 10]),  # two processes share run a
@@ -189,8 +200,8 @@ def test_threads_with_expect_exactly_one_wins(tmp_path: Path, backend: str) -> N
     bank.close()
 
 
-def test_processes_moving_one_tag_never_lose_a_returned_event(tmp_path: Path, children: Children) -> None:
-    path = tmp_path / "bank"
+def test_processes_moving_one_tag_never_lose_a_returned_event(where: str, children: Children) -> None:
+    path = where
     targets = _tag_targets(path, 4)
     rotations = [",".join(targets[i:] + targets[:i]) for i in range(3)]
     children.spawn("tagger", path, "prod", 30, "-", *rotations, stdin=True)  # 3 worker processes
@@ -215,8 +226,8 @@ def test_processes_moving_one_tag_never_lose_a_returned_event(tmp_path: Path, ch
     check_bank(path)
 
 
-def test_processes_with_expect_exactly_one_wins(tmp_path: Path, children: Children) -> None:
-    path = tmp_path / "bank"
+def test_processes_with_expect_exactly_one_wins(where: str, children: Children) -> None:
+    path = where
     targets = _tag_targets(path, 5)
     with wb.open(path, create=False) as bank:
         bank.tag("prod", targets[0])

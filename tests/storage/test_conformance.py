@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
 
 from weightbank.errors import ConcurrentUpdate, MissingObject, StorageError
 from weightbank.storage import LocalStorage, MemoryStorage, Storage, open_storage
+from weightbank.storage.fsspec import FsspecStorage
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(
+    params=[
+        "local",
+        "memory",
+        pytest.param("seaweed", marks=pytest.mark.s3),
+        pytest.param("moto", marks=pytest.mark.s3),
+        "fsspec-generic",
+    ]
+)
 def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    s: Storage = LocalStorage(tmp_path / "s") if request.param == "local" else MemoryStorage()
+    s: Storage
+    if request.param == "local":
+        s = LocalStorage(tmp_path / "s")
+    elif request.param == "memory":
+        s = MemoryStorage()
+    elif request.param == "fsspec-generic":
+        # The generic fsspec backend (gs://, az://...) on fsspec's in-memory file system,
+        # in its documented last-writer-wins ref mode (CAS is per process there).
+        fs = fsspec.filesystem("memory", skip_instance_cache=True)
+        root = f"conformance-{uuid.uuid4().hex[:8]}"
+        s = FsspecStorage(f"memfs://{root}", fs, root, conditional_writes=False)
+    else:
+        srv = request.getfixturevalue("seaweed" if request.param == "seaweed" else "moto_s3")
+        s = open_storage(f"s3://wbtest/{uuid.uuid4().hex[:12]}", srv.storage_options())
     yield s
     s.close()
 
@@ -166,3 +190,13 @@ def test_open_storage_urls(tmp_path: Path) -> None:
     assert not open_storage("memory://").exists("k")
     with pytest.raises(StorageError, match="no storage backend"):
         open_storage("gopher://x")
+
+
+def test_generic_fsspec_refuses_refs_without_compare_and_swap() -> None:
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    root = f"nocas-{uuid.uuid4().hex[:8]}"
+    s = FsspecStorage(f"memfs://{root}", fs, root)
+    s.write("packs/p", b"data")  # data objects are fine
+    with pytest.raises(StorageError, match="conditional_writes"):
+        s.put_ref("refs/tags/a.json", b"1", None)
+    assert s.get_ref("refs/tags/a.json") is None

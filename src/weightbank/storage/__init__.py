@@ -9,6 +9,8 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import StorageError
 from .base import ObjectInfo, ObjectWriter, RefValue, Storage
@@ -26,12 +28,18 @@ __all__ = [
 ]
 
 
-def open_storage(url: str | os.PathLike[str]) -> Storage:
-    """Return the backend for ``url``: a path or ``file://`` → local, ``memory://[name]`` → memory.
+def open_storage(url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """Return the backend for ``url``.
 
-    Object-store URLs (``s3://`` and friends) arrive with the fsspec backend.
+    A path or ``file://`` → local directory, ``memory://[name]`` → memory,
+    ``s3://bucket/prefix`` → S3 (s3fs), any other ``proto://`` → that fsspec
+    file system (``gs://`` with gcsfs, ``az://`` with adlfs...).
+    ``storage_options`` go to the object store's client (see
+    :mod:`weightbank.storage.fsspec`); they are refused for local and memory URLs.
     """
     text = os.fspath(url)
+    if storage_options and ("://" not in text or text.startswith(("memory://", "file://"))):
+        raise StorageError(f"storage_options apply only to object-store URLs, not {text!r}")
     if text.startswith("memory://"):
         name = text[len("memory://") :]
         if not name:
@@ -40,9 +48,7 @@ def open_storage(url: str | os.PathLike[str]) -> Storage:
     if text.startswith("file://"):
         return LocalStorage(text[len("file://") :])
     if "://" in text:
-        scheme = text.split("://", 1)[0]
-        raise StorageError(
-            f"no storage backend for {scheme}:// yet; use a local path or memory:// "
-            "(object stores arrive with the fsspec backend)"
-        )
+        from .fsspec import open_fsspec
+
+        return open_fsspec(text, storage_options)
     return LocalStorage(text)
