@@ -29,8 +29,9 @@ def test_parse_budget() -> None:
     assert parse_budget({"cuda": "1KiB", "cpu": 5}) == {"device": 1024, "host": 5}
     assert parse_budget("8MiB") == {"device": 8 << 20, "host": 0}
     assert parse_budget(None) == {"device": 0, "host": 0}
+    assert parse_budget("device=1KiB,disk=2GiB") == {"device": 1024, "host": 0, "disk": 2 << 30}
     with pytest.raises(wb.InvalidName, match="tier"):
-        parse_budget("disk=1GiB")
+        parse_budget("tape=1GiB")
     assert format_bytes(512) == "512 B" and format_bytes(3 << 30) == "3.0 GiB"
 
 

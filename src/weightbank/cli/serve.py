@@ -162,7 +162,10 @@ def register(app: typer.Typer) -> None:
         ] = None,
         budget: Annotated[
             str | None,
-            typer.Option(help="Byte budget per tier, e.g. device=20GiB,host=64GiB.", metavar="SPEC"),
+            typer.Option(
+                help="Byte budget per tier, e.g. device=20GiB,host=64GiB (disk=100GiB caps a remote bank's disk cache).",
+                metavar="SPEC",
+            ),
         ] = None,
         device: Annotated[str, typer.Option(help="cpu or cuda[:N].")] = "cpu",
         host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",

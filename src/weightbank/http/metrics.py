@@ -1,8 +1,9 @@
 """Prometheus metrics of a serving process, fed by cache events and served requests.
 
 Counters and histograms are updated as events happen; gauges (bytes per tier
-and budget, leases in flight, resident checkpoints) are read from the cache at
-scrape time. Each app gets its own registry, so several servers can live in
+and budget, leases in flight, resident checkpoints) and the disk cache's
+counters (a remote bank's disk tier: ``tier="disk"`` in the byte gauges, and
+``weightbank_disk_cache_*``) are read from the cache at scrape time. Each app gets its own registry, so several servers can live in
 one process (tests) without clashing.
 
 Example:
@@ -18,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..serving.results import CacheEvent, Prediction
@@ -33,7 +34,7 @@ class _Gauges(Collector):
     def __init__(self, service: ModelService) -> None:
         self._service = service
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         stats = self._service.cache.stats()
         used = GaugeMetricFamily(
             "weightbank_bytes", "Bytes resident per tier (incl. loads in flight)", labels=["tier"]
@@ -50,6 +51,10 @@ class _Gauges(Collector):
             budget.add_metric([tier], t.budget)
             peak.add_metric([tier], t.peak)
             resident.add_metric([tier], stats.resident.get(tier, 0))
+        disk = stats.disk
+        if disk is not None:
+            used.add_metric(["disk"], disk.bytes)
+            budget.add_metric(["disk"], disk.max_bytes)
         yield used
         yield budget
         yield peak
@@ -59,6 +64,15 @@ class _Gauges(Collector):
             "weightbank_loads_in_flight", "Loads running right now", value=stats.loads_in_flight
         )
         yield GaugeMetricFamily("weightbank_pinned_checkpoints", "Pinned checkpoints", value=stats.pinned)
+        if disk is not None:
+            for name, help_text, value in (
+                ("hits", "Chunks loads read from the local disk cache", disk.hits),
+                ("misses", "Chunks loads had to fetch from the bank's storage", disk.misses),
+                ("hit_bytes", "Bytes read from the disk cache instead of storage", disk.hit_bytes),
+                ("evictions", "Disk cache entries evicted to stay under its cap", disk.evictions),
+                ("errors", "Disk cache writes that failed (the chunk was not cached)", disk.errors),
+            ):
+                yield CounterMetricFamily(f"weightbank_disk_cache_{name}", help_text, value=value)
 
 
 class ServingMetrics:

@@ -1,4 +1,4 @@
-"""Byte budgets: parsing ``"20GiB"`` / ``"device=20GiB,host=64GiB"`` and per-tier accounting.
+"""Byte budgets: parsing ``"device=20GiB,host=64GiB"`` and per-tier accounting.
 
 A :class:`TierLedger` is the one place a tier's bytes are counted. Every byte a
 load will add is *reserved* before it is allocated, and a reservation that
@@ -14,62 +14,35 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .._sizes import format_bytes, parse_bytes
 from ..errors import BudgetExceeded, InvalidName
 
-__all__ = ["TIERS", "TierLedger", "TierStats", "format_bytes", "parse_budget", "parse_bytes"]
+__all__ = ["DISK", "TIERS", "TierLedger", "TierStats", "format_bytes", "parse_budget", "parse_bytes"]
 
 TIERS = ("device", "host")
-"""Serving tiers, fastest first; below the last one is the bank itself."""
+"""Memory tiers, fastest first; below the last one is the bank (through its disk cache, if remote)."""
+DISK = "disk"
+"""The budget entry that caps the bank's local disk cache (see :class:`~weightbank.ModelCache`)."""
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 1000**2,
-    "mb": 1000**2,
-    "g": 1000**3,
-    "gb": 1000**3,
-    "t": 1000**4,
-    "tb": 1000**4,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
+_ALIASES = {
+    "device": "device",
+    "cuda": "device",
+    "gpu": "device",
+    "host": "host",
+    "cpu": "host",
+    "disk": DISK,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_ALIASES = {"device": "device", "cuda": "device", "gpu": "device", "host": "host", "cpu": "host"}
-
-
-def parse_bytes(text: str | int) -> int:
-    """``"20GiB"``, ``"512MB"``, ``"1.5KiB"`` or an int → bytes (binary units are powers of 1024).
-
-    Example:
-        >>> parse_bytes("20GiB") == 20 * 2**30, parse_bytes(7)
-        (True, 7)
-    """
-    if isinstance(text, bool):
-        raise InvalidName("size", str(text), "expected a byte count like 20GiB")
-    if isinstance(text, int):
-        if text < 0:
-            raise InvalidName("size", str(text), "a byte count cannot be negative")
-        return text
-    m = _SIZE.match(str(text))
-    unit = m.group(2).lower() if m else ""
-    if m is None or unit not in _UNITS:
-        raise InvalidName("size", str(text), "expected a number and a unit, e.g. 512MiB, 20GiB, 1.5GB")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def parse_budget(spec: str | Mapping[str, str | int] | None) -> dict[str, int]:
     """A per-tier budget from ``"device=20GiB,host=64GiB"`` or a mapping; missing tiers get 0 bytes.
 
     ``cuda``/``gpu`` are accepted for ``device`` and ``cpu`` for ``host``.
-    A bare size (``"8GiB"``) is the device budget.
+    A bare size (``"8GiB"``) is the device budget. A ``disk`` entry (the cap
+    of a remote bank's local disk cache) appears only when given.
 
     Example:
         >>> parse_budget({"cuda": "1KiB"})
@@ -89,23 +62,9 @@ def parse_budget(spec: str | Mapping[str, str | int] | None) -> dict[str, int]:
     for tier_name, size in items:
         tier = _ALIASES.get(tier_name.lower())
         if tier is None:
-            raise InvalidName("tier", tier_name, f"known tiers are {', '.join(TIERS)}")
+            raise InvalidName("tier", tier_name, f"known tiers are {', '.join((*TIERS, DISK))}")
         out[tier] = parse_bytes(size)
     return out
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable bytes.
-
-    Example:
-        >>> format_bytes(3 * 2**20)
-        '3.0 MiB'
-    """
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover - loop always returns
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,13 @@ unused for ``ttl`` seconds is released without pressure. A device victim is
 demoted to the host tier when the host budget allows, so bringing it back is a
 copy, not a read.
 
+Below the memory tiers, a remote bank's local disk cache (``Bank.cache``) is
+the disk tier: every chunk a load fetches stays there, so a checkpoint evicted
+from memory comes back with local reads. ``budget={"disk": "100GiB"}`` sets
+that cache's cap, ``prefetch(ref, tier="disk")`` fills it without loading, and
+``stats().disk`` reports it. A bank without a disk cache (a local directory)
+is its own disk tier: the ``disk`` budget then has nothing to cap.
+
 Example:
     >>> import torch, weightbank as wb
     >>> bank = wb.open("memory://")
@@ -43,14 +50,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Literal, overload
 
 import torch
 from torch import nn
 
 from ..bank.bank import Bank
-from ..bank.results import CheckpointInfo
+from ..bank.results import CheckpointInfo, PrefetchReport
 from ..errors import BudgetExceeded, CheckpointNotFound, InvalidRequest
-from .budget import TIERS, TierLedger, parse_budget
+from .budget import DISK, TIERS, TierLedger, parse_budget
 from .lease import Lease, Prefetch
 from .modules import build_module
 from .pool import Slot, TensorPool
@@ -75,7 +83,8 @@ class ModelCache:
             (from ``info.config``); it runs under ``torch.device(build_on)``.
         device: ``"cpu"`` or ``"cuda[:N]"``.
         budget: ``{"device": "20GiB", "host": "64GiB"}`` or ``"device=20GiB,host=64GiB"``;
-            no budget means an unbounded device tier and no host tier.
+            no budget means an unbounded device tier and no host tier. A ``disk`` entry
+            caps the bank's disk cache (resizing ``bank.cache``, shared by its other users).
         ttl: seconds an idle checkpoint stays in a tier without pressure (None: forever).
         min_residency: seconds a newly loaded checkpoint is safe from eviction (against thrashing).
         max_concurrent_loads: loads running at once; more wait their turn.
@@ -116,8 +125,11 @@ class ModelCache:
         self._build_on = build_on
         self._clock = clock
         budgets = parse_budget(budget)
-        if budget is None:
-            budgets["device"] = 1 << 62
+        disk = budgets.pop(DISK, None)
+        if budget is None or (disk is not None and not any(budgets.values())):
+            budgets["device"] = 1 << 62  # no memory budget given: an unbounded device tier
+        if disk is not None and bank.cache is not None:
+            bank.cache.resize(disk)
         self._pools = {t: TensorPool(TierLedger(t, budgets[t])) for t in TIERS}
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -184,8 +196,18 @@ class ModelCache:
             self._release(cid)
         return replace(st, leases=st.leases - 1)
 
-    def prefetch(self, ref: str) -> Prefetch:
+    @overload
+    def prefetch(self, ref: str, *, tier: Literal["device"] = "device") -> Prefetch[ModelStatus]: ...
+
+    @overload
+    def prefetch(self, ref: str, *, tier: Literal["disk"]) -> Prefetch[PrefetchReport]: ...
+
+    def prefetch(self, ref: str, *, tier: str = "device") -> Prefetch[ModelStatus] | Prefetch[PrefetchReport]:
         """Start loading ``ref`` in the background; the handle's ``wait()`` returns its status.
+
+        ``tier="disk"`` only downloads and verifies its chunks into the bank's
+        disk cache (``Bank.prefetch``; nothing to do for a bank without one) and
+        ``wait()`` returns that :class:`~weightbank.PrefetchReport`.
 
         Example:
             >>> import torch, weightbank as wb
@@ -193,10 +215,14 @@ class ModelCache:
             >>> wb.ModelCache(bank, build=lambda info: torch.nn.Linear(1, 1)).prefetch("v1").wait().leases
             0
         """
+        if tier not in ("device", DISK):
+            raise InvalidRequest(f"prefetch goes to the device or the disk tier, not {tier!r}", "tier")
         with self._lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self._max_loads, thread_name_prefix="weightbank-prefetch")
             executor = self._executor
+        if tier == DISK:
+            return Prefetch(executor.submit(self.bank.prefetch, ref))
         return Prefetch(executor.submit(self.load, ref))
 
     def unload(self, ref: str) -> bool:
@@ -295,6 +321,9 @@ class ModelCache:
             >>> wb.ModelCache(wb.open("memory://"), build=lambda info: torch.nn.Linear(1, 1)).stats().loads
             0
         """
+        disk = (
+            self.bank.cache.stats() if self.bank.cache is not None else None
+        )  # outside the lock: it may scan
         with self._lock:
             return CacheStats(
                 tiers={t: p.ledger.stats() for t, p in self._pools.items()},
@@ -310,6 +339,7 @@ class ModelCache:
                 resident=self._res.resident(),
                 pinned=len(self._pins),
                 queue_wait_seconds=self._queue_wait,
+                disk=disk,
             )
 
     def subscribe(self, listener: Listener) -> None:

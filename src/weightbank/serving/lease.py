@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from types import TracebackType
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from torch import nn
 
 from ..errors import InvalidRequest
-from .results import ModelStatus
 
 __all__ = ["Lease", "Leaser", "Prefetch"]
+
+T = TypeVar("T")
 
 
 class Leaser(Protocol):
@@ -60,18 +61,22 @@ class Lease:
             self._cache._release(self.checkpoint)
 
 
-class Prefetch:
-    """Handle of a background load: ``done()``, ``wait()`` (re-raises its failure), ``exception()``."""
+class Prefetch(Generic[T]):
+    """Handle of a background load: ``done()``, ``wait()`` (re-raises its failure), ``exception()``.
 
-    def __init__(self, future: Future[ModelStatus]) -> None:
+    ``wait()`` returns the loaded checkpoint's :class:`ModelStatus`, or for a
+    disk-tier prefetch the bank's :class:`~weightbank.PrefetchReport`.
+    """
+
+    def __init__(self, future: Future[T]) -> None:
         self._future = future
 
     def done(self) -> bool:
         """Whether the load has finished (either way)."""
         return self._future.done()
 
-    def wait(self, timeout: float | None = None) -> ModelStatus:
-        """Block until loaded; returns its status or raises what the load raised."""
+    def wait(self, timeout: float | None = None) -> T:
+        """Block until loaded; returns its status (or report) or raises what the load raised."""
         return self._future.result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..storage.diskcache import DiskCacheStats
 from .budget import TierStats
 
 __all__ = ["CacheEvent", "CacheStats", "ModelStatus", "Prediction"]
@@ -57,6 +58,8 @@ class CacheStats:
     pinned: int
     queue_wait_seconds: float
     """Total time requests spent waiting for a load."""
+    disk: DiskCacheStats | None = None
+    """The bank's local disk cache (the disk tier of a remote bank); None when it has none."""
 
     @property
     def hit_rate(self) -> float:
