@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from ._version import __version__
 from .bank.bank import AUTO, Bank, CheckpointDetail, open
+from .bank.parts import SavePart, TensorRef, TensorShard
 from .bank.results import (
     CheckpointInfo,
     DiffResult,
     DuReport,
     GcReport,
     LoadResult,
+    PrefetchReport,
     PruneReport,
     RunEvent,
     SaveStats,
@@ -42,6 +44,7 @@ from .errors import (
     InvalidRef,
     InvalidRequest,
     InvalidState,
+    MissingDependency,
     MissingObject,
     NoHistory,
     NotABank,
@@ -65,6 +68,7 @@ from .serving import (
     Prefetch,
     TensorHandler,
 )
+from .storage.diskcache import DiskCache, DiskCacheStats
 from .training import (
     BestN,
     CheckpointManager,
@@ -101,6 +105,8 @@ __all__ = [
     "CorruptObject",
     "DeviceError",
     "DiffResult",
+    "DiskCache",
+    "DiskCacheStats",
     "DuReport",
     "EarlyStopping",
     "Every",
@@ -120,6 +126,7 @@ __all__ = [
     "Lease",
     "LoadResult",
     "MaxAge",
+    "MissingDependency",
     "MissingObject",
     "ModelCache",
     "ModelService",
@@ -129,12 +136,14 @@ __all__ = [
     "OnImprovement",
     "Prediction",
     "Prefetch",
+    "PrefetchReport",
     "PruneReport",
     "ResumableLoader",
     "Rollback",
     "RouteNotFound",
     "RunEvent",
     "SaveHandle",
+    "SavePart",
     "SavePolicy",
     "SaveStats",
     "StepOutcome",
@@ -146,6 +155,8 @@ __all__ = [
     "TensorDiff",
     "TensorHandler",
     "TensorInfo",
+    "TensorRef",
+    "TensorShard",
     "TrainingDiverged",
     "TrainingState",
     "UnsupportedFormat",
@@ -153,6 +164,16 @@ __all__ = [
     "VerifyReport",
     "WeightbankError",
     "__version__",
+    "dcp",
     "deterministic",
     "open",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # ``weightbank.dcp`` imports torch.distributed.checkpoint (about a second): only on first use.
+    if name == "dcp":
+        import importlib
+
+        return importlib.import_module(".dcp", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,15 @@ import json
 import pytest
 
 from weightbank.errors import CorruptObject, UnsupportedFormat
-from weightbank.format.manifest import FORMAT_VERSION, ChunkRecord, Manifest, TensorRecord
+from weightbank.format.manifest import (
+    FORMAT_VERSION,
+    NEWEST_FORMAT,
+    SHARDED_FORMAT,
+    ChunkRecord,
+    Manifest,
+    ShardRecord,
+    TensorRecord,
+)
 
 
 def sample() -> Manifest:
@@ -62,6 +70,68 @@ def test_truncated_and_non_json() -> None:
 
 def test_newer_format_refused_not_misread() -> None:
     obj = json.loads(sample().to_bytes())
-    obj["format"] = FORMAT_VERSION + 1
+    obj["format"] = NEWEST_FORMAT + 1
     with pytest.raises(UnsupportedFormat, match="upgrade"):
         Manifest.from_bytes(json.dumps(obj).encode(), "k")
+
+
+def sharded() -> Manifest:
+    chunks = tuple(ChunkRecord(c * 64, 16, "raw", 0, 64 * i, 16) for i, c in enumerate("abcd"))
+    return Manifest(
+        run="r",
+        step=1,
+        parent=None,
+        created=0.0,
+        tree={"d": [["w", {"T": 0}]]},
+        tensors=(
+            TensorRecord.sharded(
+                "w",
+                "float32",
+                (4, 4),
+                (
+                    ShardRecord((0, 0), (2, 2), (0,)),
+                    ShardRecord((0, 2), (2, 2), (1,)),
+                    ShardRecord((2, 0), (2, 2), (2,)),
+                    ShardRecord((2, 2), (2, 2), (3,)),
+                ),
+            ),
+        ),
+        packs=("packs/ab/x-0.pack",),
+        chunks=chunks,
+        format=SHARDED_FORMAT,
+    )
+
+
+def test_sharded_round_trip() -> None:
+    m = sharded()
+    back = Manifest.from_bytes(m.to_bytes(), "k")
+    assert back == m and back.sharded and back.tensors[0].chunks == (0, 1, 2, 3)
+    assert m.nbytes == 64 and FORMAT_VERSION < SHARDED_FORMAT <= NEWEST_FORMAT
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda o: o.__setitem__("format", FORMAT_VERSION),  # shards in an old-format manifest
+        lambda o: o["tensors"][0]["shards"][1].__setitem__("offsets", [0, 1]),  # overlap
+        lambda o: o["tensors"][0]["shards"].pop(),  # a gap
+        lambda o: o["tensors"][0]["shards"][3].__setitem__("offsets", [2, 3]),  # outside
+        lambda o: o["tensors"][0]["shards"][0].__setitem__("chunks", []),  # bytes missing
+        lambda o: o["tensors"][0]["shards"][0].__setitem__("shape", [2]),  # rank mismatch
+        lambda o: o["tensors"][0].__setitem__("chunks", [0]),  # both chunks and shards
+    ],
+)
+def test_malformed_shards_are_corrupt(mutate: object) -> None:
+    obj = json.loads(sharded().to_bytes())
+    mutate(obj)  # type: ignore[operator]
+    with pytest.raises(CorruptObject):
+        Manifest.from_bytes(json.dumps(obj).encode(), "manifests/x.json")
+
+
+def test_a_format_1_reader_refuses_a_sharded_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
+    from weightbank.format import manifest as mod
+
+    monkeypatch.setattr(mod, "NEWEST_FORMAT", FORMAT_VERSION)  # what a release before shards reads
+    with pytest.raises(UnsupportedFormat, match="upgrade"):
+        Manifest.from_bytes(sharded().to_bytes(), "k")
+    Manifest.from_bytes(sample().to_bytes(), "k")  # an unsharded manifest still reads

@@ -174,3 +174,25 @@ def test_loader_rejects_options_it_owns() -> None:
         wb.ResumableLoader([1], batch_size=0)
     with pytest.raises(ValueError, match="ResumableLoader state"):
         wb.ResumableLoader([1]).load_state_dict({"epoch": 0})
+
+
+def test_loader_ranks_split_each_epoch_and_convert_positions_across_world_sizes() -> None:
+    from weightbank.training.data import ResumableLoader
+
+    data = list(range(10))
+    ranks = [
+        ResumableLoader(data, batch_size=2, shuffle=True, seed=3, rank=r, world_size=3) for r in range(3)
+    ]
+    assert [len(r) for r in ranks] == [2, 2, 2]  # 10 samples padded to 12: every rank has as many batches
+    seen = [x for r in ranks for b in r for x in b.tolist()]
+    assert sorted(set(seen)) == data and len(seen) == 12
+    # the same permutation as one process, dealt round-robin
+    one = ResumableLoader(data, batch_size=2, shuffle=True, seed=3)
+    assert [i for _, i in ranks[1].visits(0)] == [one.order(0)[p % 10] for p in range(1, 12, 3)]
+    pos = ranks[0].state_dict()  # after one epoch: epoch 1, index 0; move to index 2 of a 3-rank job
+    pos.update(epoch=0, index=2)
+    two = ResumableLoader(data, batch_size=2, shuffle=True, seed=3, rank=1, world_size=2)
+    two.load_state_dict(pos)
+    assert two.state_dict()["index"] == 3  # 2 batches × 3 ranks = 3 batches × 2 ranks
+    with pytest.raises(ValueError, match="rank"):
+        ResumableLoader(data, rank=2, world_size=2)

@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from ..format.manifest import FORMAT_VERSION, Manifest
 from ..format.tree import flatten, unflatten
 from ..storage import LocalStorage, open_storage
 from ..storage.base import Storage
-from . import maintenance
+from . import caching, maintenance
 from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
@@ -45,14 +44,16 @@ from .environment import capture_env, git_info, who
 from .events import EventLog
 from .into import plan_into
 from .layout import FORMAT_KEY, check_name
-from .reader import check_device, read_tensors
+from .reader import check_device
 from .refs import resolve
 from .results import (
+    CheckpointDetail,
     CheckpointInfo,
     DiffResult,
     DuReport,
     GcReport,
     LoadResult,
+    PrefetchReport,
     PruneReport,
     RunEvent,
     TagEvent,
@@ -60,28 +61,12 @@ from .results import (
     TensorInfo,
     VerifyReport,
 )
+from .shards import read_assembled
 from .tags import UNSET, TagStore
+from .twophase import AUTO, TwoPhase
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 
 __all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
-
-
-class _Auto:
-    def __repr__(self) -> str:
-        return "AUTO"
-
-
-AUTO: Any = _Auto()
-"""Default for ``save(parent=...)``: the run's newest checkpoint."""
-
-
-@dataclass(frozen=True)
-class CheckpointDetail:
-    """``show``: a checkpoint's info plus its per-tensor table."""
-
-    info: CheckpointInfo
-    tensors: tuple[TensorInfo, ...]
-    packs: tuple[str, ...]
 
 
 def _init_storage(storage: Storage, *, create: bool) -> None:
@@ -106,26 +91,47 @@ def _init_storage(storage: Storage, *, create: bool) -> None:
             raise NotABank(storage.url, "it is a file")
         if root.is_dir() and any(p.name not in ("tmp", "refs") for p in root.iterdir()):
             raise NotABank(storage.url, f"the directory is not empty and has no {FORMAT_KEY}")
+    elif any(True for _ in storage.list("")):
+        raise NotABank(storage.url, f"the location holds other objects and no {FORMAT_KEY}")
     if not create:
         raise NotABank(storage.url, f"no {FORMAT_KEY} found")
     marker = {"format": "weightbank", "version": FORMAT_VERSION, "created": time.time(), "by": __version__}
     storage.write(FORMAT_KEY, json.dumps(marker).encode())
 
 
-def open(url: str | os.PathLike[str] = "./bank", *, create: bool = True, workers: int | None = None) -> Bank:
-    """Open the bank at ``url`` (a directory, ``file://``, or ``memory://[name]``), creating it if asked.
+def open(
+    url: str | os.PathLike[str] = "./bank",
+    *,
+    create: bool = True,
+    workers: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    cache: caching.CacheSpec = None,
+    cache_size: int | str | None = None,
+) -> Bank:
+    """Open the bank at ``url``, creating it if asked.
 
-    Raises NotABank for a non-empty directory without a bank (or a file), and
-    UnsupportedFormat for a bank written by a newer weightbank.
+    ``url`` is a directory, ``file://``, ``memory://[name]``, or an object
+    store: ``s3://bucket/prefix`` (with ``s3fs``; ``storage_options`` such as
+    ``{"endpoint_url": ..., "key": ..., "secret": ...}`` go to its client, or
+    come from ``$WEIGHTBANK_STORAGE_OPTIONS`` as JSON), ``gs://``/``az://``
+    through fsspec. The bucket must exist.
+
+    Raises NotABank for a non-empty location without a bank (or a file),
+    UnsupportedFormat for a bank written by a newer weightbank, and
+    MissingDependency when the object store's package is not installed.
+
+    A remote bank keeps the chunks it loads in a local disk cache (``cache``:
+    None picks ``$WEIGHTBANK_CACHE`` or ``~/.cache/weightbank``, a path picks
+    that directory, False turns it off; ``cache_size`` defaults to 20 GiB).
 
     Example:
         >>> import weightbank as wb
         >>> wb.open("memory://").url
         'memory://'
     """
-    storage = open_storage(url)
+    storage = open_storage(url, storage_options)
     _init_storage(storage, create=create)
-    return Bank(storage, workers=workers)
+    return Bank(storage, workers=workers, cache=cache, cache_size=cache_size)
 
 
 def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[int]:
@@ -135,16 +141,27 @@ def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[in
     return [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-class Bank:
+class Bank(TwoPhase):
     """A checkpoint bank on one storage backend. Create with :func:`weightbank.open`.
 
     Thread-safe: several threads may save and load at once; several processes
-    (and machines, on object stores) may share one bank.
+    (and machines, on object stores) may share one bank. ``cache`` is the local
+    disk cache loads read first (None: loads read storage; see :func:`open`).
     """
 
-    def __init__(self, storage: Storage, *, workers: int | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        workers: int | None = None,
+        cache: caching.CacheSpec = None,
+        cache_size: int | str | None = None,
+    ) -> None:
         self.storage = storage
-        self.workers = workers or min(4, max(2, os.cpu_count() or 2))
+        self.cache = caching.choose_cache(storage, cache, cache_size)
+        # Remote reads mostly wait on the network: more of them in flight, not more cores.
+        cpu_bound = min(4, max(2, os.cpu_count() or 2))
+        self.workers = workers or (16 if caching.is_remote(storage) else cpu_bound)
         self._catalog = Catalog(storage)
         self._tags = TagStore(storage)
         self._events = EventLog(storage)
@@ -169,6 +186,11 @@ class Bank:
             if self._load_pool is None:
                 self._load_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="wb-load")
             return self._load_pool
+
+    def _read(self, cid: str, m: Manifest, idx: Sequence[int], **kw: Any) -> dict[int, torch.Tensor]:
+        """``read_tensors`` (sharded tensors assembled) with this bank's storage, workers, pool and disk cache."""
+        pool, cache = self._pool(), self.cache
+        return read_assembled(self.storage, cid, m, idx, workers=self.workers, pool=pool, cache=cache, **kw)
 
     def close(self) -> None:
         """Release the backend's resources and worker threads (reopen with :func:`open`)."""
@@ -366,9 +388,7 @@ class Bank:
             raise IncompatibleState(f"select {select!r} matches no tensor of {cid[:12]}", names[:20])
         if into is not None:
             return self._load_into(cid, m, into, chosen, select is not None, dtype, strict, prefix, t0)
-        loaded = read_tensors(
-            self.storage, cid, m, chosen, workers=self.workers, device=dev, pool=self._pool()
-        )
+        loaded = self._read(cid, m, chosen, device=dev)
         if dtype is not None:
             loaded = {i: (t.to(dtype) if t.is_floating_point() else t) for i, t in loaded.items()}
         tensors: list[torch.Tensor | None] = [loaded.get(i) for i in range(len(m.tensors))]
@@ -390,9 +410,25 @@ class Bank:
         write, loaded, skipped = plan_into(
             cid, m, target, chosen, selected=selected, dtype=dtype, strict=strict, prefix=prefix
         )
-        read_tensors(self.storage, cid, m, list(write), workers=self.workers, into=write, pool=self._pool())
+        self._read(cid, m, list(write), into=write)
         info = self._info(cid, m)
         return LoadResult(checkpoint=info, loaded=loaded, skipped=skipped, seconds=time.perf_counter() - t0)
+
+    def prefetch(self, ref: str, *, select: str | Sequence[str] | None = None) -> PrefetchReport:
+        """Download and verify ``ref``'s chunks (of tensors ``select`` matches) into the disk cache; make no tensor.
+
+        A later load of them reads only local files. Without a disk cache (local and memory
+        banks by default) there is nothing to warm: the report says ``enabled=False``.
+
+        Example:
+            >>> import tempfile, torch, weightbank as wb
+            >>> bank = wb.open("memory://", cache=tempfile.mkdtemp()); cid = bank.save({"w": torch.ones(4)}).id
+            >>> bank.prefetch(cid).fetched_bytes, bank.prefetch(cid).cached_bytes
+            (16, 16)
+        """
+        cid, m = self._manifest(ref)
+        chosen = _select([t.name for t in m.tensors], select)
+        return caching.prefetch(self.storage, self.cache, cid, m, chosen, self._pool())
 
     # -- inspection ---------------------------------------------------------------
     def log(self, run: str | None = None) -> list[CheckpointInfo]:
@@ -471,26 +507,14 @@ class Bank:
             raise IncompatibleState(
                 f"checkpoint {cid[:12]} has no tensor(s) {', '.join(map(repr, unknown[:8]))}", unknown
             )
-        loaded = read_tensors(
-            self.storage,
-            cid,
-            m,
-            [index[n] for n in names],
-            workers=self.workers,
-            device=dev,
-            pool=self._pool(),
-        )
+        loaded = self._read(cid, m, [index[n] for n in names], device=dev)
         return {n: loaded[index[n]] for n in names}
 
     def diff(self, a: str, b: str) -> DiffResult:
         """Per-tensor changes from checkpoint ``a`` to ``b`` (same / changed / added / removed)."""
         a_id, ma = self._manifest(a)
         b_id, mb = self._manifest(b)
-
-        def load(cid: str, m: Manifest, idx: list[int]) -> dict[int, torch.Tensor]:
-            return read_tensors(self.storage, cid, m, idx, workers=self.workers, pool=self._pool())
-
-        return diff_manifests(a_id, ma, b_id, mb, load)
+        return diff_manifests(a_id, ma, b_id, mb, self._read)
 
     # -- tags ---------------------------------------------------------------------
     def tag(self, name: str, ref: str, *, why: str = "", expect: Any = UNSET) -> TagEvent:

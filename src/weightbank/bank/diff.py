@@ -34,6 +34,12 @@ def _hashes(m: Manifest, t: TensorRecord) -> list[str]:
     return [m.chunks[c].hash for c in base.chunks]
 
 
+def _boxes(m: Manifest, t: TensorRecord) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """How a tensor is cut into stored boxes (empty: stored whole)."""
+    base = m.tensors[t.alias_of] if t.alias_of is not None else t
+    return [(s.offsets, s.shape) for s in base.shards]
+
+
 def _measure(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     if a.numel() == 0:
         return 0.0, 0.0
@@ -49,6 +55,16 @@ def _measure(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     norm = float(torch.linalg.vector_norm(da))
     rel = float(torch.linalg.vector_norm(db - da)) / norm if norm > 0 else (0.0 if max_abs == 0 else math.inf)
     return max_abs, rel
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return (
+        bool(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+        if a.numel()
+        else True
+    )
 
 
 def diff_manifests(a_id: str, a: Manifest, b_id: str, b: Manifest, load: Loader) -> DiffResult:
@@ -75,10 +91,16 @@ def diff_manifests(a_id: str, a: Manifest, b_id: str, b: Manifest, load: Loader)
             differing += rb.nbytes
             continue
         ha, hb = _hashes(a, ra), _hashes(b, rb)
+        base_b = b.tensors[rb.alias_of] if rb.alias_of is not None else rb
+        if _boxes(a, ra) != _boxes(b, rb):
+            # Stored in other boxes (saved at another world size): only the bytes can tell.
+            to_measure.append((name, ta[name], tb[name]))
+            out.append(TensorDiff(name, "changed", rb.dtype, rb.shape, differing_bytes=rb.nbytes))
+            differing += rb.nbytes
+            continue
         if ha == hb:
             out.append(TensorDiff(name, "same", rb.dtype, rb.shape))
             continue
-        base_b = b.tensors[rb.alias_of] if rb.alias_of is not None else rb
         nbytes = sum(b.chunks[c].raw_len for c, x, y in zip(base_b.chunks, ha, hb, strict=True) if x != y)
         differing += nbytes
         to_measure.append((name, ta[name], tb[name]))
@@ -87,8 +109,12 @@ def diff_manifests(a_id: str, a: Manifest, b_id: str, b: Manifest, load: Loader)
         la = load(a_id, a, [i for _, i, _ in to_measure])
         lb = load(b_id, b, [j for _, _, j in to_measure])
         measured = {name: _measure(la[i], lb[j]) for name, i, j in to_measure}
+        equal = {name for name, i, j in to_measure if _bitwise_equal(la[i], lb[j])}
+        differing -= sum(d.differing_bytes for d in out if d.name in equal)
         out = [
-            TensorDiff(
+            TensorDiff(d.name, "same", d.dtype, d.shape)
+            if d.name in equal
+            else TensorDiff(
                 d.name, d.status, d.dtype, d.shape, *measured[d.name], differing_bytes=d.differing_bytes
             )
             if d.name in measured

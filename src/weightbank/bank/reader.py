@@ -18,6 +18,14 @@ Loading ``into=`` existing tensors (a module's parameters) must not leave
 unverified bytes in them, so tensors are first loaded and verified in scratch
 memory, a bounded group at a time, and only then copied into place.
 
+A remote bank has a local :class:`~weightbank.storage.diskcache.DiskCache`:
+a chunk is looked up there first (by its hash, read straight into place, and
+verified like any other read; a damaged entry is discarded and the chunk
+fetched again), and every chunk fetched from storage is put there once
+verified. The cache holds decoded chunks, so a cached delta chunk costs one
+local read; a delta chunk that is not cached starts from the newest link of
+its chain that is, reading only the links above it.
+
 Example:
     >>> import torch, weightbank as wb
     >>> bank = wb.open("memory://")
@@ -40,13 +48,15 @@ import torch
 
 from ..errors import CorruptObject, DeviceError, MissingObject
 from ..format.chunking import byte_view
+from ..format.delta import DELTA, Link, decode_chain
 from ..format.dtypes import dtype_from_name
 from ..format.hashing import digest
 from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..storage.base import Storage
-from .chunks import decode_record, records_by_hash
+from ..storage.diskcache import DiskCache
+from .chunks import chain_of, decode_record, read_chain, records_by_hash
 
-__all__ = ["check_device", "read_tensors"]
+__all__ = ["check_device", "prefetch_chunks", "read_tensors"]
 
 _SCRATCH_GROUP = 256 << 20
 #: Tensors at least this big are mapped from local packs instead of copied.
@@ -84,7 +94,28 @@ def _fill_chunk(
     rec: ChunkRecord,
     out: memoryview,
     index: dict[str, ChunkRecord],
+    cache: DiskCache | None = None,
 ) -> None:
+    if cache is not None and cache.read_into(rec.hash, out):
+        if digest(out) == rec.hash:
+            return
+        cache.discard(rec.hash)  # damaged: fetch it again below, and repair the entry
+    _fetch_chunk(storage, cid, manifest, name, rec, out, index, cache)
+    if cache is not None:
+        cache.put(rec.hash, out)
+
+
+def _fetch_chunk(
+    storage: Storage,
+    cid: str,
+    manifest: Manifest,
+    name: str,
+    rec: ChunkRecord,
+    out: memoryview,
+    index: dict[str, ChunkRecord],
+    cache: DiskCache | None,
+) -> None:
+    """Read or decode chunk ``rec`` from storage into ``out`` and verify it (a cached delta base shortens the chain)."""
     key = manifest.packs[rec.pack]
     if rec.codec == "raw":
         try:
@@ -97,7 +128,8 @@ def _fill_chunk(
             )
     else:
         try:
-            decode_record(storage, manifest.packs, index, rec, out)
+            if cache is None or not _decode_from_cached_base(storage, manifest.packs, index, rec, out, cache):
+                decode_record(storage, manifest.packs, index, rec, out)
         except MissingObject as e:
             raise MissingObject(e.key, f"needed by checkpoint {cid[:12]} tensor {name!r}") from e
         except CorruptObject as e:
@@ -105,6 +137,74 @@ def _fill_chunk(
     actual = digest(out)
     if actual != rec.hash:
         raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=cid, tensor=name)
+
+
+def _decode_from_cached_base(
+    storage: Storage,
+    packs: Sequence[str],
+    index: dict[str, ChunkRecord],
+    rec: ChunkRecord,
+    out: memoryview,
+    cache: DiskCache,
+) -> bool:
+    """Decode delta chunk ``rec`` from the newest link of its chain the cache holds; False if it holds none.
+
+    The cached base is verified before use, so a damaged entry is discarded
+    rather than decoded against; the caller hashes the result as always.
+    """
+    if rec.codec != DELTA:
+        return False
+    key = packs[rec.pack]
+    chain = chain_of(rec, index, key)
+    for j in range(len(chain) - 2, -1, -1):
+        base = chain[j]
+        if base.raw_len != rec.raw_len or not cache.contains(base.hash, base.raw_len):
+            continue
+        scratch = bytearray(base.raw_len)
+        if not cache.read_into(base.hash, memoryview(scratch)):
+            continue
+        if digest(scratch) != base.hash:
+            cache.discard(base.hash)
+            continue
+        links: list[Link] = [("raw", memoryview(scratch)), *read_chain(storage, packs, chain[j + 1 :])]
+        try:
+            decode_chain(links, None, out)
+        except CorruptObject as e:
+            raise CorruptObject(key, detail=f"{e.args[0]} (delta chain above a cached base)") from None
+        return True
+    return False
+
+
+def prefetch_chunks(
+    storage: Storage,
+    cache: DiskCache,
+    cid: str,
+    manifest: Manifest,
+    indices: Sequence[int],
+    pool: ThreadPoolExecutor,
+) -> tuple[int, int, int]:
+    """Fetch and verify the chunks of the tensors at ``indices`` into ``cache``, making no tensor.
+
+    Returns raw bytes (fetched now, already cached, fetched but not kept by the cache).
+    """
+    index = records_by_hash(manifest)
+    todo: dict[str, tuple[str, ChunkRecord]] = {}
+    for i in sorted({_base(manifest, i) for i in indices}):
+        rec = manifest.tensors[i]
+        for c in rec.chunks:
+            todo.setdefault(manifest.chunks[c].hash, (rec.name, manifest.chunks[c]))
+
+    def one(name: str, chunk: ChunkRecord) -> tuple[int, int, int]:
+        n = chunk.raw_len
+        if cache.contains(chunk.hash, n):
+            return 0, n, 0
+        buf = bytearray(n)
+        _fetch_chunk(storage, cid, manifest, name, chunk, memoryview(buf), index, cache)
+        return (n, 0, 0) if cache.put(chunk.hash, buf) else (n, 0, n)
+
+    futures = [pool.submit(one, name, chunk) for name, chunk in todo.values()]
+    results = [f.result() for f in futures]
+    return sum(r[0] for r in results), sum(r[1] for r in results), sum(r[2] for r in results)
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -170,6 +270,7 @@ def _load_fresh(
     pool: ThreadPoolExecutor,
     *,
     allow_mmap: bool = True,
+    cache: DiskCache | None = None,
 ) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
     futures = []
@@ -191,7 +292,9 @@ def _load_fresh(
                 key = manifest.packs[chunk.pack]
                 futures.append(pool.submit(_verify_chunk, key, cid, rec.name, chunk, dest))
             else:
-                futures.append(pool.submit(_fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index))
+                futures.append(
+                    pool.submit(_fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index, cache)
+                )
             pos += chunk.raw_len
     for f in futures:
         f.result()
@@ -208,6 +311,7 @@ def read_tensors(
     device: torch.device | None = None,
     into: dict[int, torch.Tensor] | None = None,
     pool: ThreadPoolExecutor | None = None,
+    cache: DiskCache | None = None,
 ) -> dict[int, torch.Tensor]:
     """Load the tensors at ``indices`` (aliases share their base's tensor).
 
@@ -215,6 +319,7 @@ def read_tensors(
     copied into place; the returned dict then maps to those same tensors.
     ``pool`` lets a long-lived caller reuse its worker threads (a small swap
     then costs no thread start-up); without it a pool of ``workers`` is made.
+    ``cache``: the bank's local disk cache, read first and filled as chunks arrive.
     """
     bases = sorted({_base(manifest, i) for i in indices})
     with contextlib.ExitStack() as stack:
@@ -223,7 +328,7 @@ def read_tensors(
                 ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wb-load")
             )
         if into is None:
-            loaded = _load_fresh(storage, cid, manifest, bases, pool)
+            loaded = _load_fresh(storage, cid, manifest, bases, pool, cache=cache)
             if device is not None and device.type != "cpu":
                 loaded = {i: t.to(device) for i, t in loaded.items()}
         else:
@@ -235,7 +340,7 @@ def read_tensors(
                 group.append(i)
                 size += manifest.tensors[i].nbytes
                 if size >= _SCRATCH_GROUP or n == len(targets) - 1:
-                    scratch = _load_fresh(storage, cid, manifest, group, pool)
+                    scratch = _load_fresh(storage, cid, manifest, group, pool, cache=cache)
                     with torch.no_grad():
                         for j, t in scratch.items():
                             into[j].copy_(t)

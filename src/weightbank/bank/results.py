@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
+    "CheckpointDetail",
     "CheckpointInfo",
     "DiffResult",
     "DuReport",
     "GcReport",
     "LoadResult",
+    "PrefetchReport",
     "PruneReport",
     "RunEvent",
     "SaveStats",
@@ -101,6 +103,15 @@ class CheckpointInfo:
     def is_lossy(self) -> bool:
         """Whether loading this checkpoint returns approximations of what was saved."""
         return bool(self.lossy)
+
+
+@dataclass(frozen=True)
+class CheckpointDetail:
+    """``show``: a checkpoint's info plus its per-tensor table."""
+
+    info: CheckpointInfo
+    tensors: tuple[TensorInfo, ...]
+    packs: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -224,6 +235,22 @@ class PruneReport:
     kept: tuple[str, ...]
     bytes_freed: int
     dry_run: bool
+
+
+@dataclass(frozen=True)
+class PrefetchReport:
+    """What ``Bank.prefetch`` did: raw (decoded) bytes of the distinct chunks it needed, by where they were."""
+
+    checkpoint: str
+    chunks: int
+    fetched_bytes: int
+    """Read from the bank's storage and verified now."""
+    cached_bytes: int
+    """Already in the local disk cache (nothing read)."""
+    dropped_bytes: int = 0
+    """Of ``fetched_bytes``, what the cache could not keep (full disk, unwritable directory, over its cap)."""
+    enabled: bool = True
+    """False when the bank has no disk cache (local and memory banks by default): nothing was done."""
 
 
 @dataclass(frozen=True)

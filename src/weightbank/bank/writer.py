@@ -10,10 +10,14 @@ Order of durability (each step starts only after the previous is durable):
 4. the lease is dropped (tags are moved by the caller afterwards).
 
 A crash before 3 leaves only unreferenced packs, which ``gc`` removes; a crash
-after 3 leaves a complete checkpoint. Hashing and coding run on a thread pool
-(BLAKE3, zstd and numpy release the GIL) while the calling thread appends
-payloads to the current pack; contiguous CPU tensors are never copied, others
-are materialized a chunk at a time, so a save's extra memory is a few chunks.
+after 3 leaves a complete checkpoint. Steps 1-2 are :func:`write_part` and 3-4
+:func:`~weightbank.bank.parts.commit_parts`: a multi-process save runs the
+first half in every process and the second in one (see :mod:`.parts`).
+
+Hashing and coding run on a thread pool (BLAKE3, zstd and numpy release the
+GIL) while the calling thread appends payloads to the current pack;
+contiguous CPU tensors are never copied, others are materialized a chunk at a
+time, so a save's extra memory is a few chunks.
 
 Codecs (:mod:`weightbank.format.planner`): by default each new chunk is coded
 as byte planes, or as an XOR delta against the parent checkpoint's chunk at
@@ -33,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections import deque
@@ -56,10 +61,11 @@ from ..storage.base import ObjectWriter, Storage
 from . import leases
 from .catalog import Catalog, ChunkLocation
 from .chunks import base_planes, chain_of, records_by_hash
-from .layout import manifest_key, pack_key
+from .layout import pack_key
+from .parts import PartTensor, Piece, SavePart, abandon_part, commit_parts
 from .results import SaveStats
 
-__all__ = ["CHUNK_ALIGN", "DEFAULT_KEYFRAME_EVERY", "SaveOptions", "write_checkpoint"]
+__all__ = ["CHUNK_ALIGN", "DEFAULT_KEYFRAME_EVERY", "SaveOptions", "write_checkpoint", "write_part"]
 
 #: Chunks start at multiples of this in a pack, so a raw chunk can be mapped
 #: straight into a tensor of any dtype (and SIMD loads stay aligned).
@@ -194,7 +200,7 @@ class _Packer:
                 self.storage.delete(key)
 
 
-def _chunk_tasks(leaves: list[Leaf], chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
+def _chunk_tasks(leaves: list[Piece], chunk_size: int) -> Iterator[tuple[int, int, int, int]]:
     for i, leaf in enumerate(leaves):
         if leaf.alias_of is not None:
             continue
@@ -222,12 +228,23 @@ class _Parent:
             return None  # chunk j would cover other bytes
         return cls(m, records_by_hash(m), {t.name: t for t in m.tensors if t.alias_of is None})
 
-    def chunk(self, name: str, dtype: str, nbytes: int, j: int) -> ChunkRecord | None:
-        """The parent's chunk ``j`` of tensor ``name``, if that tensor has the same dtype and size."""
-        t = self.tensors.get(name)
-        if t is None or t.dtype != dtype or t.nbytes != nbytes or j >= len(t.chunks):
+    def chunk(self, piece: Piece, dtype: str, nbytes: int, j: int) -> ChunkRecord | None:
+        """The parent's chunk ``j`` of the same tensor (or the same shard of it), if dtype and size match."""
+        t = self.tensors.get(piece.name)
+        if t is None or t.dtype != dtype:
             return None
-        return self.manifest.chunks[t.chunks[j]]
+        chunks = t.chunks
+        if piece.offsets is not None and t.shards:
+            shape = tuple(piece.tensor.shape)
+            box = next((s for s in t.shards if s.offsets == piece.offsets and s.shape == shape), None)
+            if box is None:
+                return None
+            chunks = box.chunks
+        elif piece.offsets is not None or t.shards or t.nbytes != nbytes:
+            return None
+        if j >= len(chunks):
+            return None
+        return self.manifest.chunks[chunks[j]]
 
     def location(self, h: str) -> ChunkLocation | None:
         rec = self.index.get(h)
@@ -255,48 +272,51 @@ def _gen(rec: ChunkRecord) -> int:
     return gen if isinstance(gen, int) and gen > 0 else _depth(rec)
 
 
-def _lossy_summary(codec: str, stats: list[LossyStats]) -> dict[str, Any]:
-    sq_err = sum(s.sq_err for s in stats)
-    sq_ref = sum(s.sq_ref for s in stats)
+def _lossy_sums(codec: str, stats: list[LossyStats]) -> dict[str, Any]:
+    """A part's lossy error sums for one tensor (a commit adds the sums of every part, then takes the root)."""
     return {
         "codec": codec,
         "max_abs": max((s.max_abs for s in stats), default=0.0),
-        "rel_err": (sq_err / sq_ref) ** 0.5 if sq_ref > 0 else 0.0,
+        "sq_err": sum(s.sq_err for s in stats),
+        "sq_ref": sum(s.sq_ref for s in stats),
     }
 
 
-def write_checkpoint(
+def write_part(
     storage: Storage,
     catalog: Catalog,
-    *,
-    spec: dict[str, Any],
-    leaves: list[Leaf],
-    header: dict[str, Any],
+    pieces: list[Piece],
     options: SaveOptions,
-) -> tuple[str, Manifest, SaveStats]:
-    """Write every new chunk and the manifest; return (checkpoint id, manifest, stats).
+    *,
+    parent: str | None = None,
+) -> SavePart:
+    """Write every new chunk of ``pieces`` into durable packs and return the part, its lease still held.
 
-    ``header`` holds the manifest's metadata fields (run, step, parent, created,
-    message, metrics, config, meta, env). Nothing is visible unless this returns.
+    ``parent`` (a checkpoint id) is what chunks are delta-coded against (same
+    tensor name, same shard box, same chunk index). On failure the packs are
+    deleted and the lease released before the error propagates; on success
+    the caller commits the part (:func:`~weightbank.bank.parts.commit_parts`),
+    which releases the lease, or abandons it.
     """
     t0 = time.perf_counter()
     save_id = f"{int(time.time()):x}{uuid.uuid4().hex[:20]}"
     leases.acquire(storage, save_id)
     packer = _Packer(storage, save_id, options.pack_size)
+    leaves = pieces  # the pipeline's own word for what it cuts into chunks
     try:
         # Refresh only after the lease exists: gc keeps the data of anything we see from here on.
         catalog.refresh()
         known: dict[str, ChunkLocation] = catalog.chunk_index()
         deltas = options.codec == "auto" and options.keyframe_every > 1
         budget = planner.CHAIN_BUDGET if options.chain_budget is None else options.chain_budget
-        parent = _Parent.load(catalog, header.get("parent"), options.chunk_size) if deltas else None
+        parent_m = _Parent.load(catalog, parent, options.chunk_size) if deltas else None
         dtypes = [dtype_name(leaf.tensor.dtype, leaf.name) for leaf in leaves]
 
         def base_for(i: int, j: int, raw_len: int) -> Base | None:
-            if parent is None:
+            if parent_m is None:
                 return None
             leaf = leaves[i]
-            rec = parent.chunk(leaf.name, dtypes[i], tensor_nbytes(leaf.tensor), j)
+            rec = parent_m.chunk(leaf, dtypes[i], tensor_nbytes(leaf.tensor), j)
             if rec is None or rec.raw_len != raw_len or _gen(rec) + 1 >= options.keyframe_every:
                 return None  # nothing to delta against, or a keyframe is due
             gen = _gen(rec)
@@ -305,8 +325,10 @@ def write_checkpoint(
                 if _cost(rec) + last_link > budget:
                     # Another link would likely break the decode budget: code against the
                     # chain's keyframe instead (a two-link chain, a little larger).
-                    rec = chain_of(rec, parent.index)[0]
-                planes = base_planes(storage, parent.manifest.packs, parent.index, rec, layout_for(dtypes[i]))
+                    rec = chain_of(rec, parent_m.index)[0]
+                planes = base_planes(
+                    storage, parent_m.manifest.packs, parent_m.index, rec, layout_for(dtypes[i])
+                )
             except (CorruptObject, MissingObject):
                 return None  # a damaged or vanished base: this chunk becomes a keyframe
             return Base(rec.hash, _depth(rec), planes, _cost(rec), gen)
@@ -334,7 +356,7 @@ def write_checkpoint(
             h = digest(raw)
             # The parent is checked too: the bank-wide index may not list it yet, and a chunk
             # equal to its own base must be reused, never coded as a delta against itself.
-            loc = known.get(h) or (parent.location(h) if parent is not None else None)
+            loc = known.get(h) or (parent_m.location(h) if parent_m is not None else None)
             if loc is not None:
                 return _Chunked(i, h, end - start, None, "raw", loc)
             base = base_for(i, j, end - start)
@@ -364,7 +386,7 @@ def write_checkpoint(
                 base = (rec.args or {}).get("base")
                 if not isinstance(base, str) or base in record_of:
                     return
-                loc = (parent.location(base) if parent is not None else None) or known.get(base)
+                loc = (parent_m.location(base) if parent_m is not None else None) or known.get(base)
                 if loc is None:
                     raise CorruptObject(
                         "<catalog>",
@@ -410,46 +432,28 @@ def write_checkpoint(
             while pending:
                 place(pending.popleft().result())
         packer.flush()
-
-        tensors = []
-        for i, leaf in enumerate(leaves):
-            tensors.append(
-                TensorRecord(
-                    name=leaf.name,
-                    dtype=dtypes[i],
-                    shape=tuple(int(d) for d in leaf.tensor.shape),
-                    chunks=tuple(per_leaf.get(i, [])) if leaf.alias_of is None else (),
-                    alias_of=leaf.alias_of,
-                    numpy=leaf.numpy,
-                )
-            )
-        packs = [""] * len(pack_index)
-        for key, pidx in pack_index.items():
-            packs[pidx] = key
-        manifest = Manifest(
-            tree=spec,
-            tensors=tuple(tensors),
-            chunk_size=options.chunk_size,
-            packs=tuple(packs),
-            chunks=tuple(records),
-            lossy={
-                leaves[i].name: _lossy_summary(options.lossy or "", stats)
-                for i, stats in sorted(lossy_of.items())
-            },
-            **header,
-        )
-        data = manifest.to_bytes()
-        cid = digest(data)
-        # The commit point: the manifest lands only after every pack is durable.
-        storage.write(manifest_key(cid), data)
     except BaseException:
         packer.abort()
         with contextlib.suppress(Exception):
             leases.release(storage, save_id)
         raise
-    with contextlib.suppress(Exception):
-        leases.release(storage, save_id)
-    catalog.add(cid, manifest)
+    tensors = []
+    for i, leaf in enumerate(leaves):
+        tensors.append(
+            PartTensor(
+                name=leaf.name,
+                dtype=dtypes[i],
+                shape=tuple(int(d) for d in leaf.tensor.shape),
+                chunks=tuple(per_leaf.get(i, [])) if leaf.alias_of is None else (),
+                offsets=leaf.offsets,
+                whole=leaf.whole,
+                alias_of=leaves[leaf.alias_of].name if leaf.alias_of is not None else None,
+                numpy=leaf.numpy,
+            )
+        )
+    packs = [""] * len(pack_index)
+    for key, pidx in pack_index.items():
+        packs[pidx] = key
     stats = SaveStats(
         written_bytes=written,
         reused_bytes=reused,
@@ -457,7 +461,43 @@ def write_checkpoint(
         reused_chunks=reused_chunks,
         packs=len(packer.committed),
         seconds=time.perf_counter() - t0,
-        manifest_bytes=len(data),
         per_codec=per_codec,
     )
-    return cid, manifest, stats
+    return SavePart(
+        save_id=save_id,
+        chunk_size=options.chunk_size,
+        packs=tuple(packs),
+        chunks=tuple(records),
+        tensors=tuple(tensors),
+        lossy={leaves[i].name: _lossy_sums(options.lossy or "", st) for i, st in sorted(lossy_of.items())},
+        stats=stats,
+    )
+
+
+def write_checkpoint(
+    storage: Storage,
+    catalog: Catalog,
+    *,
+    spec: dict[str, Any],
+    leaves: list[Leaf],
+    header: dict[str, Any],
+    options: SaveOptions,
+) -> tuple[str, Manifest, SaveStats]:
+    """Write every new chunk and the manifest; return (checkpoint id, manifest, stats).
+
+    One part, committed at once. ``header`` holds the manifest's metadata
+    fields (run, step, parent, created, message, metrics, config, meta, env).
+    Nothing is visible unless this returns.
+    """
+    t0 = time.perf_counter()
+    pieces = [Piece(leaf.name, leaf.tensor, alias_of=leaf.alias_of, numpy=leaf.numpy) for leaf in leaves]
+    part = write_part(storage, catalog, pieces, options, parent=header.get("parent"))
+    try:
+        names = [leaf.name for leaf in leaves]
+        cid, manifest, stats = commit_parts(
+            storage, catalog, [part], tree=(spec, names), header=header, check_packs=False
+        )
+    except BaseException:
+        abandon_part(storage, part)
+        raise
+    return cid, manifest, dataclasses.replace(stats, seconds=time.perf_counter() - t0)

@@ -59,7 +59,7 @@ BankOpt = Annotated[
         "--bank",
         "-b",
         envvar="WEIGHTBANK_BANK",
-        help="The bank: a directory, file://… or memory://….",
+        help="The bank: a directory, file://…, memory://… or s3://bucket/prefix (client options as JSON in $WEIGHTBANK_STORAGE_OPTIONS).",
         metavar="PATH",
     ),
 ]

@@ -13,9 +13,22 @@ chain ``depth`` in links, its decode ``cost`` and ``gen``, the generations since
 its keyframe), so new codecs need no format change. A delta's base chain is
 always listed in the same table. ``lossy`` (present only for a checkpoint
 saved with a lossy codec) maps each quantized tensor to its codec and measured
-``max_abs`` and relative L2 error ``rel_err``. ``format`` is bumped only for
-changes an older reader would misread; such readers refuse with
-UnsupportedFormat.
+``max_abs`` and relative L2 error ``rel_err``.
+
+A tensor saved in pieces by several processes (a ``torch.distributed`` job)
+is *sharded*: instead of ``chunks`` it lists ``shards``, each a box of the
+whole tensor (``offsets`` and ``shape`` per dimension) with the chunks of that
+box's bytes in row-major order. The shards tile the tensor exactly (no gap,
+no overlap), so a reader assembles it whatever the writer's world size was::
+
+    {"name": "w", "dtype": "float32", "shape": [8, 4],
+     "shards": [{"offsets": [0, 0], "shape": [4, 4], "chunks": [0]},
+                {"offsets": [4, 0], "shape": [4, 4], "chunks": [1]}]}
+
+``format`` is bumped only for changes an older reader would misread; such
+readers refuse with UnsupportedFormat. A manifest is written with format 1
+unless it holds a sharded tensor (format 2), so single-process checkpoints stay
+readable by every weightbank release.
 
 Example:
     >>> from weightbank.format.manifest import Manifest
@@ -37,10 +50,25 @@ from .chunking import DEFAULT_CHUNK_SIZE
 from .dtypes import itemsize
 from .jsonsafe import decode
 
-__all__ = ["FORMAT_VERSION", "ChunkRecord", "Manifest", "TensorRecord"]
+__all__ = [
+    "FORMAT_VERSION",
+    "NEWEST_FORMAT",
+    "SHARDED_FORMAT",
+    "ChunkRecord",
+    "Manifest",
+    "ShardRecord",
+    "TensorRecord",
+    "check_tiling",
+]
 
-#: Version of the manifest and bank layout this code writes and the newest it reads.
+#: The bank layout version, and the format of every manifest without sharded tensors.
 FORMAT_VERSION = 1
+#: The format of a manifest holding sharded tensors (older readers refuse it, never misread it).
+SHARDED_FORMAT = 2
+#: The newest manifest format this code reads.
+NEWEST_FORMAT = SHARDED_FORMAT
+#: More shards than this in one tensor is refused as malformed (it bounds the overlap check).
+MAX_SHARDS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -62,9 +90,37 @@ class ChunkRecord:
         return row
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """One box of a sharded tensor: where it starts, its shape, and its chunks (row-major bytes)."""
+
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...] = ()
+
+    @property
+    def numel(self) -> int:
+        return _numel(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"offsets": list(self.offsets), "shape": list(self.shape), "chunks": list(self.chunks)}
+
+
 @dataclass(frozen=True)
 class TensorRecord:
-    """One tensor of the state: name, dtype, shape and its chunks (indices into ``Manifest.chunks``)."""
+    """One tensor of the state: name, dtype, shape and its chunks (indices into ``Manifest.chunks``).
+
+    A sharded tensor also lists its ``shards``; its ``chunks`` are then every
+    shard's chunks, shard after shard (what dedup, verify and gc look at).
+    Build one with :meth:`sharded`.
+    """
 
     name: str
     dtype: str
@@ -72,13 +128,19 @@ class TensorRecord:
     chunks: tuple[int, ...] = ()
     alias_of: int | None = None
     numpy: bool = False
+    shards: tuple[ShardRecord, ...] = ()
+
+    @classmethod
+    def sharded(
+        cls, name: str, dtype: str, shape: tuple[int, ...], shards: tuple[ShardRecord, ...]
+    ) -> TensorRecord:
+        """A record made of ``shards`` (its ``chunks`` follow from theirs)."""
+        chunks = tuple(c for s in shards for c in s.chunks)
+        return cls(name=name, dtype=dtype, shape=shape, chunks=chunks, shards=shards)
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return _numel(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -88,6 +150,8 @@ class TensorRecord:
         out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
         if self.alias_of is not None:
             out["alias_of"] = self.alias_of
+        elif self.shards:
+            out["shards"] = [s.to_json() for s in self.shards]
         else:
             out["chunks"] = list(self.chunks)
         if self.numpy:
@@ -136,7 +200,14 @@ class Manifest:
         t = self.tensors[index]
         base = self.tensors[t.alias_of] if t.alias_of is not None else t
         parts = [t.dtype, ",".join(map(str, t.shape)), *(self.chunks[c].hash for c in base.chunks)]
+        # The same chunks cut along other boxes are other bytes: a sharded key names its boxes.
+        parts += [f"{s.offsets}+{s.shape}" for s in base.shards]
         return blake3.blake3("|".join(parts).encode()).hexdigest()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether any tensor is stored in shards (such a manifest has format 2)."""
+        return any(t.shards for t in self.tensors)
 
     def decoded_metrics(self) -> dict[str, Any]:
         return dict(decode(self.metrics))
@@ -183,8 +254,8 @@ class Manifest:
         if not isinstance(obj, dict):
             raise CorruptObject(key, detail="manifest is not a JSON object")
         fmt = obj.get("format")
-        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT_VERSION:
-            raise UnsupportedFormat(key, fmt, FORMAT_VERSION)
+        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > NEWEST_FORMAT:
+            raise UnsupportedFormat(key, fmt, NEWEST_FORMAT)
         try:
             return cls._parse(obj)
         except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -226,12 +297,30 @@ class Manifest:
             alias = t.get("alias_of")
             if alias is not None and not (0 <= typed(alias, int, "alias_of") < i):
                 raise ValueError("alias_of must name an earlier tensor")
+            name = typed(t["name"], str, "name")
+            dtype = typed(t["dtype"], str, "dtype")
+            if "shards" in t:
+                if alias is not None or "chunks" in t or t.get("numpy"):
+                    raise ValueError(f"sharded tensor {name!r} has chunks, alias_of or numpy")
+                if typed(obj["format"], int, "format") < SHARDED_FORMAT:
+                    raise ValueError(f"tensor {name!r} is sharded in a format {obj['format']} manifest")
+                shards = tuple(
+                    _parse_shard(s, shape, chunks, typed) for s in typed(t["shards"], list, "shards")
+                )
+                check_tiling(name, shape, shards)
+                rec = TensorRecord.sharded(name, dtype, shape, shards)
+                size = itemsize(dtype)
+                for s in shards:
+                    if sum(chunks[c].raw_len for c in s.chunks) != s.numel * size:
+                        raise ValueError(f"chunks of a shard of {name!r} do not add up to its size")
+                tensors.append(rec)
+                continue
             idx = tuple(typed(c, int, "chunk index") for c in t.get("chunks", []))
             if any(not 0 <= c < len(chunks) for c in idx):
                 raise ValueError("chunk index out of range")
             rec = TensorRecord(
-                name=typed(t["name"], str, "name"),
-                dtype=typed(t["dtype"], str, "dtype"),
+                name=name,
+                dtype=dtype,
                 shape=shape,
                 chunks=idx,
                 alias_of=alias,
@@ -239,6 +328,8 @@ class Manifest:
             )
             if alias is None and sum(chunks[c].raw_len for c in idx) != rec.nbytes:
                 raise ValueError(f"chunks of {rec.name!r} do not add up to its size")
+            if alias is not None and tensors[alias].shards:
+                raise ValueError(f"{rec.name!r} aliases a sharded tensor")
             tensors.append(rec)
         step = obj.get("step")
         return cls(
@@ -259,3 +350,45 @@ class Manifest:
             chunks=tuple(chunks),
             lossy=typed(obj.get("lossy", {}), dict, "lossy"),
         )
+
+
+def _parse_shard(obj: Any, whole: tuple[int, ...], chunks: list[ChunkRecord], typed: Any) -> ShardRecord:
+    typed(obj, dict, "shard")
+    offsets = tuple(typed(d, int, "shard offset") for d in typed(obj["offsets"], list, "shard offsets"))
+    shape = tuple(typed(d, int, "shard shape") for d in typed(obj["shape"], list, "shard shape"))
+    idx = tuple(typed(c, int, "chunk index") for c in typed(obj["chunks"], list, "shard chunks"))
+    if len(offsets) != len(whole) or len(shape) != len(whole):
+        raise ValueError("a shard has another number of dimensions than its tensor")
+    if any(o < 0 or n < 0 or o + n > w for o, n, w in zip(offsets, shape, whole, strict=True)):
+        raise ValueError("a shard lies outside its tensor")
+    if any(not 0 <= c < len(chunks) for c in idx):
+        raise ValueError("chunk index out of range")
+    return ShardRecord(offsets, shape, idx)
+
+
+def check_tiling(name: str, shape: tuple[int, ...], shards: tuple[ShardRecord, ...]) -> None:
+    """Shards must cover the tensor exactly once: volumes add up and no two boxes overlap.
+
+    Overlaps are found by a sweep along the dimension where the boxes start at
+    the most distinct offsets (rows for row-sharding, columns for column-sharding),
+    so the usual layouts cost O(n log n).
+    """
+    if len(shards) > MAX_SHARDS:
+        raise ValueError(f"{name!r} has more than {MAX_SHARDS} shards")
+    boxes = [s for s in shards if s.numel > 0]
+    if sum(s.numel for s in boxes) != _numel(shape):
+        raise ValueError(f"the shards of {name!r} do not add up to its size")
+    if len(boxes) < 2 or not shape:
+        return
+    dim = max(range(len(shape)), key=lambda d: len({s.offsets[d] for s in boxes}))
+    active: list[ShardRecord] = []
+    for s in sorted(boxes, key=lambda b: b.offsets[dim]):
+        start = s.offsets[dim]
+        active = [a for a in active if a.offsets[dim] + a.shape[dim] > start]
+        for a in active:
+            if all(
+                a.offsets[d] < s.offsets[d] + s.shape[d] and s.offsets[d] < a.offsets[d] + a.shape[d]
+                for d in range(len(shape))
+            ):
+                raise ValueError(f"two shards of {name!r} overlap")
+        active.append(s)

@@ -304,6 +304,11 @@ def _unpack(mode: int, data: memoryview, size: int, what: str) -> np.ndarray:
         out = _dctx().decompress(data, max_output_size=size)
     except zstandard.ZstdError as e:
         raise CorruptObject("<chunk>", detail=f"{what} does not decode: {e}") from None
+    except MemoryError:
+        # A damaged header can declare an absurd size; zstd then fails to allocate the output.
+        raise CorruptObject(
+            "<chunk>", detail=f"{what} declares {size} bytes, more than can be decoded"
+        ) from None
     if len(out) != size:
         raise CorruptObject("<chunk>", detail=f"{what} decodes to {len(out)} bytes, expected {size}")
     return np.frombuffer(out, dtype=np.uint8)

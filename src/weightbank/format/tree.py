@@ -41,7 +41,7 @@ import torch
 from ..errors import InvalidState
 from .dtypes import dtype_name
 
-__all__ = ["Leaf", "flatten", "tensor_problem", "unflatten"]
+__all__ = ["Leaf", "TensorRef", "flatten", "flatten_refs", "tensor_problem", "unflatten"]
 
 _MAX_DEPTH = 64
 
@@ -54,6 +54,19 @@ class Leaf:
     tensor: torch.Tensor
     alias_of: int | None = None
     numpy: bool = False
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A placeholder for a tensor written elsewhere (a part of a two-phase save), by its name.
+
+    Example:
+        >>> from weightbank.format.tree import TensorRef, flatten_refs
+        >>> flatten_refs({"w": TensorRef("model.w"), "step": 3})
+        ({'d': [['w', {'T': 0}], ['step', {'v': 3}]]}, ['model.w'])
+    """
+
+    name: str
 
 
 def _join(path: str, key: object) -> str:
@@ -76,7 +89,8 @@ def tensor_problem(t: torch.Tensor) -> str | None:
 
 
 class _Flattener:
-    def __init__(self) -> None:
+    def __init__(self, refs: bool = False) -> None:
+        self.refs: list[str] | None = [] if refs else None
         self.leaves: list[Leaf] = []
         self.names: dict[str, str] = {}
         self._seen: dict[tuple[Any, ...], int] = {}
@@ -85,6 +99,14 @@ class _Flattener:
     def node(self, obj: object, path: str, depth: int) -> dict[str, Any]:
         if depth > _MAX_DEPTH:
             raise InvalidState(path, f"nested deeper than {_MAX_DEPTH} levels (is the state cyclic?)")
+        if self.refs is not None:
+            if isinstance(obj, TensorRef):
+                if obj.name in self.refs:
+                    raise InvalidState(path, f"tensor {obj.name!r} is placed twice")
+                self.refs.append(obj.name)
+                return {"T": len(self.refs) - 1}
+            if isinstance(obj, (torch.Tensor, np.ndarray)):
+                raise InvalidState(path, "place tensors of a two-phase save with TensorRef(name)")
         if isinstance(obj, torch.Tensor):
             return {"T": self.tensor(obj, path, numpy=False)}
         if isinstance(obj, np.ndarray):
@@ -162,10 +184,18 @@ def flatten(state: object) -> tuple[dict[str, Any], list[Leaf]]:
     return spec, f.leaves
 
 
-def unflatten(spec: dict[str, Any], tensors: Sequence[torch.Tensor | None]) -> Any:
+def flatten_refs(state: object) -> tuple[dict[str, Any], list[str]]:
+    """Like :func:`flatten` for a state whose tensors are :class:`TensorRef` placeholders: (tree, names)."""
+    f = _Flattener(refs=True)
+    spec = f.node(state, "", 0)
+    return spec, f.refs or []
+
+
+def unflatten(spec: dict[str, Any], tensors: Sequence[Any]) -> Any:
     """Rebuild the state from its tree; ``tensors[i]`` fills ``{"T": i}``.
 
-    A ``None`` in ``tensors`` (a tensor not selected by a partial load) drops
+    ``tensors`` holds tensors (or :class:`TensorRef` placeholders, for a tree
+    without numpy leaves). A ``None`` in it (a tensor not selected by a partial load) drops
     that entry from its dict; inside a list or tuple it stays ``None``.
     """
 

@@ -21,6 +21,15 @@ that thread starts no subprocess, but a dataset that can be pickled may pass
 ``multiprocessing_context="forkserver"`` to avoid fork-with-threads hazards
 altogether (at the cost of slower worker start-up, once per epoch).
 
+Ranks: with ``rank`` and ``world_size`` (a ``torch.distributed`` job) every rank
+draws the same permutation and visits every ``world_size``-th sample of it,
+starting at its ``rank`` — ``DistributedSampler``'s split, the order padded by
+wrapping around so every rank gets as many batches. The position counts this
+rank's batches, which is the same number on every rank. A position saved at
+another world size is converted through the samples the whole job consumed
+(``index * batch_size * world_size``), rounded down to a batch: a few samples
+may be seen twice, none skipped.
+
 Changing the position (``load_state_dict``) while a ``for`` loop is iterating
 takes effect at the loop's next batch: the loop continues from the new
 position (this is how a rollback skips batches).
@@ -82,10 +91,15 @@ class _Keyed(torch.utils.data.Dataset[Any]):
 
 
 class _Batches:
-    """The batch keys of one epoch from batch ``start`` on (a batch sampler)."""
+    """The batch keys of one epoch from batch ``start`` on (a batch sampler).
 
-    def __init__(self, order: list[int], epoch: int, start: int, batch_size: int, n_batches: int) -> None:
-        self.order, self.epoch, self.start = order, epoch, start
+    ``visits`` are (position in the epoch's global order, dataset index) pairs.
+    """
+
+    def __init__(
+        self, visits: list[tuple[int, int]], epoch: int, start: int, batch_size: int, n_batches: int
+    ) -> None:
+        self.visits, self.epoch, self.start = visits, epoch, start
         self.batch_size, self.n_batches = batch_size, n_batches
 
     def __len__(self) -> int:
@@ -94,8 +108,7 @@ class _Batches:
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         bs = self.batch_size
         for b in range(self.start, self.n_batches):
-            lo, hi = b * bs, min((b + 1) * bs, len(self.order))
-            yield [(self.epoch, p, self.order[p]) for p in range(lo, hi)]
+            yield [(self.epoch, p, i) for p, i in self.visits[b * bs : (b + 1) * bs]]
 
 
 class ResumableLoader:
@@ -104,8 +117,9 @@ class ResumableLoader:
     Iterating yields the rest of the current epoch; when the epoch is
     exhausted the position moves to the start of the next one. ``seed``
     defaults to ``torch.initial_seed()`` (so ``torch.manual_seed`` fixes it)
-    and is saved in the state. Other keyword arguments (``collate_fn``,
-    ``pin_memory``, ``timeout``, ``prefetch_factor``,
+    and is saved in the state. ``rank`` and ``world_size`` give this rank its
+    share of every epoch (see the module docstring). Other keyword arguments
+    (``collate_fn``, ``pin_memory``, ``timeout``, ``prefetch_factor``,
     ``multiprocessing_context``, ...) go to ``DataLoader``.
 
     Example:
@@ -125,10 +139,14 @@ class ResumableLoader:
         seed: int | None = None,
         num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
         **loader_kwargs: Any,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
+        if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, not rank={rank!r} world_size={world_size!r}")
         for bad in ("sampler", "batch_sampler", "shuffle", "generator", "worker_init_fn"):
             if bad in loader_kwargs:
                 raise ValueError(f"ResumableLoader decides {bad!r} itself (it owns the data order)")
@@ -140,14 +158,15 @@ class ResumableLoader:
         self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.loader_kwargs = loader_kwargs
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.index = 0
         self._generation = 0
         self._order: tuple[int, list[int]] | None = None
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        n = len(self.dataset)
+        """Batches per epoch (of this rank)."""
+        n = -(-len(self.dataset) // self.world_size)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def order(self, epoch: int) -> list[int]:
@@ -162,10 +181,19 @@ class ResumableLoader:
             self._order = (epoch, perm)
         return self._order[1]
 
-    def batch_indices(self, epoch: int, index: int) -> list[int]:
-        """The dataset indices of batch ``index`` of ``epoch`` (what a position refers to)."""
+    def visits(self, epoch: int) -> list[tuple[int, int]]:
+        """(position in the epoch's order, dataset index) of the samples this rank visits, in order."""
         order = self.order(epoch)
-        return order[index * self.batch_size : (index + 1) * self.batch_size]
+        if self.world_size == 1:
+            return list(enumerate(order))
+        n = len(order)
+        total = -(-n // self.world_size) * self.world_size
+        return [(p, order[p % n]) for p in range(self.rank, total, self.world_size)]
+
+    def batch_indices(self, epoch: int, index: int) -> list[int]:
+        """The dataset indices of this rank's batch ``index`` of ``epoch`` (what a position refers to)."""
+        visits = self.visits(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        return [i for _, i in visits]
 
     # -- position --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -177,6 +205,8 @@ class ResumableLoader:
             "batch_size": self.batch_size,
             "shuffle": self.shuffle,
             "batches_per_epoch": len(self),
+            "rank": self.rank,
+            "world_size": self.world_size,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -187,13 +217,17 @@ class ResumableLoader:
             raise ValueError(f"not a ResumableLoader state ({e})") from None
         if epoch < 0 or index < 0:
             raise ValueError(f"bad loader position epoch={epoch} index={index}")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size and saved_world > 0:
+            # Same samples consumed by the whole job, in this world size's batches (rounded down).
+            index = index * saved_world // self.world_size
         self.epoch, self.index, self.seed = epoch, index, seed
         self._order = None
         self._generation += 1
 
     # -- iteration ---------------------------------------------------------------------
     def _dataloader(self, epoch: int, start: int) -> DataLoader[Any]:
-        batches = _Batches(self.order(epoch), epoch, start, self.batch_size, len(self))
+        batches = _Batches(self.visits(epoch), epoch, start, self.batch_size, len(self))
         return DataLoader(
             _Keyed(self.dataset, self.seed),
             batch_sampler=batches,

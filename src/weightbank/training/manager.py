@@ -27,6 +27,10 @@ prunes what no keep rule keeps (never before the new checkpoint is
 committed). Every checkpoint carries the policies', guard's and early
 stopping's memory, so a resumed run takes the same decisions.
 
+In a ``torch.distributed`` job every rank runs the same loop: rank 0 decides,
+every rank writes its shards, rank 0 commits (see
+:mod:`weightbank.training.distributed`).
+
 Example:
     >>> import torch, weightbank as wb
     >>> bank = wb.open("memory://"); model = torch.nn.Linear(2, 1)
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -55,6 +60,11 @@ from ..bank.bank import AUTO, Bank
 from ..bank.environment import capture_env
 from ..bank.results import CheckpointInfo
 from ..errors import CheckpointNotFound, TrainingDiverged
+from .distributed import Distributed
+from .distributed import capture as dist_capture
+from .distributed import pick as dist_pick
+from .distributed import restore as dist_restore
+from .distributed import save as dist_save
 from .guard import Guard
 from .policies import (
     BestN,
@@ -75,6 +85,17 @@ from .state import TrainingState
 __all__ = ["CheckpointManager"]
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=,-]")
+
+
+def _distributed(asked: bool | None, timeout: float | None) -> Distributed | None:
+    """The job this manager runs in: None for a single process."""
+    if asked is False:
+        return None
+    if asked is None:
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not (dist.is_available() and dist.is_initialized()):
+            return None
+    return Distributed(timeout)
 
 
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -109,6 +130,11 @@ class CheckpointManager:
         signals: signals meaning "preempted": finish the step, save, and exit
             (``SystemExit(0)``) or, with ``exit_on_signal=False``, stop.
             Handlers are installed only from the main thread; ``()`` for none.
+        distributed: run as one rank of a ``torch.distributed`` job (every
+            rank makes the same calls; sharded saves and resharding restores).
+            None: whenever a process group is initialized.
+        collective_timeout: seconds the manager's own collectives wait for
+            the other ranks (None: torch's default).
     """
 
     def __init__(
@@ -130,6 +156,8 @@ class CheckpointManager:
         best_tags: bool = True,
         signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_signal: bool = True,
+        distributed: bool | None = None,
+        collective_timeout: float | None = None,
     ) -> None:
         bank.events(run)  # validates the run name before any training happens
         # The bank probes git (subprocesses) once per working directory for checkpoint metadata. Do it
@@ -163,6 +191,8 @@ class CheckpointManager:
         self._signalled: int | None = None
         self._exit_on_signal = exit_on_signal
         self._previous_handlers: dict[int, Any] = {}
+        self.restore_notes: list[str] = []
+        self._dist = _distributed(distributed, collective_timeout)
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
@@ -201,6 +231,8 @@ class CheckpointManager:
             0
         """
         self._raise_failures()
+        if self._dist is not None:
+            return self._restore_dist(state, ref)
         if ref is None:
             try:
                 cid = self.bank.resolve(f"{self.run}@latest")
@@ -212,6 +244,9 @@ class CheckpointManager:
                 return 0
         else:
             cid = self.bank.resolve(ref)
+        if "dcp" in self.bank.show(cid).info.meta:
+            # Saved through DCP (a distributed job): load it the same way, as the only rank.
+            return self._restored(dist_restore(state, self.bank, cid, Distributed.alone()), cid)
         tree = self.bank.load(cid)
         state.load(tree)
         manager = tree.get("manager") if isinstance(tree, Mapping) else None
@@ -220,6 +255,27 @@ class CheckpointManager:
             return int(manager["step"])
         step = self.bank.show(cid).info.step
         return step or 0
+
+    def _restore_dist(self, state: TrainingState, ref: str | None) -> int:
+        """``restore`` on every rank: rank 0 picks the checkpoint, every rank loads its share."""
+        assert self._dist is not None
+        cid, init = dist_pick(self.bank, self._dist, ref, self.run, self.init_from)
+        if cid is None:
+            if init is not None:
+                _, self.restore_notes = dist_restore(
+                    state, self.bank, init, self._dist, parts=self.init_parts
+                )
+                self._parent = init
+            return 0
+        return self._restored(dist_restore(state, self.bank, cid, self._dist), cid)
+
+    def _restored(self, result: tuple[Any, list[str]], cid: str) -> int:
+        """Take a distributed restore's manager state and notes; the steps done."""
+        manager, self.restore_notes = result
+        self._load_manager_state(manager)
+        if isinstance(manager, Mapping) and isinstance(manager.get("step"), int):
+            return int(manager["step"])
+        return self.bank.show(cid).info.step or 0
 
     def _manager_state(self, done: int) -> dict[str, Any]:
         return {
@@ -261,18 +317,23 @@ class CheckpointManager:
         self._raise_failures()
         done = step + 1
         m = _clean_metrics(metrics)
-        if self.guard is not None:
-            reason = self.guard.check(m)
-            if reason is not None:
-                rb = self._rollback(done, state, reason)
-                return StepOutcome(step=done, next_step=rb.restored_step, rollback=rb, reason=reason)
-        stop = self.early_stopping is not None and self.early_stopping.observe(m)
-        now = time.monotonic()
-        due = [p.should_save(done, m, now) for p in self.save_policies]
+        if self._dist is None:
+            (reason, stop, due, rollbacks), signalled = self._decide(done, m), self._signalled is not None
+        else:
+            (reason, stop, due, rollbacks), signalled = self._dist.agree(
+                partial(self._decide, done, m), self._signalled is not None
+            )
+        if reason is not None:
+            if rollbacks == []:  # rank 0's guard refused another rollback
+                raise TrainingDiverged(done, reason, list(self.guard.rollbacks) if self.guard else [])
+            if rollbacks is not None and self.guard is not None:
+                self.guard.rollbacks = rollbacks  # rank 0's guard allowed it
+            rb = self._rollback(done, state, reason)
+            return StepOutcome(step=done, next_step=rb.restored_step, rollback=rb, reason=reason)
         handle = None
-        if self._signalled is not None:
+        if signalled:
             return self._preempt(done, state, m)
-        if any(due):
+        if due:
             handle = self._save(done, state, m, trigger="policy")
         if stop:
             assert self.early_stopping is not None
@@ -286,6 +347,28 @@ class CheckpointManager:
                 reason=f"early stopping: no {es.metric} improvement for {es.patience} evaluations",
             )
         return StepOutcome(step=done, next_step=done, saved=handle)
+
+    def _decide(self, done: int, m: dict[str, Any]) -> tuple[str | None, bool, bool, list[int] | None]:
+        """(divergence reason, stop, save due, rollbacks) — on rank 0 only in a distributed job.
+
+        In a distributed job the guard's permission for a rollback is asked
+        here too, so every rank learns it: ``rollbacks`` is then the guard's
+        list after allowing it, or ``[]`` when it refused (TrainingDiverged).
+        """
+        if self.guard is not None:
+            reason = self.guard.check(m)
+            if reason is not None:
+                if self._dist is None:
+                    return reason, False, False, None
+                try:
+                    self.guard.allow_rollback(done, reason)
+                except TrainingDiverged:
+                    return reason, False, False, []
+                return reason, False, False, list(self.guard.rollbacks)
+        stop = self.early_stopping is not None and self.early_stopping.observe(m)
+        now = time.monotonic()
+        due = [p.should_save(done, m, now) for p in self.save_policies]
+        return None, stop, any(due), None
 
     def save_now(
         self,
@@ -374,10 +457,15 @@ class CheckpointManager:
         now = time.monotonic()
         for p in self.save_policies:
             p.saved(done, now)
-        tree = state.capture()
-        tree["manager"] = self._manager_state(done)
+        if self._dist is None:
+            tree = state.capture()
+            tree["manager"] = self._manager_state(done)
+        else:
+            tree = dist_capture(state, self._dist.rank)
+            if self._dist.rank == 0:  # rank 0's policies decide: only its memory is saved
+                tree["manager"] = self._manager_state(done)
         snapshot = self._pool.stage(tree)
-        if self.guard is not None:
+        if self.guard is not None and self._dist is None:
             self._pool.retain(snapshot)
             self._retained = snapshot
         meta = {**self.meta, "trigger": trigger}
@@ -400,24 +488,25 @@ class CheckpointManager:
         parent: Any,
         meta: dict[str, Any],
     ) -> CheckpointInfo:
-        """The background job: write the snapshot, then tags and pruning (only after the commit)."""
+        """The background job: write the snapshot, then tags and pruning (only after the commit).
+
+        In a distributed job every rank runs it at once (one DCP save); rank 0 commits, tags and prunes.
+        """
+        options: dict[str, Any] = {"run": self.run, "step": done, "metrics": metrics, "config": self.config}
+        options.update(meta=meta, tags=tags, message=message, parent=parent, codec=self.codec)
         try:
             snapshot.ready()
-            info = self.bank.save(
-                snapshot.tree,
-                run=self.run,
-                step=done,
-                metrics=metrics,
-                config=self.config,
-                meta=meta,
-                tags=tags,
-                message=message,
-                parent=parent,
-                codec=self.codec,
-            )
+            if self._dist is None:
+                info: CheckpointInfo | None = self.bank.save(snapshot.tree, **options)
+                assert info is not None
+                cid = info.id
+            else:
+                cid, info = dist_save(self.bank, snapshot.tree, self._dist.save_group, **options)
         finally:
             self._pool.release(snapshot.slot)
-        snapshot.checkpoint = info.id
+        snapshot.checkpoint = cid
+        if info is None:  # not rank 0: the commit, its tags and the pruning are rank 0's
+            return self.bank.show(cid).info
         self._update_best_tags(info)
         if self.keep:
             self._prune(protect={info.id})
@@ -453,23 +542,33 @@ class CheckpointManager:
     def _rollback(self, done: int, state: TrainingState, reason: str) -> Rollback:
         assert self.guard is not None
         guard = self.guard
-        guard.allow_rollback(done, reason)
+        if self._dist is None:
+            guard.allow_rollback(done, reason)  # in a distributed job rank 0 asked it already
         rollbacks = list(guard.rollbacks)
         self.wait()  # the snapshot to restore may still be on its way to the bank
         data_to = state.data_position()
         snapshot = self._retained
         if snapshot is not None and snapshot.checkpoint is not None:
             cid, tree, source = snapshot.checkpoint, snapshot.tree, "memory"
+            state.load(tree)  # copies out of the snapshot: the retained buffers stay intact
+            manager = tree.get("manager", {}) if isinstance(tree, Mapping) else {}
         else:
             try:
-                cid = self.bank.resolve(f"{self.run}@latest")
+                latest = self.bank.resolve(f"{self.run}@latest")
             except CheckpointNotFound:
-                raise TrainingDiverged(
-                    done, reason, rollbacks, detail="no checkpoint to roll back to"
-                ) from None
-            tree, source = self.bank.load(cid), "bank"
-        state.load(tree)  # copies out of the snapshot: the retained buffers stay intact
-        manager = tree.get("manager", {}) if isinstance(tree, Mapping) else {}
+                latest = None
+            if self._dist is not None:
+                latest = self._dist.broadcast(latest)
+            if latest is None:
+                raise TrainingDiverged(done, reason, rollbacks, detail="no checkpoint to roll back to")
+            cid, source = latest, "bank"
+            if self._dist is None:
+                tree = self.bank.load(cid)
+                state.load(tree)
+                manager = tree.get("manager", {}) if isinstance(tree, Mapping) else {}
+            else:
+                manager, self.restore_notes = dist_restore(state, self.bank, cid, self._dist)
+                manager = manager if isinstance(manager, Mapping) else {}
         restored_step = int(manager.get("step", 0))
         self._load_manager_state(manager)
         guard.rollbacks = rollbacks
@@ -487,8 +586,7 @@ class CheckpointManager:
             data_to=data_to,
             lr_scale=guard.lr_scale,
         )
-        self.bank.record_event(
-            self.run,
+        self._event(
             "rollback",
             step=done,
             checkpoint=cid,
@@ -519,16 +617,22 @@ class CheckpointManager:
         name = signal.Signals(signum).name if signum is not None else "signal"
         handle = self._save(done, state, metrics, trigger="signal", message=f"preempted by {name}")
         info = handle.wait()
-        self.bank.record_event(self.run, "preempted", step=done, checkpoint=info.id, data={"signal": name})
+        self._event("preempted", step=done, checkpoint=info.id, data={"signal": name})
         self.close()
         if self._exit_on_signal:
             raise SystemExit(0)
         return StepOutcome(step=done, next_step=done, saved=handle, stop=True, reason=f"preempted by {name}")
 
+    def _event(self, kind: str, **kw: Any) -> None:
+        if self._dist is None or self._dist.rank == 0:  # one record per event, not one per rank
+            self.bank.record_event(self.run, kind, **kw)
+
     def _finish_early_stop(self) -> None:
         self.wait()
         es = self.early_stopping
         assert es is not None
+        if self._dist is not None and self._dist.rank != 0:
+            return  # rank 0 moves the tag
         try:
             best = self.bank.resolve(f"{self.run}@best:{es.metric}:{es.mode}")
         except CheckpointNotFound:

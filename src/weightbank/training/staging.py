@@ -17,7 +17,9 @@ side stream that first waits for the current stream; the current stream then
 waits on an event recorded after the copies, so later kernels cannot change a
 tensor before it is copied, and the host does not wait at all. The writer
 calls :meth:`Snapshot.ready` (the event's ``synchronize``) before reading.
-Tensors that share memory (tied weights) are copied once and stay shared.
+Tensors that share memory (tied weights) are copied once and stay shared. A
+``DTensor`` (a shard of a ``torch.distributed`` tensor) is staged as its local
+shard, wrapped again with the same mesh and placements.
 
 Example:
     >>> import torch
@@ -30,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +127,12 @@ class StagingPool:
                 s.retained = snapshot is not None and s is snapshot.slot
 
 
+def _dtensor_type() -> Any:
+    """``DTensor`` if torch.distributed.tensor is loaded (no DTensor can exist otherwise), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
 class _Copier:
     """One staging pass: visits the tree, copies leaves into the slot's buffers."""
 
@@ -136,6 +145,12 @@ class _Copier:
         self.used: dict[torch.device, Any] = {}
 
     def visit(self, obj: Any, path: str) -> Any:
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(obj, dtensor):
+            # Stage the local shard; the copy is a DTensor with the same layout (mesh, placements),
+            # built the way DCP's own staging does, so it stays in host memory.
+            local = self.tensor(obj._local_tensor, path)
+            return dtensor(local, obj._spec, requires_grad=False)
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
         if isinstance(obj, np.ndarray):

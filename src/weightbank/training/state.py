@@ -138,27 +138,35 @@ class TrainingState:
         """The objects of one section by name (``""`` for a single unnamed one)."""
         return dict(self._groups.get(kind, (False, {}))[1])
 
+    def is_named(self, kind: str) -> bool:
+        """Whether section ``kind`` was given as a mapping of names (its tree is ``{name: state}``)."""
+        return self._groups.get(kind, (False, {}))[0]
+
     @property
     def data(self) -> Any:
         """The data object (e.g. a ResumableLoader), or None."""
         return self._groups.get("data", (False, {"": None}))[1][""]
 
     # -- capture / load --------------------------------------------------------------
-    def capture(self) -> dict[str, Any]:
-        """The current state as a tree of live tensors and values (copy it before training goes on).
+    def capture(self, sections: Sequence[str] | None = None) -> dict[str, Any]:
+        """The current state (of ``sections``, default all) as a tree of live tensors and values.
+
+        Copy it before training goes on.
 
         Example:
             >>> import torch
             >>> TrainingState(model=torch.nn.Linear(1, 1), rng=False).capture()["model"]["bias"].shape
             torch.Size([1])
         """
+        wanted = set(self.sections() if sections is None else sections)
         tree: dict[str, Any] = {}
         for kind, (several, objs) in self._groups.items():
-            states = {name: obj.state_dict() for name, obj in objs.items()}
-            tree[kind] = states if several else states[""]
-        if self.extra:
+            if kind in wanted:
+                states = {name: obj.state_dict() for name, obj in objs.items()}
+                tree[kind] = states if several else states[""]
+        if self.extra and "extra" in wanted:
             tree["extra"] = {name: self._extra_state(name, v) for name, v in self.extra.items()}
-        if self.rng:
+        if self.rng and "rng" in wanted:
             tree["rng"] = capture_rng()
         return tree
 
