@@ -41,6 +41,8 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_serving.py
+	$(PY) benchmarks/bench_dcp.py
+	$(PY) benchmarks/bench_s3.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_BANK) .pytest_cache .mypy_cache .ruff_cache
