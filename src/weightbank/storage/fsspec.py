@@ -56,6 +56,8 @@ from .base import ObjectInfo, RefValue, Storage
 __all__ = [
     "DEFAULT_RETRIES",
     "FsspecStorage",
+    "ObjectStoreBase",
+    "check_key",
     "open_fsspec",
     "retrying",
     "split_url",
@@ -283,7 +285,48 @@ class _SpooledWriter:
             self._f.close()
 
 
-class FsspecStorage:
+def check_key(key: str) -> None:
+    """StorageError unless ``key`` is a relative ``a/b/c`` key with no empty, ``.`` or ``..`` part."""
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
+        raise StorageError(f"invalid storage key {key!r}")
+
+
+class ObjectStoreBase:
+    """What every object-store backend does the same way, on top of its own ``read``/``size``/``list``."""
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        raise NotImplementedError
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        raise NotImplementedError
+
+    def read_into(self, key: str, offset: int, buf: memoryview) -> int:
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        if not len(view):
+            return 0
+        data = self.read(key, offset, len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except MissingObject:
+            return False
+        return True
+
+    def list_refs(self, prefix: str) -> Iterator[str]:
+        for info in self.list(prefix):
+            yield info.key
+
+    def local_path(self, key: str) -> str | None:
+        return None  # no local files: loads copy, and remote banks get a disk cache
+
+
+class FsspecStorage(ObjectStoreBase):
     """A bank on any fsspec file system (generic: no compare-and-swap, see the module docstring)."""
 
     def __init__(
@@ -304,8 +347,7 @@ class FsspecStorage:
 
     # -- helpers -----------------------------------------------------------
     def _path(self, key: str) -> str:
-        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
-            raise StorageError(f"invalid storage key {key!r}")
+        check_key(key)
         return f"{self.root}/{key}"
 
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
@@ -324,12 +366,6 @@ class FsspecStorage:
         data: bytes = self._call("read", key, lambda: self.fs.cat_file(path, start=offset, end=end))
         return data
 
-    def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
-        data = self.read(key, offset, len(view))
-        view[: len(data)] = data
-        return len(data)
-
     def write(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         payload = bytes(data)
@@ -338,13 +374,6 @@ class FsspecStorage:
     def open_writer(self, key: str) -> _SpooledWriter:
         self._path(key)
         return _SpooledWriter(self, key)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except MissingObject:
-            return False
-        return True
 
     def size(self, key: str) -> int:
         path = self._path(key)
@@ -399,13 +428,6 @@ class FsspecStorage:
                 raise ConcurrentUpdate(key, f"expected version {expect}, found {cur_token}")
             self.write(key, data)
             return self._token(data)
-
-    def list_refs(self, prefix: str) -> Iterator[str]:
-        for info in self.list(prefix):
-            yield info.key
-
-    def local_path(self, key: str) -> str | None:
-        return None
 
     def sweep_incomplete(self, older_than: float) -> int:
         return 0  # uploads are whole-object puts from a local temp file: nothing half-written remains

@@ -40,7 +40,7 @@ from typing import Any
 
 from ..errors import ConcurrentUpdate, MissingObject, StorageError
 from .base import ObjectInfo, RefValue
-from .fsspec import DEFAULT_RETRIES, client_error_code, is_transient, translate
+from .fsspec import DEFAULT_RETRIES, ObjectStoreBase, check_key, client_error_code, is_transient, translate
 
 __all__ = ["S3Storage"]
 
@@ -166,7 +166,7 @@ class _MultipartWriter:
                 )
 
 
-class S3Storage:
+class S3Storage(ObjectStoreBase):
     """A bank under ``s3://bucket/prefix``. See the module docstring for the contract it keeps."""
 
     def __init__(
@@ -206,8 +206,7 @@ class S3Storage:
 
     # -- helpers -----------------------------------------------------------
     def _k(self, key: str) -> str:
-        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
-            raise StorageError(f"invalid storage key {key!r}")
+        check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _op(self, method: str, key: str, **kwargs: Any) -> Any:
@@ -264,14 +263,6 @@ class S3Storage:
         end = "" if length is None else str(offset + length - 1)
         return self._get(key, f"bytes={offset}-{end}")[0]
 
-    def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
-        if not len(view):
-            return 0
-        data = self.read(key, offset, len(view))
-        view[: len(data)] = data
-        return len(data)
-
     def write(self, key: str, data: bytes | memoryview) -> None:
         if len(data) >= 2 * self.part_size:
             w = _MultipartWriter(self, key)
@@ -287,13 +278,6 @@ class S3Storage:
     def open_writer(self, key: str) -> _MultipartWriter:
         self._k(key)
         return _MultipartWriter(self, key)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except MissingObject:
-            return False
-        return True
 
     def size(self, key: str) -> int:
         resp = self._op("head_object", key, Key=self._k(key))
@@ -397,13 +381,6 @@ class S3Storage:
                 raise ConcurrentUpdate(key, f"expected version {expect}, found {found}")
             resp = self._op("put_object", key, Key=self._k(key), Body=data)
             return str(resp["ETag"])
-
-    def list_refs(self, prefix: str) -> Iterator[str]:
-        for info in self.list(prefix):
-            yield info.key
-
-    def local_path(self, key: str) -> str | None:
-        return None
 
     def sweep_incomplete(self, older_than: float) -> int:
         """Abort multipart uploads older than ``max(older_than, INCOMPLETE_TTL)`` under this bank."""
