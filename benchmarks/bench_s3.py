@@ -73,6 +73,7 @@ from bench_bank import (  # a sibling module of this script
     touch,
 )
 from bench_common import write_section
+from weightbank.bank.bank import REMOTE_LOAD_WORKERS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -89,12 +90,13 @@ CODECS = ("raw", "auto")
 
 #: Save knobs of the S3 backend tried on the fp32 state (``storage_options``), and load pool sizes.
 SAVE_KNOBS: dict[str, dict[str, int]] = {
-    "16 MiB parts × 6 in flight (default)": {},
-    "8 MiB parts × 6": {"part_size": 8 << 20},
-    "64 MiB parts × 6": {"part_size": 64 << 20},
-    "16 MiB parts × 12": {"max_inflight": 12},
+    "16 MiB parts × 8 in flight (default)": {},
+    "8 MiB parts × 8": {"part_size": 8 << 20},
+    "64 MiB parts × 8": {"part_size": 64 << 20},
+    "16 MiB parts × 16": {"max_inflight": 16},
 }
-LOAD_WORKERS = (2, 4, 8)
+#: Load pool sizes tried; a remote bank's default is 16.
+LOAD_WORKERS = (2, 4, 8, 16)
 
 
 def open_bank(
@@ -638,7 +640,11 @@ def report(
     info = machine_info()
     info.pop("filesystem", None)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    workers = wb.open("memory://").workers
+    from weightbank.storage.s3 import S3Storage
+
+    probe = S3Storage("s3://x/y", "x/y", {})
+    part_mib, inflight = probe.part_size >> 20, probe.max_inflight
+    workers = REMOTE_LOAD_WORKERS
     md = [
         BEGIN,
         "## S3: weightbank vs one safetensors file through s3fs",
@@ -656,7 +662,7 @@ def report(
         f"- repeats: {args.repeats} (median reported), interleaved across methods in a rotating order; "
         f"{'one untimed warm-up round' if args.warmup else 'no warm-up round'}; `torch.set_num_threads(1)`",
         f"- weightbank: `workers={workers}` (the load pool: one ranged GET per 4 MiB chunk), S3 backend "
-        "defaults (16 MiB multipart parts, 6 in flight); disk cache "
+        f"defaults ({part_mib} MiB multipart parts, {inflight} in flight); disk cache "
         + (
             "off except in the cache rows" if HAS_CACHE else "not available in this weightbank (rows skipped)"
         ),

@@ -157,16 +157,31 @@ def test_a_failed_pack_upload_leaves_no_checkpoint(seaweed: SeaweedServer) -> No
     assert bank.verify().ok
 
 
+def _ignoring(store: S3Storage, *conditions: str) -> None:
+    """Make ``store`` behave like a server that ignores the given conditional headers."""
+    real = store.fs.call_s3
+
+    def call(m: str, *a: Any, **kw: Any) -> Any:
+        for c in conditions:
+            kw.pop(c, None)
+        return real(m, *a, **kw)
+
+    store.fs.call_s3 = call
+
+
+@pytest.mark.parametrize("ignored", [("IfNoneMatch", "IfMatch"), ("IfMatch",), ("IfNoneMatch",)])
+def test_a_store_ignoring_either_condition_is_refused(seaweed: SeaweedServer, ignored: tuple[str, ...]) -> None:
+    store = open_storage(_url(), seaweed.storage_options())
+    assert isinstance(store, S3Storage)
+    _ignoring(store, *ignored)
+    with pytest.raises(StorageError, match="conditional_writes"):
+        store.put_ref("refs/tags/a.json", b"1", None)
+    assert list(store.list("refs/")) == []
+
+
 def test_a_store_that_ignores_conditions_is_refused_unless_allowed(seaweed: SeaweedServer) -> None:
     def ignoring(store: S3Storage) -> None:
-        real = store.fs.call_s3
-
-        def call(m: str, *a: Any, **kw: Any) -> Any:
-            kw.pop("IfNoneMatch", None)
-            kw.pop("IfMatch", None)
-            return real(m, *a, **kw)
-
-        store.fs.call_s3 = call
+        _ignoring(store, "IfNoneMatch", "IfMatch")
 
     url = _url()
     store = open_storage(url, seaweed.storage_options())
@@ -322,9 +337,10 @@ def test_sigkill_mid_upload_leaves_no_checkpoint_and_gc_cleans_up(
     assert [c.id for c in bank.log()] == [keep], "no partial checkpoint may be visible"
     monkeypatch.setattr(s3mod, "INCOMPLETE_TTL", 0.0)
     time.sleep(1.1)
-    report = bank.gc(grace=0)
-    assert report is not None
+    bank.gc(grace=0)
     assert _uploads(store) == []
+    live_packs = set(bank.show(keep).packs)
+    assert {i.key for i in store.list("packs/")} == live_packs, "the killed save left packs behind"
     assert bank.verify().ok
     assert torch.equal(bank.load(keep)["w"], torch.arange(5.0))
 
@@ -368,3 +384,42 @@ def test_cli_on_an_s3_bank(seaweed: SeaweedServer, monkeypatch: pytest.MonkeyPat
     assert "nope" in line
     monkeypatch.setenv("WEIGHTBANK_STORAGE_OPTIONS", json.dumps({**seaweed.storage_options(), "secret": "x"}))
     assert "access denied" in fails(1, "log", bank=url)
+
+
+def _lose_first_reply(store: S3Storage, method: str) -> list[int]:
+    """The first ``method`` call lands on the server, but its reply is "lost" (a transient error)."""
+    real = store.fs.call_s3
+    calls = [0]
+
+    def call(m: str, *a: Any, **kw: Any) -> Any:
+        if m == method:
+            calls[0] += 1
+        out = real(m, *a, **kw)
+        if m == method and calls[0] == 1:
+            raise OSError("reply lost") from _client_error("RequestTimeout", 500)
+        return out
+
+    store.fs.call_s3 = call
+    return calls
+
+
+def test_a_ref_put_whose_reply_was_lost_is_recognised_as_ours(store: S3Storage) -> None:
+    t0 = store.put_ref("refs/tags/a.json", b"v0", None)
+    calls = _lose_first_reply(store, "put_object")
+    t1 = store.put_ref("refs/tags/a.json", b"v1", t0)  # the retry fails its condition: it already landed
+    assert calls[0] == 2
+    ref = store.get_ref("refs/tags/a.json")
+    assert ref is not None and ref.data == b"v1" and ref.token == t1
+    store.put_ref("refs/tags/a.json", b"v2", t1)  # the token returned is the live one
+    with pytest.raises(ConcurrentUpdate):
+        store.put_ref("refs/tags/a.json", b"v3", t0)
+
+
+def test_a_completed_upload_whose_reply_was_lost_is_not_an_error(store: S3Storage) -> None:
+    calls = _lose_first_reply(store, "complete_multipart_upload")
+    payload = os.urandom(11 * MiB)
+    w = store.open_writer("packs/c.pack")
+    w.write(payload)
+    w.commit()  # the retried completion answers NoSuchUpload; the object is there, so it landed
+    assert calls[0] == 2
+    assert store.read("packs/c.pack") == payload

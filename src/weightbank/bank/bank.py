@@ -69,6 +69,10 @@ from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 __all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
 
 
+#: Load threads of a remote bank: its reads mostly wait on the network.
+REMOTE_LOAD_WORKERS = 16
+
+
 def _init_storage(storage: Storage, *, create: bool) -> None:
     try:
         raw = storage.read(FORMAT_KEY)
@@ -161,7 +165,7 @@ class Bank(TwoPhase):
         self.cache = caching.choose_cache(storage, cache, cache_size)
         # Remote reads mostly wait on the network: more of them in flight, not more cores.
         cpu_bound = min(4, max(2, os.cpu_count() or 2))
-        self.workers = workers or (16 if caching.is_remote(storage) else cpu_bound)
+        self.workers = workers or (REMOTE_LOAD_WORKERS if caching.is_remote(storage) else cpu_bound)
         self._catalog = Catalog(storage)
         self._tags = TagStore(storage)
         self._events = EventLog(storage)

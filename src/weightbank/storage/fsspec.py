@@ -261,7 +261,7 @@ class _SpooledWriter:
     def __init__(self, storage: FsspecStorage, key: str) -> None:
         self._storage = storage
         self._key = key
-        self._f: IO[bytes] = tempfile.TemporaryFile(prefix="wb-upload-")  # noqa: SIM115 - closed in commit/abort
+        self._f: IO[bytes] = tempfile.NamedTemporaryFile(prefix="wb-upload-", delete=False)  # noqa: SIM115
         self._done = False
 
     def write(self, data: bytes | memoryview) -> None:
@@ -272,17 +272,18 @@ class _SpooledWriter:
             raise StorageError(f"writer for {self._key} already finished")
         self._done = True
         try:
-            self._f.flush()
-            self._f.seek(0)
-            payload = self._f.read()
-            self._storage.write(self._key, payload)
-        finally:
             self._f.close()
+            self._storage._put_file(self._f.name, self._key)  # streamed from disk, not held in memory
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(self._f.name)
 
     def abort(self) -> None:
         if not self._done:
             self._done = True
             self._f.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self._f.name)
 
 
 def check_key(key: str) -> None:
@@ -374,6 +375,10 @@ class FsspecStorage(ObjectStoreBase):
     def open_writer(self, key: str) -> _SpooledWriter:
         self._path(key)
         return _SpooledWriter(self, key)
+
+    def _put_file(self, local: str, key: str) -> None:
+        path = self._path(key)
+        self._call("write", key, lambda: self.fs.put_file(local, path))
 
     def size(self, key: str) -> int:
         path = self._path(key)

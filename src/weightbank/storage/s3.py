@@ -320,32 +320,39 @@ class S3Storage(ObjectStoreBase):
             return None
         return RefValue(data=data, token=etag)
 
+    def _refused(self, key: str, **cond: str) -> bool:
+        """Whether a put of ``key`` under ``cond`` is refused (412) as the condition demands."""
+        try:
+            self._op("put_object", key, Key=self._k(key), Body=uuid.uuid4().bytes, **cond)
+        except StorageError as e:
+            code = client_error_code(e)
+            if code in _CONFLICT:
+                return True
+            if code in _UNSUPPORTED:
+                return False
+            raise
+        return False
+
     def _probe_conditional(self) -> None:
-        """Check once that the store honours If-None-Match; refuse to move refs on one that ignores it."""
+        """Check once that the store honours If-None-Match and If-Match; refuse refs on one that ignores either."""
         with self._lock:
             if self._probed:
                 return
             probe = f"refs/.probe/{uuid.uuid4().hex}"
-            honoured = True
             try:
-                self._op("put_object", probe, Key=self._k(probe), Body=b"1", IfNoneMatch="*")
-                try:
-                    self._op("put_object", probe, Key=self._k(probe), Body=b"2", IfNoneMatch="*")
-                    honoured = False
-                except StorageError as e:
-                    if client_error_code(e) not in _CONFLICT:
-                        raise
-            except StorageError as e:
-                if client_error_code(e) not in _UNSUPPORTED:
-                    raise
-                honoured = False
+                created = not self._refused(probe, IfNoneMatch="*")
+                honoured = (
+                    created
+                    and self._refused(probe, IfNoneMatch="*")
+                    and self._refused(probe, IfMatch='"00000000000000000000000000000000"')
+                )
             finally:
                 self.delete(probe)
             if not honoured:
                 raise StorageError(
-                    f"{self.url}: this store ignores conditional writes (If-None-Match), so concurrent tag "
-                    "updates could be lost; open it with storage_options={'conditional_writes': False} to "
-                    "accept last-writer-wins refs (only one process may move tags at a time)"
+                    f"{self.url}: this store ignores conditional writes (If-None-Match / If-Match), so "
+                    "concurrent tag updates could be lost; open it with storage_options={'conditional_writes': "
+                    "False} to accept last-writer-wins refs (only one process may move tags at a time)"
                 )
             self._probed = True
 
