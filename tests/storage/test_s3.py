@@ -170,7 +170,9 @@ def _ignoring(store: S3Storage, *conditions: str) -> None:
 
 
 @pytest.mark.parametrize("ignored", [("IfNoneMatch", "IfMatch"), ("IfMatch",), ("IfNoneMatch",)])
-def test_a_store_ignoring_either_condition_is_refused(seaweed: SeaweedServer, ignored: tuple[str, ...]) -> None:
+def test_a_store_ignoring_either_condition_is_refused(
+    seaweed: SeaweedServer, ignored: tuple[str, ...]
+) -> None:
     store = open_storage(_url(), seaweed.storage_options())
     assert isinstance(store, S3Storage)
     _ignoring(store, *ignored)
@@ -423,3 +425,14 @@ def test_a_completed_upload_whose_reply_was_lost_is_not_an_error(store: S3Storag
     w.commit()  # the retried completion answers NoSuchUpload; the object is there, so it landed
     assert calls[0] == 2
     assert store.read("packs/c.pack") == payload
+
+
+def test_a_save_with_tags_on_a_store_without_cas_fails_before_writing(seaweed: SeaweedServer) -> None:
+    bank = wb.open(_url(), storage_options=seaweed.storage_options())
+    store = bank.storage
+    assert isinstance(store, S3Storage)
+    _ignoring(store, "IfNoneMatch", "IfMatch")
+    with pytest.raises(StorageError, match="conditional_writes"):
+        bank.save({"w": torch.ones(3)}, run="r", step=1, tags=["prod"])
+    assert bank.log() == [], "the checkpoint must not be committed when its tag cannot be"
+    assert list(store.list("packs/")) == []

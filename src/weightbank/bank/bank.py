@@ -305,6 +305,8 @@ class Bank(TwoPhase):
         """
         check_name("run", run)
         tag_names = [check_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
+        if tag_names:
+            self._tags.check_writable()  # a store that cannot move tags fails before any data is written
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise InvalidState("step", f"step must be a non-negative int or None, not {step!r}")
         if not isinstance(message, str):

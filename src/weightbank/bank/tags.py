@@ -95,6 +95,16 @@ class TagStore:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
 
+    def check_writable(self) -> None:
+        """Raise now if this store cannot compare-and-swap refs (see ``Storage.check_refs``).
+
+        Called before a save that will move tags writes any data, so a store
+        that would refuse the tag update does not first commit the checkpoint.
+        """
+        check = getattr(self._storage, "check_refs", None)
+        if callable(check):
+            check()
+
     def read(self, name: str) -> tuple[TagRecord | None, str | None]:
         """The tag's record and version token (None, None if it never existed)."""
         ref = self._storage.get_ref(tag_key(name))

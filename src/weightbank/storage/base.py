@@ -15,6 +15,11 @@ Two kinds of object live in a backend:
   differ from the old one — tag and event records carry a timestamp for this. On S3 this is a
   conditional put (If-Match / If-None-Match); on a local disk a lock + rename.
 
+Optional capability: a backend whose refs may be unusable (an object store
+without conditional writes) defines ``check_refs()``, which raises
+StorageError when ``put_ref`` would be refused; the bank calls it before a
+save that moves tags writes any data.
+
 Call order used by the bank on save (the crash-safety argument rests on it):
 ``open_writer`` → ``ObjectWriter.write`` … → ``commit`` for every pack, then
 ``write`` of the manifest, then ``put_ref`` for tags. Loads call ``read_into``

@@ -419,13 +419,17 @@ class FsspecStorage(ObjectStoreBase):
             return None
         return RefValue(data=data, token=self._token(data))
 
-    def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+    def check_refs(self) -> None:
+        """StorageError unless refs may be written here (opened with ``conditional_writes=False``)."""
         if self._conditional is not False:
             raise StorageError(
                 f"{self.url}: this store offers weightbank no compare-and-swap, so concurrent tag updates "
                 "could be lost; open it with storage_options={'conditional_writes': False} to accept "
                 "last-writer-wins refs (only one process may move tags at a time)"
             )
+
+    def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+        self.check_refs()
         with self._ref_lock:
             current = self.get_ref(key)
             cur_token = current.token if current is not None else None

@@ -356,6 +356,11 @@ class S3Storage(ObjectStoreBase):
                 )
             self._probed = True
 
+    def check_refs(self) -> None:
+        """StorageError if this store ignores conditional writes (probed once), unless opened to accept that."""
+        if self._conditional is not False:
+            self._probe_conditional()
+
     def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
         if self._conditional is False:
             return self._put_ref_unsafe(key, data, expect)
