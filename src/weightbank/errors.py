@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = [
     "AmbiguousRef",
@@ -76,6 +77,23 @@ class WeightbankError(Exception):
     def __str__(self) -> str:
         # KeyError quotes its message; we want plain text everywhere.
         return str(self.args[0]) if self.args else self.__class__.__name__
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the message and fields, not through __init__ (whose arguments differ per
+        # class): torch.distributed.checkpoint gathers a failed rank's exception to the coordinator
+        # by pickling it, and an error that cannot be rebuilt there hangs every other rank.
+        return _rebuild, (type(self), self.args, dict(vars(self)))
+
+
+def _rebuild(cls: type[WeightbankError], args: tuple[Any, ...], fields: dict[str, Any]) -> WeightbankError:
+    # The built-in exception whose __new__ allocates ``cls`` (as ``cls(...)`` would), without __init__.
+    base: type = cls
+    while base.__module__ != "builtins" and base.__base__ is not None:
+        base = base.__base__
+    error: WeightbankError = base.__new__(cls, *args)
+    error.args = args
+    vars(error).update(fields)
+    return error
 
 
 class CheckpointNotFound(WeightbankError, KeyError):

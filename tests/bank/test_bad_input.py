@@ -55,6 +55,11 @@ def test_unstorable_state_writes_nothing(local_bank: wb.Bank, state: object, pat
         {"message": 5},
         {"codec": "nope"},
         {"parent": "does-not-exist"},
+        {"chunk_size": -5},
+        {"chunk_size": 100},
+        {"chunk_size": 32},
+        {"chunk_size": True},
+        {"chunk_size": 4096.0},
     ],
 )
 def test_bad_save_arguments_write_nothing(local_bank: wb.Bank, kwargs: dict[str, object]) -> None:

@@ -259,7 +259,7 @@ def test_metadata_recorded(bank: wb.Bank, tmp_path: Path, monkeypatch: pytest.Mo
     dtype=st.sampled_from(
         [torch.float32, torch.bfloat16, torch.int8, torch.bool, torch.complex64, torch.float64]
     ),
-    chunk=st.sampled_from([16, 48, 4096]),
+    chunk=st.sampled_from([64, 192, 4096]),
 )
 @settings(max_examples=40, deadline=None)
 def test_property_round_trip(shapes: list[list[int]], dtype: torch.dtype, chunk: int) -> None:

@@ -189,6 +189,61 @@ def save_and_die(rank: int, world: int, bank_dir: str, victim: int, mark: str) -
     return "saved"
 
 
+def save_with_a_bad_value(rank: int, world: int, bank_dir: str, victim: int, via: str) -> dict[str, Any]:
+    """Save where ``victim``'s write_data fails (an unstorable value) after the other ranks wrote their parts.
+
+    ``via="dcp"``: ``dcp.save`` inside ``with wb.dcp.Writer(...)``; ``via="manager"``: the distributed
+    CheckpointManager's save function. What this rank saw, and the leases left once every rank is done.
+    """
+    from weightbank.training.distributed import save as manager_save
+
+    bank = wb.open(bank_dir)
+    state = build_state(_mesh(world), SAVE_PLACEMENTS, fill=True)
+    state["ranks"] = {str(rank): {"extra": object() if rank == victim else rank}}
+    error = ""
+    try:
+        if via == "dcp":
+            with wb.dcp.Writer(bank, run="bad", step=1, chunk_size=CHUNK) as writer:
+                dcp.save(state, storage_writer=writer, planner=wb.dcp.SavePlanner())
+        else:
+            manager_save(bank, state, None, run="bad", step=1, chunk_size=CHUNK)
+    except (Exception, CheckpointException) as e:
+        error = f"{type(e).__name__}: {e}"
+    dist.barrier()  # every rank has cleaned up
+    return {"error": error, "leases": [i.key for i in bank.storage.list("leases/")]}
+
+
+def manager_messages(rank: int, world: int) -> dict[str, Any]:
+    """The manager's own collectives (agree, broadcast): JSON in uint8 tensors, never the pickling ones."""
+    from weightbank.training.distributed import Distributed
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the manager must not use a pickling collective")
+
+    dist.all_gather_object = refuse  # type: ignore[assignment]
+    dist.broadcast_object_list = refuse  # type: ignore[assignment]
+    ctx = Distributed(timeout=60)
+    long = {"reason": "x" * 5000, "rollbacks": [1, 2, 3], "loss": math.inf}
+    decision, flagged = ctx.agree(lambda: long if rank == 0 else None, flag=rank == world - 1)
+    quiet, _ = ctx.agree(lambda: ("save", True), flag=False)
+    told = ctx.broadcast(("r@3", None) if rank == 0 else ("wrong", rank))
+    refused = []
+    for attempt in (lambda: ctx.broadcast(object()), lambda: ctx.agree(lambda: {"fn": print}, flag=False)):
+        try:
+            attempt()
+        except wb.InvalidState as e:  # on every rank, and nobody hangs
+            refused.append(str(e))
+    after = ctx.broadcast(rank)  # the group is still in step
+    return {
+        "decision": decision == long,
+        "flagged": flagged,
+        "quiet": quiet,
+        "told": told,
+        "refused": refused,
+        "after": after,
+    }
+
+
 def world_size() -> int:
     return dist.get_world_size()
 

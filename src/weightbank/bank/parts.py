@@ -14,6 +14,13 @@ is released. Nothing is visible before the commit, and a part whose process
 died before it is never committed: its lease goes stale and ``gc`` frees its
 packs.
 
+A commit trusts no part (it may have come a long way): each is checked
+(:mod:`.part_checks`), the manifest they make is parsed exactly as every
+reader will parse it before it is written, and every pack they point at —
+their own and the older ones whose chunks they reused — must still exist.
+Nothing is written unless all of that holds. A manifest write that reports
+failure may still have landed, so packs are never deleted after it.
+
 Pieces of one tensor from several parts must tile it exactly (DCP's planner
 guarantees this for DTensor / FSDP2 state dicts); a tensor that arrives as
 one piece covering all of it is stored as an ordinary tensor, so a sharded
@@ -34,14 +41,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
-from ..errors import CorruptObject, InvalidState, MissingObject
+from ..errors import CorruptObject, InvalidState, MissingObject, UnsupportedFormat
 from ..format.chunking import DEFAULT_CHUNK_SIZE
+from ..format.dtypes import dtype_from_name
 from ..format.hashing import digest
 from ..format.manifest import (
     FORMAT_VERSION,
@@ -52,93 +58,31 @@ from ..format.manifest import (
     TensorRecord,
     check_tiling,
 )
-from ..format.tree import TensorRef, flatten, flatten_refs
+from ..format.tree import TensorRef, flatten_refs
 from ..storage.base import Storage
 from . import leases
 from .catalog import Catalog
 from .layout import manifest_key, save_id_from_pack
+from .part_checks import int_tuple, part_problem, typed
+from .pieces import Piece, TensorShard, pieces_of
 from .results import SaveStats
 
 __all__ = [
+    "Merged",
     "PartTensor",
+    "Piece",
     "SavePart",
     "TensorRef",
     "TensorShard",
     "abandon_part",
     "commit_parts",
+    "load_parts",
     "mark_numpy",
+    "merge_parts",
     "pieces_of",
+    "publish",
+    "require_packs",
 ]
-
-
-@dataclass(frozen=True)
-class TensorShard:
-    """A box of a bigger tensor, for :meth:`Bank.save_part`: the local data, where it starts, the whole shape.
-
-    Example:
-        >>> import torch, weightbank as wb
-        >>> wb.TensorShard(torch.zeros(2, 3), offsets=(2, 0), shape=(4, 3)).offsets
-        (2, 0)
-    """
-
-    tensor: torch.Tensor
-    offsets: tuple[int, ...]
-    shape: tuple[int, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "offsets", tuple(int(o) for o in self.offsets))
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One tensor (or shard of one) to write, as the save pipeline sees it."""
-
-    name: str
-    tensor: torch.Tensor
-    offsets: tuple[int, ...] | None = None  # None: the piece is the whole tensor
-    whole: tuple[int, ...] | None = None
-    alias_of: int | None = None  # an earlier piece sharing this one's memory (whole tensors only)
-    numpy: bool = False
-
-
-def _check_box(name: str, t: torch.Tensor, offsets: tuple[int, ...], whole: tuple[int, ...]) -> None:
-    shape = tuple(t.shape)
-    if len(offsets) != len(whole) or len(shape) != len(whole):
-        raise InvalidState(
-            name, f"shard of {len(shape)} dims at offsets {offsets} of a {len(whole)}-dim tensor"
-        )
-    if any(o < 0 or o + n > w for o, n, w in zip(offsets, shape, whole, strict=True)):
-        raise InvalidState(
-            name, f"shard {list(shape)} at {list(offsets)} lies outside the tensor {list(whole)}"
-        )
-
-
-def pieces_of(
-    tensors: Mapping[str, torch.Tensor | np.ndarray | TensorShard | Sequence[TensorShard]],
-) -> list[Piece]:
-    """The pieces of a ``save_part`` argument, checked (every value a tensor or shard(s) that fit)."""
-    out: list[Piece] = []
-    for name, value in tensors.items():
-        if not isinstance(name, str) or not name:
-            raise InvalidState(repr(name), "tensor names must be non-empty strings")
-        items = [value] if isinstance(value, (torch.Tensor, TensorShard, np.ndarray)) else list(value)
-        for item in items:
-            if isinstance(item, np.ndarray):
-                if len(items) > 1:
-                    raise InvalidState(name, "a whole array cannot come with other pieces of the same name")
-                _, leaves = flatten(item)  # the same checks as a save (numeric dtypes only)
-                out.append(Piece(name, leaves[0].tensor, numpy=True))
-            elif isinstance(item, torch.Tensor):
-                if len(items) > 1:
-                    raise InvalidState(name, "a whole tensor cannot come with other pieces of the same name")
-                out.append(Piece(name, item.detach()))
-            elif isinstance(item, TensorShard):
-                _check_box(name, item.tensor, item.offsets, item.shape)
-                out.append(Piece(name, item.tensor.detach(), item.offsets, item.shape))
-            else:
-                raise InvalidState(name, f"expected a tensor or wb.TensorShard, not {type(item).__name__}")
-    return out
 
 
 @dataclass(frozen=True)
@@ -214,7 +158,7 @@ class SavePart:
 
     @classmethod
     def from_json(cls, obj: Any) -> SavePart:
-        """Read a part back (CorruptObject if it is malformed).
+        """Read a part back, checked as :meth:`check` does (CorruptObject if it is malformed).
 
         Example:
             >>> import torch, weightbank as wb
@@ -223,42 +167,60 @@ class SavePart:
             True
         """
         try:
-            packs = tuple(str(p) for p in obj["packs"])
+            packs = tuple(typed(p, str) for p in typed(obj["packs"], list))
             probe = Manifest._parse(
                 {"format": SHARDED_FORMAT, "run": "", "created": 0.0, "tree": {}, "tensors": [],
-                 "chunk_size": int(obj["chunk_size"]), "packs": list(packs), "chunks": obj["chunks"]}
+                 "chunk_size": obj["chunk_size"], "packs": list(packs), "chunks": obj["chunks"]}
             )  # fmt: skip
             tensors = []
-            for t in obj["tensors"]:
-                idx = tuple(int(c) for c in t["chunks"])
-                if any(not 0 <= c < len(probe.chunks) for c in idx):
-                    raise ValueError("chunk index out of range")
-                has_box = "offsets" in t
+            for t in typed(obj["tensors"], list):
+                has_box = "offsets" in typed(t, dict)
                 tensors.append(
                     PartTensor(
-                        name=str(t["name"]),
-                        dtype=str(t["dtype"]),
-                        shape=tuple(int(d) for d in t["shape"]),
-                        chunks=idx,
-                        offsets=tuple(int(o) for o in t["offsets"]) if has_box else None,
-                        whole=tuple(int(d) for d in t["whole"]) if has_box else None,
-                        alias_of=None if t.get("alias_of") is None else str(t["alias_of"]),
+                        name=typed(t["name"], str),
+                        dtype=typed(t["dtype"], str),
+                        shape=int_tuple(t["shape"]),
+                        chunks=int_tuple(t["chunks"]),
+                        offsets=int_tuple(t["offsets"]) if has_box else None,
+                        whole=int_tuple(t["whole"]) if has_box else None,
+                        alias_of=None if t.get("alias_of") is None else typed(t["alias_of"], str),
                         numpy=bool(t.get("numpy", False)),
                     )
                 )
-            w, r, nc, rc, np_, sec, per = obj["stats"]
-            stats = SaveStats(int(w), int(r), int(nc), int(rc), int(np_), float(sec), 0, dict(per))
-            return cls(
-                save_id=str(obj["save"]),
+            *counts, sec, per = typed(obj["stats"], list)
+            w, r, nc, rc, np_ = (typed(n, int) for n in counts)
+            per = {typed(k, str): typed(v, int) for k, v in typed(per, dict).items()}
+            stats = SaveStats(w, r, nc, rc, np_, float(typed(sec, (int, float))), 0, per)
+            part = cls(
+                save_id=typed(obj["save"], str),
                 chunk_size=probe.chunk_size,
                 packs=packs,
                 chunks=probe.chunks,
                 tensors=tuple(tensors),
-                lossy={str(k): dict(v) for k, v in dict(obj.get("lossy", {})).items()},
+                lossy={
+                    typed(k, str): dict(typed(v, dict)) for k, v in typed(obj.get("lossy", {}), dict).items()
+                },
                 stats=stats,
             )
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
             raise CorruptObject("<save part>", detail=f"malformed part ({type(e).__name__}: {e})") from None
+        part.check()
+        return part
+
+    def check(self) -> None:
+        """CorruptObject unless every record is consistent: the part makes a manifest a load can read.
+
+        Pack keys are pack keys, chunk indices point into the chunk table,
+        every dtype is one this torch build has, boxes lie inside their
+        tensors, and each tensor's (or box's) chunks add up to its bytes.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> wb.open("memory://").save_part({"b": torch.ones(3)}).check()  # consistent: nothing raised
+        """
+        problem = part_problem(self)
+        if problem is not None:
+            raise CorruptObject("<save part>", detail=f"malformed part {self.save_id!r}: {problem}")
 
 
 def abandon_part(storage: Storage, part: SavePart) -> None:
@@ -293,18 +255,37 @@ class _Merger:
         return out
 
 
-def _place(name: str, found: list[tuple[PartTensor, tuple[int, ...]]], index: dict[str, int]) -> TensorRecord:
-    """The manifest record of tensor ``name`` from its pieces (with chunk indices already merged)."""
+def _place(
+    name: str, found: list[tuple[PartTensor, tuple[int, ...]]], placed: dict[str, tuple[int, TensorRecord]]
+) -> TensorRecord:
+    """The record of tensor ``name`` from its pieces (chunk indices merged); ``placed``: name -> (index, record)."""
     first, chunks = found[0]
     if first.offsets is None:
         for t, idx in found[1:]:
             # A replicated tensor written by several parts: the same bytes (chunks are merged by hash).
-            if t.offsets is not None or (t.dtype, t.shape, idx) != (first.dtype, first.shape, chunks):
+            if (t.offsets, t.alias_of, t.dtype, t.shape, idx) != (
+                None,
+                first.alias_of,
+                first.dtype,
+                first.shape,
+                chunks,
+            ):
                 raise InvalidState(name, "several parts hold this whole tensor with different contents")
-        alias = index.get(first.alias_of) if first.alias_of is not None else None
-        if first.alias_of is not None and alias is None:
+        if first.alias_of is None:
+            return TensorRecord(name, first.dtype, first.shape, chunks, numpy=first.numpy)
+        alias, target = placed.get(first.alias_of, (None, None))
+        if alias is None or target is None:
             raise InvalidState(name, f"it shares memory with {first.alias_of!r}, which must be placed first")
-        return TensorRecord(name, first.dtype, first.shape, chunks, alias_of=alias, numpy=first.numpy)
+        if (
+            target.shards
+            or target.alias_of is not None
+            or (target.dtype, target.shape) != (first.dtype, first.shape)
+        ):
+            raise InvalidState(
+                name,
+                f"it shares memory with {first.alias_of!r}, which is not a whole tensor of its dtype and shape",
+            )
+        return TensorRecord(name, first.dtype, first.shape, alias_of=alias, numpy=first.numpy)
     whole = first.whole or ()
     shards: dict[tuple[int, ...], ShardRecord] = {}
     for t, idx in found:
@@ -318,7 +299,13 @@ def _place(name: str, found: list[tuple[PartTensor, tuple[int, ...]]], index: di
         if prev is not None:
             if prev.shape != t.shape:
                 raise InvalidState(name, f"two pieces start at {list(t.offsets)} with different shapes")
-            continue  # the same box from two parts (a replicated piece): keep one
+            # The same box from two parts (a replicated piece) is kept once, so it must hold the same
+            # bytes: chunks are merged by hash, so equal bytes have equal chunk indices.
+            if prev.chunks != idx:
+                raise InvalidState(
+                    name, f"several parts hold its box at {list(t.offsets)} with different contents"
+                )
+            continue
         shards[t.offsets] = ShardRecord(t.offsets, t.shape, idx)
     boxes = tuple(sorted(shards.values(), key=lambda s: s.offsets))
     if not boxes and 0 in whole:
@@ -332,27 +319,30 @@ def _place(name: str, found: list[tuple[PartTensor, tuple[int, ...]]], index: di
     return TensorRecord.sharded(name, first.dtype, whole, boxes)
 
 
-def commit_parts(
-    storage: Storage,
-    catalog: Catalog,
+@dataclass(frozen=True)
+class Merged:
+    """A manifest built from parts, checked, not written yet: its id, the record and its bytes."""
+
+    cid: str
+    manifest: Manifest
+    data: bytes
+
+
+def merge_parts(
     parts: Sequence[SavePart],
     *,
     header: dict[str, Any],
     state: object = None,
     tree: tuple[dict[str, Any], list[str]] | None = None,
-    check_packs: bool = True,
-) -> tuple[str, Manifest, SaveStats]:
-    """Merge ``parts`` into one manifest and write it — the commit point — then release their leases.
+) -> Merged:
+    """Merge ``parts`` into one manifest, checked as a reader will check it; nothing is written.
 
-    ``state`` is the checkpoint's structure with a :class:`TensorRef` where
-    each tensor goes (None: a flat dict of every tensor name, in part order).
-    ``tree`` gives the flattened structure instead (a tree and the name of
-    each ``{"T": i}``). Every tensor of every part must be placed exactly
-    once. Parts whose packs have vanished (a part of a process that died long
-    ago, whose lease went stale and whose packs gc freed) are refused with
-    MissingObject (``check_packs=False`` skips that for parts this process
-    just wrote).
+    ``state`` / ``tree``: as for :func:`commit_parts`. InvalidState if the
+    parts do not fit together (or the manifest they make would not load),
+    CorruptObject if a part is malformed.
     """
+    for part in parts:
+        part.check()
     chunk_sizes = {p.chunk_size for p in parts}
     if len(chunk_sizes) > 1:
         raise InvalidState("<parts>", f"parts were written with different chunk sizes {sorted(chunk_sizes)}")
@@ -375,8 +365,8 @@ def commit_parts(
     else:
         spec, names = flatten_refs({name: TensorRef(name) for name in pieces} if state is None else state)
     spec = mark_numpy(spec, {i for i, n in enumerate(names) if n in pieces and pieces[n][0][0].numpy})
-    placed = set(names)
-    unplaced = [n for n in pieces if n not in placed]
+    in_state = set(names)
+    unplaced = [n for n in pieces if n not in in_state]
     unknown = [n for n in names if n not in pieces]
     if unplaced or unknown:
         raise InvalidState(
@@ -384,17 +374,12 @@ def commit_parts(
             (f"tensors of the parts not placed in the state: {unplaced[:8]}; " if unplaced else "")
             + (f"state names tensors no part holds: {unknown[:8]}" if unknown else ""),
         )
-    index: dict[str, int] = {}
+    placed: dict[str, tuple[int, TensorRecord]] = {}
     tensors: list[TensorRecord] = []
     for name in names:
-        rec = _place(name, pieces[name], index)
-        index[name] = len(tensors)
+        rec = _place(name, pieces[name], placed)
+        placed[name] = (len(tensors), rec)
         tensors.append(rec)
-    for key in (k for p in parts for k in p.own_packs() if check_packs):
-        if not storage.exists(key):
-            raise MissingObject(
-                key, "a part to commit lost its pack (was its process dead long enough for gc?)"
-            )
     manifest = Manifest(
         tree=spec,
         tensors=tuple(tensors),
@@ -414,13 +399,128 @@ def commit_parts(
     )
     data = manifest.to_bytes()
     cid = digest(data)
-    # The commit point: every part's packs were durable before its part existed.
-    storage.write(manifest_key(cid), data)
+    try:
+        # Every reader (log, load, gc) parses the manifest like this: one it would refuse must never be
+        # written, or it would stop gc and log for the whole bank.
+        for rec in Manifest.from_bytes(data, manifest_key(cid)).tensors:
+            dtype_from_name(rec.dtype)
+    except (CorruptObject, UnsupportedFormat) as e:
+        raise InvalidState("<parts>", f"the parts make a manifest no reader would accept: {e}") from None
+    return Merged(cid, manifest, data)
+
+
+def require_packs(storage: Storage, packs: Sequence[str], pool: Executor | None = None) -> None:
+    """MissingObject unless every pack in ``packs`` exists (checked in parallel, on ``pool`` if given).
+
+    Example:
+        >>> from weightbank.storage import open_storage
+        >>> from weightbank.bank.parts import require_packs
+        >>> require_packs(open_storage("memory://"), [])  # nothing to check: nothing raised
+    """
+    keys = list(dict.fromkeys(packs))
+    if not keys:
+        return
+    if pool is None and len(keys) > 1:
+        with ThreadPoolExecutor(max_workers=min(8, len(keys)), thread_name_prefix="wb-check") as own:
+            found = list(own.map(storage.exists, keys))
+    elif pool is None:
+        found = [storage.exists(keys[0])]
+    else:
+        found = list(pool.map(storage.exists, keys))
+    missing = [k for k, ok in zip(keys, found, strict=True) if not ok]
+    if missing:
+        raise MissingObject(
+            missing[0],
+            f"{len(missing)} pack(s) the parts need are gone (was a part's process dead long enough "
+            "for gc to free its packs, or the checkpoints whose chunks it reused?)",
+        )
+
+
+def publish(
+    storage: Storage, catalog: Catalog, parts: Sequence[SavePart], merged: Merged
+) -> tuple[str, Manifest, SaveStats]:
+    """Write the manifest — the commit point — then release the parts' leases; (id, manifest, stats).
+
+    A write can report failure and still have landed (an object store's reply
+    lost after the object was stored, retries used up): the manifest is then
+    looked for, and if it is there the checkpoint exists and this returns as a
+    success. Otherwise the error propagates with every lease held and every
+    pack in place — never delete packs once their manifest may exist.
+    """
+    stats = _sum_stats([p.stats for p in parts], len(merged.data))
+    key = manifest_key(merged.cid)
+    try:
+        storage.write(key, merged.data)
+    except Exception:
+        landed = False
+        with contextlib.suppress(Exception):
+            landed = storage.exists(key)  # content-addressed: an object there holds exactly these bytes
+        if not landed:
+            raise
     for part in parts:
         with contextlib.suppress(Exception):
             leases.release(storage, part.save_id)
-    catalog.add(cid, manifest)
-    return cid, manifest, _sum_stats([p.stats for p in parts], len(data))
+    catalog.add(merged.cid, merged.manifest)
+    return merged.cid, merged.manifest, stats
+
+
+def commit_parts(
+    storage: Storage,
+    catalog: Catalog,
+    parts: Sequence[SavePart],
+    *,
+    header: dict[str, Any],
+    state: object = None,
+    tree: tuple[dict[str, Any], list[str]] | None = None,
+    check_packs: bool = True,
+    pool: Executor | None = None,
+) -> tuple[str, Manifest, SaveStats]:
+    """Merge ``parts`` into one manifest and write it — the commit point — then release their leases.
+
+    ``state`` is the checkpoint's structure with a :class:`TensorRef` where
+    each tensor goes (None: a flat dict of every tensor name, in part order).
+    ``tree`` gives the flattened structure instead (a tree and the name of
+    each ``{"T": i}``). Every tensor of every part must be placed exactly
+    once. Every pack the parts point at — their own and those of older
+    checkpoints whose chunks they reused — must still exist: a part of a
+    process that died long ago (its lease stale, its packs freed by gc) is
+    refused with MissingObject (``check_packs=False`` skips that for a part
+    this process just wrote under a lease it still holds). ``pool`` runs
+    those checks. Nothing is written unless every check passes; if the
+    manifest write itself fails, see :func:`publish` (the parts stay as they
+    were, so the commit can be retried).
+    """
+    merged = merge_parts(parts, header=header, state=state, tree=tree)
+    if check_packs:
+        require_packs(storage, merged.manifest.packs, pool)
+    return publish(storage, catalog, parts, merged)
+
+
+def load_parts(parts: object) -> list[SavePart]:
+    """The parts a ``commit`` is given: SavePart objects or their ``to_json()`` dicts, checked.
+
+    InvalidState if ``parts`` is not a list (or other iterable) of those;
+    CorruptObject if one of them is malformed.
+
+    Example:
+        >>> import torch, weightbank as wb
+        >>> from weightbank.bank.parts import load_parts
+        >>> part = wb.open("memory://").save_part({"b": torch.ones(3)})
+        >>> [p.save_id == part.save_id for p in load_parts([part.to_json()])]
+        [True]
+    """
+    if isinstance(parts, (str, bytes, Mapping, SavePart)) or not isinstance(parts, Iterable):
+        raise InvalidState("parts", f"expected a list of parts, not {type(parts).__name__}")
+    out = []
+    for p in parts:
+        if isinstance(p, SavePart):
+            p.check()
+            out.append(p)
+        elif isinstance(p, Mapping):
+            out.append(SavePart.from_json(p))
+        else:
+            raise InvalidState("parts", f"expected a SavePart or its to_json() dict, not {type(p).__name__}")
+    return out
 
 
 def mark_numpy(node: Any, numpy: set[int]) -> Any:

@@ -192,9 +192,8 @@ def iter_regions(
         needed = [
             k for k, c in enumerate(chunks) if starts[k] < hi and starts[k] + manifest.chunks[c].raw_len > lo
         ]
-        plans.append(
-            _Plan(r, tuple(chunks[k] for k in needed), starts[needed[0]] if needed else 0, first, strides)
-        )
+        byte0 = starts[needed[0]] if needed else 0
+        plans.append(_Plan(r, tuple(chunks[k] for k in needed), byte0, first, end - first, strides))
     batch: list[int] = []
     size = 0
     for n, plan in enumerate(plans):
@@ -221,6 +220,7 @@ class _Plan:
     run: tuple[int, ...]  # the chunks to read (indices into the manifest's chunk table)
     byte0: int  # where the first of them starts in the box
     elem0: int  # the region's first element in the box
+    elems: int  # elements from the region's first to its last, both included
     strides: tuple[int, ...]  # the box's row-major strides
 
 
@@ -251,10 +251,15 @@ def _read_batch(
         if any(x == 0 for x in r.lengths):
             yield n, torch.empty(r.lengths, dtype=dtype)
             continue
-        raw = loaded[first + slot_of[p.run]]
-        flat = raw.view(dtype) if dtype != torch.uint8 else raw
-        base = p.byte0 // itemsize(rec.dtype)
-        yield n, flat.as_strided(r.lengths, p.strides, flat.storage_offset() + p.elem0 - base)
+        isz = itemsize(rec.dtype)
+        # Cut the region's bytes out at its own first element: a chunk need not start on an element
+        # boundary (a manifest may hold any chunk size), so the run's first byte may not either.
+        lo = p.elem0 * isz - p.byte0
+        span = loaded[first + slot_of[p.run]][lo : lo + p.elems * isz]
+        if isz > 1 and span.storage_offset() % isz:
+            span = span.clone()  # viewing bytes as a wider dtype needs an element-aligned start
+        flat = span.view(dtype) if dtype != torch.uint8 else span
+        yield n, flat.as_strided(r.lengths, p.strides, flat.storage_offset())
 
 
 def checkpoint(bank: Bank, ref: str) -> tuple[str, Manifest]:

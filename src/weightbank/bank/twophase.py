@@ -7,6 +7,9 @@ with :meth:`TwoPhase.save_part` and hands the returned part (JSON-safe via
 ``to_json()``) to one process, which calls :meth:`TwoPhase.commit`. The
 checkpoint appears at the commit and not before; see :mod:`.parts` for what
 keeps uncommitted parts safe from ``gc`` and what happens when a process dies.
+A part that will never be committed (the save failed somewhere) is given up
+with :meth:`TwoPhase.abandon_part`, so ``gc`` need not wait for its lease to
+go stale.
 
 Example:
     >>> import torch, weightbank as wb
@@ -18,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -27,16 +31,18 @@ import torch
 
 from ..errors import InvalidState
 from ..format.jsonsafe import encode
+from . import leases
 from .catalog import Catalog
 from .environment import capture_env
 from .layout import check_name
-from .parts import SavePart, TensorShard, commit_parts, pieces_of
+from .parts import SavePart, TensorShard, abandon_part, commit_parts, load_parts, pieces_of
 from .results import CheckpointInfo
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_part
 
 if TYPE_CHECKING:
     from ..format.manifest import Manifest
     from ..storage.base import Storage
+    from .tags import TagStore
 
 __all__ = ["AUTO", "TwoPhase", "checkpoint_header"]
 
@@ -83,6 +89,7 @@ class TwoPhase:
         storage: Storage
         workers: int
         _catalog: Catalog
+        _tags: TagStore
 
         def resolve(self, ref: str) -> str: ...
         def _info(self, cid: str, m: Manifest) -> CheckpointInfo: ...
@@ -161,7 +168,9 @@ class TwoPhase:
         header = checkpoint_header(
             run=run, step=step, metrics=metrics, config=config, message=message, meta=meta
         )
-        loaded = [p if isinstance(p, SavePart) else SavePart.from_json(p) for p in parts]
+        loaded = load_parts(parts)
+        if tag_names:
+            self._tags.check_writable()  # a store that cannot move tags fails before the commit
         if parent is AUTO:
             self._catalog.refresh()
             members = self._catalog.runs().get(run)
@@ -176,3 +185,39 @@ class TwoPhase:
             )
         info = self._info(cid, manifest)
         return CheckpointInfo(**{**info.__dict__, "save_stats": stats})
+
+    def abandon_part(self, part: SavePart | Mapping[str, Any]) -> bool:
+        """Give up a part that will never be committed: delete the packs it wrote and release its lease.
+
+        Only the part's own new packs are deleted, never the packs of chunks
+        it reused. If a committed checkpoint already references the part —
+        it was committed after all — nothing is deleted and this returns
+        False (the lease is released either way); True when the packs went.
+        Call it only once no process can still commit the part: a commit in
+        flight elsewhere refuses a part whose packs are gone, but only if it
+        checks before they go.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> part = bank.save_part({"w": torch.ones(4)})
+            >>> bank.abandon_part(part), bank.gc(grace=0).packs_kept_for_inflight
+            (True, 0)
+            >>> done = bank.save_part({"w": torch.zeros(4)}); _ = bank.commit([done])
+            >>> bank.abandon_part(done)  # committed: its packs stay
+            False
+        """
+        loaded = part if isinstance(part, SavePart) else SavePart.from_json(part)
+        own = set(loaded.own_packs())
+        self._catalog.refresh()
+        # A manifest that names one of these packs is the commit point having passed; a manifest
+        # that cannot be read might be one, so its packs are left to gc, which knows as much.
+        committed = bool(self._catalog.broken) or any(
+            own.intersection(m.packs) for _, m in self._catalog.items()
+        )
+        if committed:
+            with contextlib.suppress(Exception):
+                leases.release(self.storage, loaded.save_id)
+            return False
+        abandon_part(self.storage, loaded)
+        return True

@@ -10,7 +10,12 @@ Order of durability (each step starts only after the previous is durable):
 4. the lease is dropped (tags are moved by the caller afterwards).
 
 A crash before 3 leaves only unreferenced packs, which ``gc`` removes; a crash
-after 3 leaves a complete checkpoint. Steps 1-2 are :func:`write_part` and 3-4
+after 3 leaves a complete checkpoint. A failed manifest write proves nothing
+(an object store may store the object and lose the reply): once it has been
+attempted the packs are never deleted, only the lease is dropped, and a
+manifest found in place after all makes the save a success.
+
+Steps 1-2 are :func:`write_part` and 3-4
 :func:`~weightbank.bank.parts.commit_parts`: a multi-process save runs the
 first half in every process and the second in one (see :mod:`.parts`).
 
@@ -62,7 +67,7 @@ from . import leases
 from .catalog import Catalog, ChunkLocation
 from .chunks import base_planes, chain_of, records_by_hash
 from .layout import pack_key
-from .parts import PartTensor, Piece, SavePart, abandon_part, commit_parts
+from .parts import PartTensor, Piece, SavePart, abandon_part, merge_parts, publish
 from .results import SaveStats
 
 __all__ = ["CHUNK_ALIGN", "DEFAULT_KEYFRAME_EVERY", "SaveOptions", "write_checkpoint", "write_part"]
@@ -82,7 +87,14 @@ class SaveOptions:
 
     ``codec``: ``auto`` (byte planes, XOR deltas against the parent), ``planes``
     (no deltas), ``zstd`` or ``raw``. ``lossy``: None, ``int8`` or ``fp8`` for
-    float tensors of 2+ dims (others stay lossless).
+    float tensors of 2+ dims (others stay lossless). ``chunk_size``: bytes per
+    chunk, a positive multiple of :data:`CHUNK_ALIGN`, so no chunk boundary
+    splits an element of any dtype. InvalidState for any other value.
+
+    Example:
+        >>> from weightbank.bank.writer import SaveOptions
+        >>> SaveOptions(chunk_size=1 << 20).chunk_size
+        1048576
     """
 
     codec: str = "auto"
@@ -105,6 +117,12 @@ class SaveOptions:
         k = self.keyframe_every
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise InvalidState("keyframe_every", f"keyframe_every must be an int >= 1, not {k!r}")
+        c = self.chunk_size
+        # A multiple of CHUNK_ALIGN keeps every chunk boundary on an element boundary for every dtype.
+        if isinstance(c, bool) or not isinstance(c, int) or c < CHUNK_ALIGN or c % CHUNK_ALIGN:
+            raise InvalidState(
+                "chunk_size", f"chunk_size must be a positive multiple of {CHUNK_ALIGN} bytes, not {c!r}"
+            )
 
 
 @dataclass
@@ -493,11 +511,17 @@ def write_checkpoint(
     pieces = [Piece(leaf.name, leaf.tensor, alias_of=leaf.alias_of, numpy=leaf.numpy) for leaf in leaves]
     part = write_part(storage, catalog, pieces, options, parent=header.get("parent"))
     try:
-        names = [leaf.name for leaf in leaves]
-        cid, manifest, stats = commit_parts(
-            storage, catalog, [part], tree=(spec, names), header=header, check_packs=False
-        )
+        merged = merge_parts([part], tree=(spec, [leaf.name for leaf in leaves]), header=header)
     except BaseException:
-        abandon_part(storage, part)
+        abandon_part(storage, part)  # nothing was written that could point at its packs
+        raise
+    try:
+        # No pack check: the lease, held since before any chunk was chosen, kept gc away from them all.
+        cid, manifest, stats = publish(storage, catalog, [part], merged)
+    except BaseException:
+        # The manifest may have landed even though its write failed: never delete the packs
+        # now. Without the lease, gc frees them if (and only if) no manifest points at them.
+        with contextlib.suppress(Exception):
+            leases.release(storage, part.save_id)
         raise
     return cid, manifest, dataclasses.replace(stats, seconds=time.perf_counter() - t0)

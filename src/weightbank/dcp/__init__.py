@@ -9,7 +9,25 @@ rollback, ``diff``, ``verify`` and ``gc``, and ``bank.load`` of a sharded
 checkpoint returns whole tensors — no ``torch.distributed`` needed.
 
 No pickle: the checkpoint metadata and non-tensor values are JSON in the
-manifest, and the planners here hand values over as objects.
+manifest, and the planners here hand values over as objects. DCP's own
+collectives between ranks (its gather of plans and write results, its
+broadcast of the metadata) pickle what they carry; that is DCP's protocol and
+outside this package's control. What the :class:`Writer` puts in them is
+plain data (dicts, lists, str, int).
+
+A save that fails on some rank commits nothing, but the ranks that wrote a
+part hold its lease, which keeps ``gc`` from its packs (and from what was
+deleted since) until it goes stale. Give the part up when ``dcp.save``
+raises — use the writer as a context manager, or::
+
+    writer = wb.dcp.Writer(bank, run="r", step=10)
+    try:
+        dcp.save(state, storage_writer=writer)
+    except BaseException as e:
+        writer.abort(e)
+        raise
+
+:meth:`Writer.abort` never gives up a part the coordinator may have committed.
 
 This package calls only the bank and format layers (through the bank's
 two-phase save, :meth:`Bank.save_part <weightbank.Bank.save_part>` and

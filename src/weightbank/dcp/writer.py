@@ -18,8 +18,29 @@ runs DCP's usual protocol, and the bank's two-phase save underneath it:
    rank in the returned ``Metadata`` (:func:`saved_id`).
 
 If any rank fails or dies before ``finish``, nothing is committed: DCP never
-calls it, and the parts' leases go stale with their processes, after which
-``gc`` frees their packs.
+calls it. The ranks that did write a part then hold a lease that keeps ``gc``
+from their packs (and from everything deleted since) until it goes stale,
+with their process or after a day. :meth:`Writer.abort` gives the part up at
+once; use the writer as a context manager around ``dcp.save``, or call it
+when ``dcp.save`` raises::
+
+    with wb.dcp.Writer(bank, run="tts", step=1000) as writer:
+        dcp.save(state, storage_writer=writer)
+
+    writer = wb.dcp.Writer(bank, run="tts", step=1000)
+    try:
+        dcp.save(state, storage_writer=writer)
+    except BaseException as e:
+        writer.abort(e)
+        raise
+
+A part is never given up once the commit may have happened: the
+coordinator's part only after its own ``finish`` is over, the other ranks'
+only once the coordinator's verdict reached them (DCP's
+``CheckpointException``), and in both cases only if no committed checkpoint
+references the part (:meth:`Bank.abandon_part <weightbank.Bank.abandon_part>`).
+A rank that lost touch with the coordinator (a timeout, a dead peer) keeps its
+part, to go stale with its lease.
 
 Example:
     >>> import torch, warnings, weightbank as wb
@@ -37,9 +58,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Mapping
+from types import TracebackType
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -137,7 +160,8 @@ class Writer(StorageWriter):
         codec, chunk_size: as for :meth:`Bank.save <weightbank.Bank.save>`.
 
     After ``dcp.save`` returns, ``info`` holds the checkpoint's info on rank 0;
-    every rank can get its id with :func:`saved_id`.
+    every rank can get its id with :func:`saved_id`. If it raises, :meth:`abort`
+    (or leaving a ``with`` block on the error) gives up this rank's part.
 
     Example:
         >>> import weightbank as wb
@@ -172,6 +196,57 @@ class Writer(StorageWriter):
         self._parent_id: str | None = None
         self.rank = 0
         self.is_coordinator = True
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if error is not None:
+            self.abort(error)
+
+    def abort(self, error: BaseException | None = None) -> bool:
+        """Give up this rank's part of a save that failed (``error``: what ``dcp.save`` raised); True if it went.
+
+        The part's own packs are deleted and its lease released, so ``gc``
+        need not wait for the lease to go stale. Nothing is deleted when the
+        commit may have happened or may still happen: when a committed
+        checkpoint references the part (the coordinator's ``finish`` wrote
+        the manifest, then failed), and, on a rank other than the
+        coordinator, when ``error`` is not DCP's ``CheckpointException`` —
+        the coordinator's verdict never came, so it may still be committing.
+        With ``error`` None the caller vouches that the save is over on every
+        rank. Best effort: if the bank cannot be reached, the part stays, to
+        go stale with its lease.
+
+        Example:
+            >>> import torch, warnings, weightbank as wb
+            >>> import torch.distributed.checkpoint as dcp
+            >>> class Failing(wb.dcp.Writer):
+            ...     def finish(self, metadata, results):
+            ...         raise OSError("disk full")
+            >>> bank = wb.open("memory://")
+            >>> try:
+            ...     with warnings.catch_warnings(), Failing(bank, run="r", step=1) as writer:
+            ...         warnings.simplefilter("ignore")  # one process: DCP warns that no process group runs
+            ...         dcp.save({"w": torch.ones(4)}, storage_writer=writer)
+            ... except BaseException as e:
+            ...     print(type(e).__name__, writer.part, bank.gc(grace=0).packs_kept_for_inflight)
+            CheckpointException None 0
+        """
+        part = self.part
+        if part is None:
+            return False
+        # Only the coordinator commits, and its own finish is over by now; the others know the
+        # commit is over (done or failed) only from the verdict DCP broadcasts after it.
+        if not self.is_coordinator and error is not None and not isinstance(error, CheckpointException):
+            return False
+        self.part = None
+        try:
+            return self.bank.abandon_part(part)
+        except Exception:
+            return False  # the lease stays and goes stale: gc frees the packs then
 
     @property
     def checkpoint_id(self) -> str:

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ from .jsonsafe import decode
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_CORNERS",
+    "MAX_SHARDS",
     "NEWEST_FORMAT",
     "SHARDED_FORMAT",
     "ChunkRecord",
@@ -67,8 +70,11 @@ FORMAT_VERSION = 1
 SHARDED_FORMAT = 2
 #: The newest manifest format this code reads.
 NEWEST_FORMAT = SHARDED_FORMAT
-#: More shards than this in one tensor is refused as malformed (it bounds the overlap check).
+#: More shards than this in one tensor is refused as malformed.
 MAX_SHARDS = 1 << 16
+#: The tiling check looks at ``2**k`` corners of each shard (``k``: the dimensions the
+#: layout splits); a layout with more corners than this is refused, which bounds the check.
+MAX_CORNERS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -367,28 +373,69 @@ def _parse_shard(obj: Any, whole: tuple[int, ...], chunks: list[ChunkRecord], ty
 
 
 def check_tiling(name: str, shape: tuple[int, ...], shards: tuple[ShardRecord, ...]) -> None:
-    """Shards must cover the tensor exactly once: volumes add up and no two boxes overlap.
+    """Shards must cover the tensor exactly once: every box inside it, no gap, no overlap.
 
-    Overlaps are found by a sweep along the dimension where the boxes start at
-    the most distinct offsets (rows for row-sharding, columns for column-sharding),
-    so the usual layouts cost O(n log n).
+    ValueError says which rule a layout breaks. The test is linear in the
+    number of shards, whatever their layout: the boxes tile the tensor
+    exactly if and only if their corner signatures add up to the tensor's
+    (see :func:`_corner_sums`). Each box has ``2**k`` corners, ``k`` the
+    number of dimensions some box does not span whole, so at most
+    :data:`MAX_CORNERS` corners are looked at: any layout split in up to 4
+    dimensions passes at :data:`MAX_SHARDS` shards.
+
+    Example:
+        >>> rows = (ShardRecord((0, 0), (2, 4)), ShardRecord((2, 0), (2, 4)))
+        >>> check_tiling("w", (4, 4), rows)
+        >>> check_tiling("w", (4, 4), rows[:1])
+        Traceback (most recent call last):
+        ValueError: the shards of 'w' do not add up to its size
     """
     if len(shards) > MAX_SHARDS:
         raise ValueError(f"{name!r} has more than {MAX_SHARDS} shards")
+    rank = len(shape)
+    for s in shards:
+        if len(s.offsets) != rank or len(s.shape) != rank:
+            raise ValueError(f"a shard of {name!r} has another number of dimensions than the tensor")
+        if any(o < 0 or n < 0 or o + n > w for o, n, w in zip(s.offsets, s.shape, shape, strict=True)):
+            raise ValueError(f"a shard of {name!r} lies outside the tensor {list(shape)}")
     boxes = [s for s in shards if s.numel > 0]
     if sum(s.numel for s in boxes) != _numel(shape):
         raise ValueError(f"the shards of {name!r} do not add up to its size")
-    if len(boxes) < 2 or not shape:
-        return
-    dim = max(range(len(shape)), key=lambda d: len({s.offsets[d] for s in boxes}))
-    active: list[ShardRecord] = []
-    for s in sorted(boxes, key=lambda b: b.offsets[dim]):
-        start = s.offsets[dim]
-        active = [a for a in active if a.offsets[dim] + a.shape[dim] > start]
-        for a in active:
-            if all(
-                a.offsets[d] < s.offsets[d] + s.shape[d] and s.offsets[d] < a.offsets[d] + a.shape[d]
-                for d in range(len(shape))
-            ):
-                raise ValueError(f"two shards of {name!r} overlap")
-        active.append(s)
+    if len(boxes) < 2:
+        return  # one box inside the tensor with its volume is the whole tensor
+    # Dimensions every box spans whole cannot tell boxes apart: leave them out.
+    split = [d for d in range(rank) if any(b.offsets[d] or b.shape[d] != shape[d] for b in boxes)]
+    if len(boxes) << len(split) > MAX_CORNERS:
+        raise ValueError(
+            f"{name!r} is split in {len(split)} dimensions into {len(boxes)} shards:"
+            f" more than the {MAX_CORNERS} box corners this reader checks"
+        )
+    whole = ShardRecord((0,) * rank, shape)
+    if _corner_sums(boxes, split) != _corner_sums([whole], split):
+        # The volumes add up, so covering some element twice leaves another one uncovered.
+        raise ValueError(f"two shards of {name!r} overlap")
+
+
+def _corner_sums(boxes: list[ShardRecord], dims: list[int]) -> dict[tuple[int, ...], int]:
+    """Each corner point of ``boxes`` (in ``dims``) with the signed count of boxes having it there, zeros left out.
+
+    A box [a, b) counts +1 at a corner for an even number of its upper ends
+    ``b_d``, -1 for an odd number: that is the box's indicator function after a
+    difference along each dimension, ``Δ_1…Δ_k 1_box``. The difference is
+    linear and loses nothing for functions of finite support (prefix sums
+    give them back), so the boxes' sums equal the tensor's exactly when the
+    sum of the boxes' indicators is the tensor's indicator: every element
+    covered once. O(n 2**k).
+    """
+    # itertools.product picks the upper end of dimension j in bit (k-1-j) of the corner's index.
+    signs = [-1 if i.bit_count() % 2 else 1 for i in range(1 << len(dims))]
+    sums: dict[tuple[int, ...], int] = {}
+    for b in boxes:
+        ends = [(b.offsets[d], b.offsets[d] + b.shape[d]) for d in dims]
+        for corner, sign in zip(itertools.product(*ends), signs, strict=True):
+            total = sums.get(corner, 0) + sign
+            if total:
+                sums[corner] = total
+            else:
+                del sums[corner]
+    return sums

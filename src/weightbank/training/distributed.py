@@ -29,6 +29,16 @@ or by default whenever a process group is initialized), every rank calls
 The manager's collectives run on two private gloo groups made when it is
 created (one for the training thread, one for the background writer), so
 they never interleave with the job's own collectives or with each other.
+What the manager itself sends between ranks (each step's decision, the
+checkpoint to restore) travels as JSON bytes in a uint8 tensor, never
+pickled; values that are not JSON-safe are refused. DCP's own collectives
+inside a save or load (its gather of plans and write results) pickle what
+they carry: that is DCP's protocol, outside weightbank's control, and what
+weightbank puts in them is plain data.
+
+A save that fails on any rank commits nothing, and every rank gives up the
+part it wrote (:meth:`weightbank.dcp.Writer.abort`) unless the coordinator
+may have committed it, so a failed save does not hold ``gc`` back.
 
 Example:
     >>> from weightbank.training.distributed import PER_RANK
@@ -38,16 +48,18 @@ Example:
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from ..bank.bank import Bank
 from ..bank.results import CheckpointInfo
-from ..errors import CheckpointNotFound, IncompatibleState, WeightbankError
+from ..errors import CheckpointNotFound, IncompatibleState, InvalidState, WeightbankError
+from ..format.jsonsafe import decode, encode
 from ..format.manifest import Manifest
 from .state import TrainingState
 
@@ -59,7 +71,22 @@ PER_RANK = "ranks"
 _SHARED = ("scheduler", "scaler")
 _PER_RANK_SECTIONS = ("data", "extra", "rng")
 
-T = TypeVar("T")
+
+def _sealed(value: object, what: str, **extra: Any) -> bytes:
+    """The JSON bytes of a message carrying ``value``, or the reason it cannot travel (then every rank raises)."""
+    try:
+        body: dict[str, Any] = {"v": encode(value, what)}
+    except InvalidState as e:
+        body = {"e": [e.path, f"{e.reason} (the manager sends only JSON-safe values between ranks)"]}
+    return json.dumps({**body, **extra}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _opened(message: dict[str, Any]) -> Any:
+    """The value a :func:`_sealed` message carries; InvalidState if it could not be sent."""
+    if "e" in message:
+        path, reason = message["e"]
+        raise InvalidState(str(path), str(reason))
+    return decode(message.get("v"))
 
 
 class Distributed:
@@ -87,24 +114,65 @@ class Distributed:
         ctx.rank, ctx.world, ctx.decide_group, ctx.save_group = 0, 1, None, None
         return ctx
 
-    def agree(self, decide: Callable[[], T], flag: bool) -> tuple[T, bool]:
-        """Rank 0's ``decide()`` on every rank, and whether any rank raised ``flag`` — one collective."""
+    def agree(self, decide: Callable[[], object], flag: bool) -> tuple[Any, bool]:
+        """Rank 0's ``decide()`` on every rank, and whether any rank raised ``flag``: one all-gather.
+
+        ``decide()`` runs on rank 0 only and returns a JSON-safe value (tuples
+        arrive as lists); any other value raises InvalidState on every rank.
+
+        Example:
+            >>> ctx = Distributed.alone()
+            >>> ctx.agree(lambda: ("save", 3, float("nan")), flag=False)
+            (['save', 3, nan], False)
+        """
+        if self.rank == 0:
+            mine = _sealed(decide(), "decision", f=bool(flag))
+        else:
+            mine = json.dumps({"f": bool(flag)}).encode()
+        got = [json.loads(data) for data in self._all_gather_bytes(mine)]
+        return _opened(got[0]), any(bool(m["f"]) for m in got)
+
+    def broadcast(self, obj: object) -> Any:
+        """Rank 0's ``obj`` on every rank (the others' ``obj`` is ignored).
+
+        ``obj`` is JSON-safe (tuples arrive as lists); any other value raises
+        InvalidState on every rank.
+
+        Example:
+            >>> Distributed.alone().broadcast(("r@3", None))
+            ['r@3', None]
+        """
+        data = _sealed(obj, "broadcast") if self.rank == 0 else b""
+        return _opened(json.loads(self._broadcast_bytes(data)))
+
+    # Bytes travel as uint8 tensors over the manager's gloo group: lengths first, then the payloads.
+    def _all_gather_bytes(self, data: bytes) -> list[bytes]:
         import torch.distributed as dist
 
-        mine = (decide() if self.rank == 0 else None, flag)
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine, group=self.decide_group)
-        return gathered[0][0], any(bool(f) for _, f in gathered)
+        if self.decide_group is None:
+            return [data]
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.decide_group)
+        lengths = [int(n.item()) for n in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        payloads = [torch.empty(max(lengths), dtype=torch.uint8) for _ in range(self.world)]
+        dist.all_gather(payloads, padded, group=self.decide_group)
+        return [p[:n].numpy().tobytes() for p, n in zip(payloads, lengths, strict=True)]
 
-    def broadcast(self, obj: T) -> T:
-        """Rank 0's ``obj`` on every rank."""
+    def _broadcast_bytes(self, data: bytes) -> bytes:
         import torch.distributed as dist
 
-        box = [obj]
-        dist.broadcast_object_list(
-            box, src=dist.get_global_rank(self.decide_group, 0), group=self.decide_group
-        )
-        return box[0]
+        if self.decide_group is None:
+            return data
+        src = dist.get_global_rank(self.decide_group, 0)
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        dist.broadcast(size, src=src, group=self.decide_group)
+        payload = torch.empty(int(size.item()), dtype=torch.uint8)
+        if self.rank == 0:
+            payload.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(payload, src=src, group=self.decide_group)
+        return payload.numpy().tobytes()
 
 
 def _owner(models: Mapping[str, torch.nn.Module], optimizer: Any) -> torch.nn.Module:
@@ -160,8 +228,9 @@ def save(
 
     from ..dcp import SavePlanner, Writer, saved_id
 
-    writer = Writer(bank, **writer_options)
-    md = dcp_save(tree, storage_writer=writer, planner=SavePlanner(), process_group=group)
+    # On failure the writer gives up this rank's part (unless the coordinator may have committed it).
+    with Writer(bank, **writer_options) as writer:
+        md = dcp_save(tree, storage_writer=writer, planner=SavePlanner(), process_group=group)
     return saved_id(md), writer.info
 
 
