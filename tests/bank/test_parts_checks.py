@@ -18,8 +18,9 @@ import torch
 
 import weightbank as wb
 from weightbank.bank import leases, parts
-from weightbank.bank.bank import Bank, _init_storage
+from weightbank.bank.bank import Bank
 from weightbank.bank.layout import LEASES, MANIFESTS, PACKS
+from weightbank.bank.marker import init_storage
 from weightbank.bank.parts import load_parts
 from weightbank.bank.writer import SaveOptions
 from weightbank.errors import StorageError
@@ -167,7 +168,7 @@ class NoManifests(MemoryStorage):
 
 
 def _bank(storage: MemoryStorage) -> wb.Bank:
-    _init_storage(storage, create=True)
+    init_storage(storage, create=True)
     return Bank(storage)
 
 

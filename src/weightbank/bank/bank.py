@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import threading
 import time
@@ -21,29 +20,26 @@ from typing import Any
 
 import torch
 
-from .._version import __version__
 from ..errors import (
     CheckpointNotFound,
     ConcurrentUpdate,
     IncompatibleState,
-    InvalidState,
-    NotABank,
     TagNotFound,
-    UnsupportedFormat,
 )
-from ..format.jsonsafe import decode, encode
-from ..format.manifest import FORMAT_VERSION, Manifest
+from ..format.jsonsafe import decode
+from ..format.manifest import Manifest
 from ..format.tree import flatten, unflatten
-from ..storage import LocalStorage, open_storage
+from ..storage import open_storage
 from ..storage.base import Storage
 from . import caching, maintenance
 from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
-from .environment import capture_env, git_info, who
+from .environment import git_info, who
 from .events import EventLog
 from .into import plan_into
-from .layout import FORMAT_KEY, check_name
+from .layout import check_name
+from .marker import init_storage
 from .reader import check_device
 from .refs import resolve
 from .results import (
@@ -63,7 +59,7 @@ from .results import (
 )
 from .shards import read_assembled
 from .tags import UNSET, TagStore
-from .twophase import AUTO, TwoPhase
+from .twophase import AUTO, TwoPhase, checkpoint_header
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 
 __all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
@@ -71,36 +67,6 @@ __all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
 
 #: Load threads of a remote bank: its reads mostly wait on the network.
 REMOTE_LOAD_WORKERS = 16
-
-
-def _init_storage(storage: Storage, *, create: bool) -> None:
-    try:
-        raw = storage.read(FORMAT_KEY)
-    except FileNotFoundError:
-        raw = None
-    if raw is not None:
-        try:
-            marker = json.loads(raw)
-            version = marker["version"]
-            if marker.get("format") != "weightbank" or not isinstance(version, int):
-                raise ValueError("not a weightbank marker")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise NotABank(storage.url, f"{FORMAT_KEY} is unreadable") from None
-        if version > FORMAT_VERSION:
-            raise UnsupportedFormat(storage.url, version, FORMAT_VERSION)
-        return
-    if isinstance(storage, LocalStorage):
-        root = storage.root
-        if root.exists() and not root.is_dir():
-            raise NotABank(storage.url, "it is a file")
-        if root.is_dir() and any(p.name not in ("tmp", "refs") for p in root.iterdir()):
-            raise NotABank(storage.url, f"the directory is not empty and has no {FORMAT_KEY}")
-    elif any(True for _ in storage.list("")):
-        raise NotABank(storage.url, f"the location holds other objects and no {FORMAT_KEY}")
-    if not create:
-        raise NotABank(storage.url, f"no {FORMAT_KEY} found")
-    marker = {"format": "weightbank", "version": FORMAT_VERSION, "created": time.time(), "by": __version__}
-    storage.write(FORMAT_KEY, json.dumps(marker).encode())
 
 
 def open(
@@ -134,7 +100,7 @@ def open(
         'memory://'
     """
     storage = open_storage(url, storage_options)
-    _init_storage(storage, create=create)
+    init_storage(storage, create=create)
     return Bank(storage, workers=workers, cache=cache, cache_size=cache_size)
 
 
@@ -307,10 +273,9 @@ class Bank(TwoPhase):
         tag_names = [check_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
         if tag_names:
             self._tags.check_writable()  # a store that cannot move tags fails before any data is written
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise InvalidState("step", f"step must be a non-negative int or None, not {step!r}")
-        if not isinstance(message, str):
-            raise InvalidState("message", "message must be a string")
+        header = checkpoint_header(
+            run=run, step=step, metrics=metrics, config=config, message=message, meta=meta
+        )
         options = SaveOptions(
             codec=codec,
             workers=self.workers,
@@ -318,24 +283,8 @@ class Bank(TwoPhase):
             lossy=lossy,
             **({"chunk_size": chunk_size} if chunk_size else {}),
         )  # validates the codec choices before anything is written
-        header = {
-            "run": run,
-            "step": step,
-            "message": message,
-            "metrics": encode(dict(metrics or {}), "metrics"),
-            "config": encode(dict(config or {}), "config"),
-            "meta": encode(dict(meta or {}), "meta"),
-            "env": capture_env(),
-        }
         spec, leaves = flatten(state)
-        if parent is AUTO:
-            self._catalog.refresh()
-            members = self._catalog.runs().get(run)
-            header["parent"] = members[-1][0] if members else None
-        elif parent is None:
-            header["parent"] = None
-        else:
-            header["parent"] = self.resolve(str(parent))
+        header["parent"] = self._parent_of(run, parent)
         header["created"] = time.time()
         cid, manifest, stats = write_checkpoint(
             self.storage, self._catalog, spec=spec, leaves=leaves, header=header, options=options

@@ -95,6 +95,14 @@ class TwoPhase:
         def _info(self, cid: str, m: Manifest) -> CheckpointInfo: ...
         def _move_tag_retrying(self, name: str, cid: str, why: str) -> None: ...
 
+    def _parent_of(self, run: str, parent: Any) -> str | None:
+        """The id a new checkpoint of ``run`` records as its parent (``AUTO``: the run's newest)."""
+        if parent is AUTO:
+            self._catalog.refresh()
+            members = self._catalog.runs().get(run)
+            return members[-1][0] if members else None
+        return None if parent is None else self.resolve(str(parent))
+
     def save_part(
         self,
         tensors: Mapping[str, torch.Tensor | np.ndarray | TensorShard | Sequence[TensorShard]],
@@ -171,12 +179,7 @@ class TwoPhase:
         loaded = load_parts(parts)
         if tag_names:
             self._tags.check_writable()  # a store that cannot move tags fails before the commit
-        if parent is AUTO:
-            self._catalog.refresh()
-            members = self._catalog.runs().get(run)
-            header["parent"] = members[-1][0] if members else None
-        else:
-            header["parent"] = None if parent is None else self.resolve(str(parent))
+        header["parent"] = self._parent_of(run, parent)
         header["created"] = time.time()
         cid, manifest, stats = commit_parts(self.storage, self._catalog, loaded, state=state, header=header)
         for name in tag_names:
