@@ -72,6 +72,7 @@ import weightbank.storage.local as wb_local
 from bench_common import (  # a sibling module of this script
     files_under,
     fsync_file_and_dir,
+    settle_args,
     tree_bytes,
     write_section,
 )
@@ -1007,13 +1008,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--load-child", nargs=4, metavar=("BANK", "ID", "ST_FILE", "REPEATS"), help=argparse.SUPPRESS
     )
-    args = p.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 5)
-    args.layers = args.layers or (2 if args.quick else 24)
-    args.warmup = not args.quick
-    if args.results is None and not args.quick:
-        args.results = RESULTS
-    return args
+    return settle_args(p.parse_args(argv), repeats=5, results=RESULTS)
 
 
 def main(argv: list[str]) -> int:

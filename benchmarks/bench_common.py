@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from pathlib import Path
@@ -43,3 +44,13 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def settle_args(args: argparse.Namespace, *, repeats: int, results: Path) -> argparse.Namespace:
+    """Fill the defaults a ``--quick`` smoke run changes: repeats, layers (2 / 24), warm-up, results file."""
+    args.repeats = args.repeats or (1 if args.quick else repeats)
+    args.layers = args.layers or (2 if args.quick else 24)
+    args.warmup = not args.quick
+    if args.results is None and not args.quick:
+        args.results = results
+    return args

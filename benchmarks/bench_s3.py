@@ -72,7 +72,7 @@ from bench_bank import (  # a sibling module of this script
     synthetic_state,
     touch,
 )
-from bench_common import write_section
+from bench_common import settle_args, write_section
 from weightbank.bank.bank import REMOTE_LOAD_WORKERS
 
 HERE = Path(__file__).resolve().parent
@@ -780,13 +780,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-bf16", action="store_true", help="skip the bf16 copy of the state")
     p.add_argument("--no-knobs", action="store_true", help="skip the part-size / load-workers sweep")
     p.add_argument("--results", type=Path, default=None, help="markdown output (default RESULTS.md)")
-    args = p.parse_args(argv)
-    args.repeats = args.repeats or (1 if args.quick else 3)
-    args.layers = args.layers or (2 if args.quick else 24)
-    args.warmup = not args.quick
-    if args.results is None and not args.quick:
-        args.results = RESULTS
-    return args
+    return settle_args(p.parse_args(argv), repeats=3, results=RESULTS)
 
 
 def main(argv: list[str]) -> int:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import random
 import threading
 import time
 import uuid
@@ -40,7 +39,7 @@ from typing import Any
 
 from ..errors import ConcurrentUpdate, MissingObject, StorageError
 from .base import ObjectInfo, RefValue
-from .fsspec import DEFAULT_RETRIES, ObjectStoreBase, check_key, client_error_code, is_transient, translate
+from .fsspec import DEFAULT_RETRIES, ObjectStoreBase, check_key, client_error_code, retrying
 
 __all__ = ["S3Storage"]
 
@@ -211,14 +210,13 @@ class S3Storage(ObjectStoreBase):
 
     def _op(self, method: str, key: str, **kwargs: Any) -> Any:
         """One S3 call with retries on transient failures (only idempotent calls come here)."""
-        for attempt in range(self.retries):
-            try:
-                return self.fs.call_s3(method, Bucket=self.bucket, **kwargs)
-            except Exception as e:
-                if attempt + 1 >= self.retries or not is_transient(e):
-                    raise translate(e, method, self.url, key) from e
-                time.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
-        raise AssertionError("unreachable")  # pragma: no cover
+        return retrying(
+            method,
+            self.url,
+            key,
+            lambda: self.fs.call_s3(method, Bucket=self.bucket, **kwargs),
+            attempts=self.retries,
+        )
 
     async def _get_async(self, key: str, rng: str | None) -> tuple[bytes, str]:
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self._k(key)}
@@ -235,17 +233,16 @@ class S3Storage(ObjectStoreBase):
     def _get(self, key: str, rng: str | None = None) -> tuple[bytes, str]:
         from fsspec.asyn import sync
 
-        for attempt in range(self.retries):
+        def get() -> tuple[bytes, str]:
             try:
                 result: tuple[bytes, str] = sync(self.fs.loop, self._get_async, key, rng)
-                return result
             except Exception as e:
                 if client_error_code(e) == "InvalidRange":
-                    return b"", ""
-                if attempt + 1 >= self.retries or not is_transient(e):
-                    raise translate(e, "read", self.url, key) from e
-                time.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
-        raise AssertionError("unreachable")  # pragma: no cover
+                    return b"", ""  # a range starting at or past the end: a short (empty) read
+                raise
+            return result
+
+        return retrying("read", self.url, key, get, attempts=self.retries)
 
     def _uploads(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -366,24 +363,30 @@ class S3Storage(ObjectStoreBase):
             return self._put_ref_unsafe(key, data, expect)
         self._probe_conditional()
         cond = {"IfNoneMatch": "*"} if expect is None else {"IfMatch": expect}
-        for attempt in range(self.retries):
-            try:
-                resp = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._k(key), Body=data, **cond)
-                return str(resp["ETag"])
-            except Exception as e:
-                code = client_error_code(e)
-                if code in _CONFLICT or code in ("NoSuchKey", "404") or isinstance(e, FileExistsError):
-                    # A retried put whose first attempt landed also fails its condition: values
-                    # always differ from their predecessors, so equal bytes mean it was ours.
-                    current = self.get_ref(key)
-                    if current is not None and current.data == data:
-                        return current.token
-                    found = current.token if current is not None else None
-                    raise ConcurrentUpdate(key, f"expected version {expect}, found {found}") from None
-                if attempt + 1 >= self.retries or not is_transient(e):
-                    raise translate(e, "put_ref", self.url, key) from e
-                time.sleep(random.uniform(0, min(5.0, 0.1 * 2**attempt)))
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            resp = retrying(
+                "put_ref",
+                self.url,
+                key,
+                lambda: self.fs.call_s3(
+                    "put_object", Bucket=self.bucket, Key=self._k(key), Body=data, **cond
+                ),
+                attempts=self.retries,
+            )
+            return str(resp["ETag"])
+        except StorageError as e:
+            code = client_error_code(e)
+            if not (
+                code in _CONFLICT or code in ("NoSuchKey", "404") or isinstance(e.__cause__, FileExistsError)
+            ):
+                raise
+        # A retried put whose first attempt landed also fails its condition: values
+        # always differ from their predecessors, so equal bytes mean it was ours.
+        current = self.get_ref(key)
+        if current is not None and current.data == data:
+            return current.token
+        found = current.token if current is not None else None
+        raise ConcurrentUpdate(key, f"expected version {expect}, found {found}")
 
     def _put_ref_unsafe(self, key: str, data: bytes, expect: str | None) -> str:
         with self._lock:
