@@ -72,6 +72,7 @@ import weightbank.storage.local as wb_local
 from bench_common import (  # a sibling module of this script
     files_under,
     fsync_file_and_dir,
+    print_outcome,
     settle_args,
     tree_bytes,
     write_section,
@@ -1075,14 +1076,7 @@ def main(argv: list[str]) -> int:
     else:
         cold_note = "Cold cache: skipped (--no-cold)."
     tbl, md, misses = report(results, args, cold_note, started, load_before)
-    print(tbl)
-    print()
-    if misses:
-        print(f"MISSED {len(misses)} target(s):")
-        for m in misses:
-            print(f"  - {m}")
-    else:
-        print("All targets met.")
+    print_outcome(tbl, misses, "target")
     for res in results:
         if res.phases is not None:
             print(f"\nWhere the time goes, {res.label}:")

@@ -34,6 +34,18 @@ def fsync_file_and_dir(path: Path) -> None:
             os.close(fd)
 
 
+def print_outcome(table: str, misses: list[str], what: str) -> None:
+    """Print a benchmark's table, then each missed ``what`` (e.g. "target") or that all were met."""
+    print(table)
+    print()
+    if misses:
+        print(f"MISSED {len(misses)} {what}(s):")
+        for m in misses:
+            print(f"  - {m}")
+    else:
+        print(f"All {what}s met.")
+
+
 def write_section(path: Path, section: str, begin: str, end: str) -> None:
     """Replace the text between ``begin`` and ``end`` in ``path`` (or append it), keeping other sections."""
     text = path.read_text() if path.exists() else "# weightbank benchmark results\n"

@@ -72,7 +72,7 @@ from bench_bank import (  # a sibling module of this script
     synthetic_state,
     touch,
 )
-from bench_common import settle_args, write_section
+from bench_common import print_outcome, settle_args, write_section
 from weightbank.bank.bank import REMOTE_LOAD_WORKERS
 
 HERE = Path(__file__).resolve().parent
@@ -816,14 +816,7 @@ def main(argv: list[str]) -> int:
             del state
         gc.collect()
     tbl, md, misses = report(results, knobs, args, started, load_before)
-    print(tbl)
-    print()
-    if misses:
-        print(f"MISSED {len(misses)} expectation(s):")
-        for m in misses:
-            print(f"  - {m}")
-    else:
-        print("All expectations met.")
+    print_outcome(tbl, misses, "expectation")
     if args.results is not None:
         write_section(args.results, md, BEGIN, END)
         print(f"\nwrote {args.results}")
