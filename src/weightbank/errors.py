@@ -10,6 +10,7 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     ├── AmbiguousRef            (ValueError)   id prefix matching several checkpoints
     ├── InvalidRef              (ValueError)   ref that does not parse
     ├── InvalidName             (ValueError)   bad tag / run name
+    ├── InvalidArgument         (ValueError)   an argument out of range or of the wrong kind
     ├── InvalidState            (TypeError)    a leaf that cannot be stored (no pickle)
     ├── IncompatibleState       (ValueError)   shape/dtype/key mismatch on load into=
     ├── ExternalFileError       (ValueError)   a file to import/export is unreadable or unknown
@@ -53,6 +54,7 @@ __all__ = [
     "ExternalFileError",
     "ExternalFileNotFound",
     "IncompatibleState",
+    "InvalidArgument",
     "InvalidName",
     "InvalidRef",
     "InvalidRequest",
@@ -153,6 +155,21 @@ class InvalidName(WeightbankError, ValueError):
         self.name = name
         self.reason = reason
         super().__init__(f"invalid {kind} name {name!r}: {reason}")
+
+
+class InvalidArgument(WeightbankError, ValueError):
+    """An argument a caller passed is out of range or of the wrong kind (``steps=0``, ``mode="mean"``...).
+
+    Attributes:
+        name: the argument at fault.
+        value: what was passed.
+    """
+
+    def __init__(self, name: str, value: object, reason: str) -> None:
+        self.name = name
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{name}={value!r}: {reason}")
 
 
 class InvalidState(WeightbankError, TypeError):
