@@ -14,6 +14,7 @@ from weightbank.format.delta import decode_chain
 from weightbank.format.dtypes import SUPPORTED
 from weightbank.format.planes import WordLayout, layout_for, merge, split
 from weightbank.format.planner import CHAIN_BUDGET, MODES, Base, link_cost, plan_chunk
+from weightbank.format.schema import DeltaArgs
 
 DTYPES = sorted(SUPPORTED)
 
@@ -99,7 +100,7 @@ def test_delta_chains_round_trip(dtype: str, data: st.DataObject) -> None:
         decode_chain(links, None, memoryview(out))
         assert bytes(out) == version
         depth = len(links) - 1
-        cost = 0.0 if enc.args is None else float(enc.args["cost"])
+        cost = 0.0 if enc.args is None else enc.args.cost
         base = Base("h" * 64, depth, split(memoryview(version), lay), cost)
 
 
@@ -126,7 +127,7 @@ def test_mostly_zero_chunks_and_deltas_are_sparse() -> None:
     delta = plan_chunk(memoryview(y.tobytes()), "float32", base=base, budget=100.0)
     assert delta.codec == "delta" and len(delta.payload) < 100
     cost = pytest.approx(link_cost(len(delta.payload), x.nbytes), abs=1e-4)
-    assert delta.args == {"base": "b" * 64, "depth": 1, "cost": cost, "gen": 1}
+    assert delta.args == DeltaArgs(base="b" * 64, depth=1, cost=cost, gen=1)
 
 
 def test_chain_budget_forces_a_keyframe() -> None:

@@ -21,6 +21,7 @@ from weightbank.format.manifest import (
     TensorRecord,
     check_tiling,
 )
+from weightbank.format.schema import DeltaArgs
 
 
 def sample() -> Manifest:
@@ -32,18 +33,21 @@ def sample() -> Manifest:
         metrics={"loss": {"$f": "nan"}},
         tree={"d": [["w", {"T": 0}], ["v", {"T": 1}]]},
         tensors=(
-            TensorRecord("w", "float32", (2, 2), (0,)),
+            TensorRecord("w", "float32", (2, 2), (1,)),
             TensorRecord("v", "float32", (2, 2), alias_of=0),
         ),
         packs=("packs/ab/x-0.pack",),
-        chunks=(ChunkRecord("a" * 64, 16, "raw", 0, 0, 16, {"base": "b" * 64}),),
+        chunks=(
+            ChunkRecord("b" * 64, 16, "raw", 0, 0, 16),
+            ChunkRecord("a" * 64, 16, "delta", 0, 16, 12, DeltaArgs("b" * 64, 1, 0.25, 1)),
+        ),
     )
 
 
 def test_round_trip() -> None:
     m = sample()
     assert Manifest.from_bytes(m.to_bytes(), "k") == m
-    assert m.nbytes == 16 and m.stored_bytes == 16
+    assert m.nbytes == 16 and m.stored_bytes == 28
     assert m.decoded_metrics()["loss"] != m.decoded_metrics()["loss"]  # nan
 
 

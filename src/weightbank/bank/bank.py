@@ -38,7 +38,7 @@ from .diff import diff_manifests
 from .environment import git_info, who
 from .events import EventLog
 from .into import plan_into
-from .layout import check_name
+from .layout import check_name, check_new_name
 from .marker import init_storage
 from .reader import check_device
 from .refs import resolve
@@ -216,7 +216,7 @@ class Bank(TwoPhase):
             stored_bytes=m.stored_bytes,
             n_tensors=len(m.tensors),
             tags=tuple(sorted(tags_by_target.get(cid, []))),
-            lossy=dict(m.lossy),
+            lossy={name: summary.to_json() for name, summary in m.lossy.items()},
         )
 
     def _tags_by_target(self) -> dict[str, list[str]]:
@@ -269,8 +269,8 @@ class Bank(TwoPhase):
             >>> b.parent == a.id, b.save_stats.written_bytes
             (True, 0)
         """
-        check_name("run", run)
-        tag_names = [check_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
+        check_new_name("run", run)
+        tag_names = [check_new_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
         if tag_names:
             self._tags.check_writable()  # a store that cannot move tags fails before any data is written
         header = checkpoint_header(
@@ -435,7 +435,7 @@ class Bank(TwoPhase):
                     alias_of=base.name if t.alias_of is not None else None,
                     codecs=tuple(sorted({c.codec for c in chunks})),
                     content_key=m.content_key(i),
-                    lossy=dict(m.lossy.get(base.name, {})),
+                    lossy=m.lossy[base.name].to_json() if base.name in m.lossy else {},
                 )
             )
         return CheckpointDetail(info=self._info(cid, m), tensors=tuple(rows), packs=m.packs)
@@ -484,7 +484,7 @@ class Bank(TwoPhase):
             >>> bank.tag("prod", cid).new == cid
             True
         """
-        check_name("tag", name)
+        check_new_name("tag", name)
         cid = self.resolve(ref)
         if expect is not UNSET and expect is not None:
             expect = self.resolve(expect)

@@ -4,8 +4,11 @@ A manifest is committed once its object exists; the catalog lists
 ``manifests/`` and reads only the ones it has not seen (manifests are
 immutable, so a cached copy never goes stale — it can only disappear, when
 pruned). Every manifest is checked against its id (the hash of its bytes) as
-it is read; damaged ones are kept aside in :attr:`Catalog.broken` for
-``verify`` and never used.
+it is read, then all of its content; damaged ones (and ones written by a
+newer weightbank) are kept aside in :attr:`Catalog.broken` for ``verify`` and
+never used, so one bad manifest leaves every other checkpoint usable. A
+manifest deleted between the listing and the read (a concurrent prune) is
+simply gone, not broken.
 
 Example:
     >>> from weightbank.storage import open_storage
@@ -24,7 +27,7 @@ from ..errors import CorruptObject, MissingObject, UnsupportedFormat
 from ..format.hashing import digest
 from ..format.manifest import ChunkRecord, Manifest
 from ..storage.base import Storage
-from .layout import MANIFESTS, manifest_id_from_key, manifest_key
+from .layout import MANIFESTS, is_pack_key, manifest_id_from_key, manifest_key
 
 __all__ = ["Catalog", "ChunkLocation"]
 
@@ -33,13 +36,25 @@ ChunkLocation = tuple[str, ChunkRecord]
 
 
 def read_manifest(storage: Storage, cid: str) -> Manifest:
-    """Read one manifest and check it against its id."""
+    """Read one manifest and check it against its id, then all of its content.
+
+    CorruptObject for damaged bytes or a malformed manifest, UnsupportedFormat
+    for one written by a newer weightbank, MissingObject if it is gone.
+    """
     key = manifest_key(cid)
     data = storage.read(key)
     actual = digest(data)
     if actual != cid:
         raise CorruptObject(key, expected=cid, actual=actual, checkpoint=cid, detail="manifest bytes changed")
-    return Manifest.from_bytes(data, key)
+    m = Manifest.from_bytes(data, key)
+    bad = next((p for p in m.packs if not is_pack_key(p)), None)
+    if bad is not None:
+        raise CorruptObject(
+            key, checkpoint=cid, detail=f"manifest names {bad[:80]!r}, which is not a pack key"
+        )
+    if m.parent is not None and m.parent == cid:
+        raise CorruptObject(key, checkpoint=cid, detail="manifest names itself as its parent")
+    return m
 
 
 class Catalog:
@@ -78,15 +93,15 @@ class Catalog:
             for cid, result in zip(new, results, strict=True):
                 if isinstance(result, Manifest):
                     self._manifests[cid] = result
-                else:
+                elif result is not None:
                     self.broken[cid] = result
 
-    def _try_read(self, cid: str) -> Manifest | Exception:
+    def _try_read(self, cid: str) -> Manifest | Exception | None:
         try:
             return read_manifest(self._storage, cid)
-        except UnsupportedFormat:
-            raise
-        except (CorruptObject, MissingObject) as e:
+        except MissingObject:
+            return None  # deleted (a concurrent prune) between listing and reading: gone, not broken
+        except (CorruptObject, UnsupportedFormat) as e:
             return e
 
     def get(self, cid: str) -> Manifest:

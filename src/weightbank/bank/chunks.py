@@ -9,7 +9,8 @@ Example:
     >>> from weightbank.bank.chunks import chain_of
     >>> from weightbank.format.manifest import ChunkRecord
     >>> key = ChunkRecord("k" * 64, 8, "planes", 0, 0, 8)
-    >>> link = ChunkRecord("d" * 64, 8, "delta", 0, 64, 4, {"base": "k" * 64, "depth": 1})
+    >>> from weightbank.format.schema import DeltaArgs
+    >>> link = ChunkRecord("d" * 64, 8, "delta", 0, 64, 4, DeltaArgs("k" * 64, 1))
     >>> [r.codec for r in chain_of(link, {key.hash: key, link.hash: link})]
     ['planes', 'delta']
 """
@@ -47,9 +48,9 @@ def chain_of(
     """``rec``'s chain, keyframe first (just ``[rec]`` for a standalone chunk)."""
     chain = [rec]
     while chain[-1].codec == DELTA:
-        args = chain[-1].args or {}
-        base = args.get("base")
-        if not isinstance(base, str) or base not in index:
+        args = chain[-1].args
+        base = args.base if args is not None else None
+        if base is None or base not in index:
             raise CorruptObject(
                 where,
                 detail=f"delta chunk {chain[-1].hash[:12]} names base {str(base)[:12]!r}, "

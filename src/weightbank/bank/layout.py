@@ -34,6 +34,8 @@ __all__ = [
     "TAGS",
     "TRASH",
     "check_name",
+    "check_new_name",
+    "is_pack_key",
     "lease_key",
     "manifest_id_from_key",
     "manifest_key",
@@ -53,6 +55,9 @@ TRASH = "trash/"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=,-]*$")
 _MAX_NAME = 128
+# Shortest id prefix a ref may use (format.hashing.MIN_PREFIX): a name of this many lowercase hex
+# characters or more could be read as a checkpoint id or id prefix.
+_ID_LIKE = re.compile(r"^[0-9a-f]{6,}$")
 
 
 def check_name(kind: str, name: object) -> str:
@@ -84,6 +89,31 @@ def check_name(kind: str, name: object) -> str:
     return name
 
 
+def check_new_name(kind: str, name: object) -> str:
+    """:func:`check_name`, and refuse a name that could be read as a checkpoint id or id prefix.
+
+    Used where a tag or run is created or moved; reading an existing name (a
+    tag made before this rule) only needs :func:`check_name`. Without this
+    rule ``bank.tag(a_id, b_id)`` would make the ref ``a_id`` name checkpoint b.
+
+    Example:
+        >>> check_new_name("tag", "prod")
+        'prod'
+        >>> check_new_name("tag", "cafe01")
+        Traceback (most recent call last):
+        weightbank.errors.InvalidName: invalid tag name 'cafe01': 6 or more lowercase hex characters read as a checkpoint id prefix; add a letter outside a-f (e.g. 'v-cafe01')
+    """
+    checked = check_name(kind, name)
+    if _ID_LIKE.match(checked):
+        raise InvalidName(
+            kind,
+            checked,
+            f"6 or more lowercase hex characters read as a checkpoint id prefix;"
+            f" add a letter outside a-f (e.g. 'v-{checked[:12]}')",
+        )
+    return checked
+
+
 def manifest_key(cid: str) -> str:
     return f"{MANIFESTS}{cid[:2]}/{cid}.json"
 
@@ -91,6 +121,22 @@ def manifest_key(cid: str) -> str:
 def manifest_id_from_key(key: str) -> str | None:
     name = key.rsplit("/", 1)[-1]
     return name[:-5] if name.endswith(".json") else None
+
+
+_PACK_KEY = re.compile(re.escape(PACKS) + r"([0-9A-Za-z_-]{1,2})/([0-9A-Za-z_-]{1,128})-[0-9]{1,9}\.pack")
+
+
+def is_pack_key(key: object) -> bool:
+    """Whether ``key`` is one :func:`pack_key` makes (a pack key read from a manifest is untrusted).
+
+    Example:
+        >>> is_pack_key(pack_key("ab12", 0)), is_pack_key("packs/../../etc/passwd")
+        (True, False)
+    """
+    if not isinstance(key, str):
+        return False
+    m = _PACK_KEY.fullmatch(key)
+    return m is not None and m.group(1) == m.group(2)[:2]
 
 
 def pack_key(save_id: str, n: int) -> str:

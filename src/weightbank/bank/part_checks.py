@@ -17,27 +17,21 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..format.codecs import CODECS
 from ..format.delta import DELTA
 from ..format.dtypes import SUPPORTED
-from .layout import PACKS
+from ..format.hashing import is_digest
+from .layout import is_pack_key
 
 if TYPE_CHECKING:
     from .parts import SavePart
 
-__all__ = ["int_tuple", "part_problem", "typed"]
+__all__ = ["part_problem"]
 
 #: What ``write_part`` names a save (and so a lease and its packs): hex digits, in practice.
 _SAVE_ID = re.compile(r"[0-9A-Za-z_-]{1,128}")
-_HASH = re.compile(r"[0-9a-f]{64}")
-_PACK_KEY = re.compile(re.escape(PACKS) + r"([0-9A-Za-z_-]{1,2})/([0-9A-Za-z_-]{1,128})-[0-9]{1,9}\.pack")
-
-
-def _is_pack_key(key: str) -> bool:
-    m = _PACK_KEY.fullmatch(key)
-    return m is not None and m.group(1) == m.group(2)[:2]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -45,18 +39,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def typed(value: Any, kind: type | tuple[type, ...]) -> Any:
-    """``value`` if it is a ``kind`` (and not a bool); TypeError otherwise."""
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise TypeError(f"expected {kind}, found {type(value).__name__}")
-    return value
-
-
-def int_tuple(value: Any) -> tuple[int, ...]:
-    """A JSON list of ints as a tuple; TypeError for anything else."""
-    return tuple(typed(v, int) for v in typed(value, list))
 
 
 def part_problem(part: SavePart) -> str | None:
@@ -73,17 +55,16 @@ def part_problem(part: SavePart) -> str | None:
     size = part.chunk_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         return f"chunk_size {size!r} is not a positive int"
-    bad = [k for k in part.packs if not isinstance(k, str) or not _is_pack_key(k)]
+    bad = [k for k in part.packs if not isinstance(k, str) or not is_pack_key(k)]
     if bad:
         return f"{bad[0]!r} is not a pack key"
     hashes = {c.hash for c in part.chunks}
     for c in part.chunks:
-        if not _HASH.fullmatch(c.hash) or c.codec not in CODECS:
+        if not is_digest(c.hash) or c.codec not in CODECS:
             return f"chunk {c.hash[:12]!r} has a malformed hash or an unknown codec {c.codec!r}"
         if not 0 <= c.pack < len(part.packs) or min(c.offset, c.raw_len, c.stored_len) < 0:
             return f"chunk {c.hash[:12]} points outside its pack table"
-        base = (c.args or {}).get("base")
-        if c.codec == DELTA and (not isinstance(base, str) or base not in hashes):
+        if c.codec == DELTA and (c.args is None or c.args.base not in hashes):
             return f"delta chunk {c.hash[:12]} does not list its base in the part"
     for t in part.tensors:
         if t.dtype not in SUPPORTED:
@@ -112,15 +93,9 @@ def part_problem(part: SavePart) -> str | None:
 def _stats_problem(part: SavePart) -> str | None:
     """What is wrong with the part's lossy summaries or save stats (a commit adds them up), or None."""
     names = {t.name for t in part.tensors}
-    for name, summary in part.lossy.items():
-        numbers = [summary.get(k) for k in ("max_abs", "sq_err", "sq_ref")]
-        if (
-            name not in names
-            or not isinstance(summary.get("codec"), str)
-            or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < math.inf for x in numbers
-            )
-        ):
+    for name, sums in part.lossy.items():
+        numbers = [sums.max_abs, sums.sq_err, sums.sq_ref]
+        if name not in names or not all(0 <= x < math.inf for x in numbers):
             return f"the lossy summary of {name!r} is not one a save makes"
     s = part.stats
     counts = [s.written_bytes, s.reused_bytes, s.new_chunks, s.reused_chunks, s.packs, *s.per_codec.values()]

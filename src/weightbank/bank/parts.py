@@ -58,12 +58,13 @@ from ..format.manifest import (
     TensorRecord,
     check_tiling,
 )
+from ..format.schema import LossySums, int_tuple, typed
 from ..format.tree import TensorRef, flatten_refs
 from ..storage.base import Storage
 from . import leases
 from .catalog import Catalog
 from .layout import manifest_key, save_id_from_pack
-from .part_checks import int_tuple, part_problem, typed
+from .part_checks import part_problem
 from .pieces import Piece, TensorShard, pieces_of
 from .results import SaveStats
 
@@ -129,7 +130,7 @@ class SavePart:
     packs: tuple[str, ...]
     chunks: tuple[ChunkRecord, ...]
     tensors: tuple[PartTensor, ...]
-    lossy: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lossy: dict[str, LossySums] = field(default_factory=dict)
     stats: SaveStats = field(default_factory=lambda: SaveStats(0, 0, 0, 0, 0, 0.0))
 
     def own_packs(self) -> list[str]:
@@ -144,7 +145,7 @@ class SavePart:
             "packs": list(self.packs),
             "chunks": [c.to_json() for c in self.chunks],
             "tensors": [t.to_json() for t in self.tensors],
-            "lossy": self.lossy,
+            "lossy": {name: sums.to_json() for name, sums in self.lossy.items()},
             "stats": [
                 s.written_bytes,
                 s.reused_bytes,
@@ -169,7 +170,7 @@ class SavePart:
         try:
             packs = tuple(typed(p, str) for p in typed(obj["packs"], list))
             probe = Manifest._parse(
-                {"format": SHARDED_FORMAT, "run": "", "created": 0.0, "tree": {}, "tensors": [],
+                {"format": SHARDED_FORMAT, "run": "", "created": 0.0, "tree": {"d": []}, "tensors": [],
                  "chunk_size": obj["chunk_size"], "packs": list(packs), "chunks": obj["chunks"]}
             )  # fmt: skip
             tensors = []
@@ -198,7 +199,8 @@ class SavePart:
                 chunks=probe.chunks,
                 tensors=tuple(tensors),
                 lossy={
-                    typed(k, str): dict(typed(v, dict)) for k, v in typed(obj.get("lossy", {}), dict).items()
+                    typed(k, str): LossySums.from_json(v)
+                    for k, v in typed(obj.get("lossy", {}), dict).items()
                 },
                 stats=stats,
             )
@@ -348,18 +350,13 @@ def merge_parts(
         raise InvalidState("<parts>", f"parts were written with different chunk sizes {sorted(chunk_sizes)}")
     merged = _Merger()
     pieces: dict[str, list[tuple[PartTensor, tuple[int, ...]]]] = {}
-    lossy: dict[str, dict[str, Any]] = {}
+    lossy: dict[str, LossySums] = {}
     for part in parts:
         remap = merged.add_part(part)
         for t in part.tensors:
             pieces.setdefault(t.name, []).append((t, tuple(remap[c] for c in t.chunks)))
-        for name, summary in part.lossy.items():
-            acc = lossy.setdefault(
-                name, {"codec": summary.get("codec", ""), "max_abs": 0.0, "sq_err": 0.0, "sq_ref": 0.0}
-            )
-            acc["max_abs"] = max(float(acc["max_abs"]), float(summary.get("max_abs", 0.0)))
-            acc["sq_err"] = float(acc["sq_err"]) + float(summary.get("sq_err", 0.0))
-            acc["sq_ref"] = float(acc["sq_ref"]) + float(summary.get("sq_ref", 0.0))
+        for name, sums in part.lossy.items():
+            lossy[name] = lossy[name] + sums if name in lossy else sums
     if tree is not None:
         spec, names = tree
     else:
@@ -386,14 +383,7 @@ def merge_parts(
         chunk_size=chunk_sizes.pop() if chunk_sizes else DEFAULT_CHUNK_SIZE,
         packs=tuple(merged.packs),
         chunks=tuple(merged.chunks),
-        lossy={
-            n: {
-                "codec": s["codec"],
-                "max_abs": s["max_abs"],
-                "rel_err": (s["sq_err"] / s["sq_ref"]) ** 0.5 if s["sq_ref"] > 0 else 0.0,
-            }
-            for n, s in lossy.items()
-        },
+        lossy={name: sums.summary() for name, sums in lossy.items()},
         format=SHARDED_FORMAT if any(t.shards for t in tensors) else FORMAT_VERSION,
         **header,
     )

@@ -10,7 +10,10 @@
     <run>@best:<metric>[:min|:max]       the run's checkpoint with the lowest (or highest) metric
     <ref>~N, <ref>~                      the N-th (first) parent of ref; suffixes add up
 
-Tags win over id prefixes when a name is both. An unknown ref raises
+A full id always names its checkpoint. Tag and run names that read as an id
+prefix (6+ lowercase hex characters) are refused when created; a tag made
+before that rule that also matches an id prefix is ambiguous (AmbiguousRef),
+never silently the tag. An unknown ref raises
 CheckpointNotFound with close matches; a prefix matching several ids raises
 AmbiguousRef listing them.
 
@@ -26,8 +29,8 @@ import difflib
 import math
 import re
 
-from ..errors import AmbiguousRef, CheckpointNotFound, InvalidRef, TagNotFound
-from ..format.hashing import MIN_PREFIX
+from ..errors import AmbiguousRef, CheckpointNotFound, CorruptObject, InvalidRef, TagNotFound
+from ..format.hashing import MIN_PREFIX, is_digest
 from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
 from .catalog import Catalog
@@ -111,12 +114,23 @@ def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
     )
 
 
+def _id_matches(base: str, catalog: Catalog) -> list[str]:
+    """Every committed (or unreadable) checkpoint id starting with ``base``."""
+    return [i for i in catalog.ids() + list(catalog.broken) if i.startswith(base)]
+
+
 def _resolve_base(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
     hist = _TAG_HIST.match(base)
     if hist:
-        return tags.previous(check_name("tag", hist.group("tag")), int(hist.group("n")))
+        target = tags.previous(check_name("tag", hist.group("tag")), int(hist.group("n")))
+        return _existing(target, ref, catalog, "tag's earlier target")
     if "@" in base:
         return _resolve_run(base, ref, catalog, tags)
+    id_like = bool(_HEX.match(base)) and len(base) >= MIN_PREFIX
+    # A full id names its checkpoint whatever tags exist: a tag can never shadow it.
+    matches = _id_matches(base, catalog) if id_like else []
+    if is_digest(base) and base in matches:
+        return base
     try:
         check_name("tag", base)
         is_name = True
@@ -126,21 +140,41 @@ def _resolve_base(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
         rec, _ = tags.read(base)
         if rec is not None:
             if rec.target is None:
+                if matches:
+                    return _one_id(base, matches)
                 raise TagNotFound(
                     base, [f"(tag {base!r} was removed; `weightbank rollback {base}` restores it)"]
                 )
-            return rec.target
+            if matches:
+                # Names that read as id prefixes are refused now; one made before that rule and
+                # an id prefix it also matches is ambiguous, never silently the tag.
+                raise AmbiguousRef(base, [f"tag:{base}->{rec.target[:12]}", *matches])
+            return _existing(rec.target, ref, catalog, "tag's target")
     if _HEX.match(base):
         if len(base) < MIN_PREFIX:
             raise InvalidRef(ref, f"an id prefix needs at least {MIN_PREFIX} hex characters")
-        ids = catalog.ids()
-        broken = list(catalog.broken)
-        matches = [i for i in ids + broken if i.startswith(base)]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise AmbiguousRef(base, matches)
+        if matches:
+            return _one_id(base, matches)
     raise CheckpointNotFound(ref, _suggest(base, catalog, tags))
+
+
+def _existing(cid: str, ref: str, catalog: Catalog, what: str) -> str:
+    """``cid`` if its checkpoint exists (a tag record may name one since deleted)."""
+    if cid in catalog.broken:
+        return cid  # exists, unreadable: loading it reports the damage
+    try:
+        catalog.get(cid)  # committed after our listing, or cached
+    except FileNotFoundError:
+        raise CheckpointNotFound(ref, detail=f"its {what} {cid[:12]} was deleted") from None
+    except CorruptObject:
+        return cid
+    return cid
+
+
+def _one_id(base: str, matches: list[str]) -> str:
+    if len(matches) > 1:
+        raise AmbiguousRef(base, matches)
+    return matches[0]
 
 
 def resolve(ref: str, catalog: Catalog, tags: TagStore) -> str:

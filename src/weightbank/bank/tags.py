@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from ..errors import ConcurrentUpdate, CorruptObject, NoHistory, TagNotFound
 from ..storage.base import Storage
-from .layout import TAGS, check_name, tag_key
+from .layout import TAGS, check_name, check_new_name, tag_key
 from .results import TagEvent, TagInfo
 
 __all__ = ["UNSET", "TagRecord", "TagStore"]
@@ -170,7 +170,9 @@ class TagStore:
         ``expect`` (a checkpoint id, or None for "tag absent/removed") makes the
         change conditional on the tag's current target as the caller last saw it.
         """
-        check_name("tag", name)
+        # A tag whose name reads as an id prefix (made before such names were refused) can still be
+        # removed or rolled back, never pointed anywhere new.
+        (check_new_name if action == "set" else check_name)("tag", name)
         rec, token = self.read(name)
         if rec is None:
             if action != "set":

@@ -34,7 +34,7 @@ from ..format.jsonsafe import encode
 from . import leases
 from .catalog import Catalog
 from .environment import capture_env
-from .layout import check_name
+from .layout import check_new_name
 from .parts import SavePart, TensorShard, abandon_part, commit_parts, load_parts, pieces_of
 from .results import CheckpointInfo
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_part
@@ -66,7 +66,7 @@ def checkpoint_header(
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The manifest's metadata fields for a new checkpoint, validated (parent and created not set)."""
-    check_name("run", run)
+    check_new_name("run", run)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise InvalidState("step", f"step must be a non-negative int or None, not {step!r}")
     if not isinstance(message, str):
@@ -172,7 +172,7 @@ class TwoPhase:
             >>> bank.load(info.id)["epoch"], info.n_tensors
             (3, 1)
         """
-        tag_names = [check_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
+        tag_names = [check_new_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
         header = checkpoint_header(
             run=run, step=step, metrics=metrics, config=config, message=message, meta=meta
         )

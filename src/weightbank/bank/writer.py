@@ -61,6 +61,7 @@ from ..format.lossy import LOSSY_CODECS, LOSSY_DTYPES, LossyStats, quantize
 from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..format.planes import layout_for
 from ..format.planner import Base, plan_chunk
+from ..format.schema import DeltaArgs, LossySums
 from ..format.tree import Leaf
 from ..storage.base import ObjectWriter, Storage
 from . import leases
@@ -135,7 +136,7 @@ class _Chunked:
     payload: memoryview | bytes | None  # None when the bank already has it
     codec: str
     found: ChunkLocation | None = None  # where the bank has it, as seen by the worker
-    args: dict[str, Any] | None = None  # codec args (a delta: base, depth, cost, gen)
+    args: DeltaArgs | None = None  # a delta's base and place in its chain
     lossy: LossyStats | None = None
 
 
@@ -269,35 +270,14 @@ class _Parent:
         return None if rec is None else (self.manifest.packs[rec.pack], rec)
 
 
-def _depth(rec: ChunkRecord) -> int:
-    if rec.codec != DELTA or not rec.args:
-        return 0
-    depth = rec.args.get("depth")
-    return depth if isinstance(depth, int) and depth > 0 else 1
-
-
-def _cost(rec: ChunkRecord) -> float:
-    if rec.codec != DELTA or not rec.args:
-        return 0.0
-    cost = rec.args.get("cost")
-    return float(cost) if isinstance(cost, (int, float)) and cost >= 0 else 0.0
-
-
-def _gen(rec: ChunkRecord) -> int:
-    if rec.codec != DELTA or not rec.args:
-        return 0
-    gen = rec.args.get("gen")
-    return gen if isinstance(gen, int) and gen > 0 else _depth(rec)
-
-
-def _lossy_sums(codec: str, stats: list[LossyStats]) -> dict[str, Any]:
+def _lossy_sums(codec: str, stats: list[LossyStats]) -> LossySums:
     """A part's lossy error sums for one tensor (a commit adds the sums of every part, then takes the root)."""
-    return {
-        "codec": codec,
-        "max_abs": max((s.max_abs for s in stats), default=0.0),
-        "sq_err": sum(s.sq_err for s in stats),
-        "sq_ref": sum(s.sq_ref for s in stats),
-    }
+    return LossySums(
+        codec,
+        max((s.max_abs for s in stats), default=0.0),
+        sum(s.sq_err for s in stats),
+        sum(s.sq_ref for s in stats),
+    )
 
 
 def write_part(
@@ -335,12 +315,12 @@ def write_part(
                 return None
             leaf = leaves[i]
             rec = parent_m.chunk(leaf, dtypes[i], tensor_nbytes(leaf.tensor), j)
-            if rec is None or rec.raw_len != raw_len or _gen(rec) + 1 >= options.keyframe_every:
+            if rec is None or rec.raw_len != raw_len or rec.gen + 1 >= options.keyframe_every:
                 return None  # nothing to delta against, or a keyframe is due
-            gen = _gen(rec)
+            gen = rec.gen
             try:
                 last_link = planner.link_cost(rec.stored_len, rec.raw_len) if rec.codec == DELTA else 0.0
-                if _cost(rec) + last_link > budget:
+                if rec.cost + last_link > budget:
                     # Another link would likely break the decode budget: code against the
                     # chain's keyframe instead (a two-link chain, a little larger).
                     rec = chain_of(rec, parent_m.index)[0]
@@ -349,7 +329,7 @@ def write_part(
                 )
             except (CorruptObject, MissingObject):
                 return None  # a damaged or vanished base: this chunk becomes a keyframe
-            return Base(rec.hash, _depth(rec), planes, _cost(rec), gen)
+            return Base(rec.hash, rec.depth, planes, rec.cost, gen)
 
         def quantized(i: int, start: int, raw: memoryview) -> _Chunked | None:
             t = leaves[i].tensor
@@ -400,9 +380,9 @@ def write_part(
         def list_bases(rec: ChunkRecord) -> None:
             # Every link of a delta chain is listed in this manifest: the reader
             # finds bases here, and gc keeps a pack alive only if a manifest lists it.
-            while rec.codec == DELTA:
-                base = (rec.args or {}).get("base")
-                if not isinstance(base, str) or base in record_of:
+            while rec.args is not None:
+                base = rec.args.base
+                if base in record_of:
                     return
                 loc = (parent_m.location(base) if parent_m is not None else None) or known.get(base)
                 if loc is None:

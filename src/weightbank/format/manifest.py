@@ -12,8 +12,9 @@ tensor (name, dtype, shape, which chunks), and where every chunk lives::
 chain ``depth`` in links, its decode ``cost`` and ``gen``, the generations since
 its keyframe), so new codecs need no format change. A delta's base chain is
 always listed in the same table. ``lossy`` (present only for a checkpoint
-saved with a lossy codec) maps each quantized tensor to its codec and measured
-``max_abs`` and relative L2 error ``rel_err``.
+saved with a lossy codec) maps each quantized tensor to its
+:class:`~.schema.LossySummary`: codec, measured ``max_abs`` and relative L2
+error ``rel_err``.
 
 A tensor saved in pieces by several processes (a ``torch.distributed`` job)
 is *sharded*: instead of ``chunks`` it lists ``shards``, each a box of the
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +50,12 @@ import blake3
 
 from ..errors import CorruptObject, UnsupportedFormat
 from .chunking import DEFAULT_CHUNK_SIZE
+from .codecs import CODECS
+from .delta import DELTA
 from .dtypes import itemsize
-from .jsonsafe import decode
+from .jsonsafe import check, decode
+from .schema import MAX_CHUNK_SIZE, DeltaArgs, LossySummary, hex_digest, int_tuple, max_stored_len, typed
+from .tree import check_tree
 
 __all__ = [
     "FORMAT_VERSION",
@@ -70,6 +76,8 @@ FORMAT_VERSION = 1
 SHARDED_FORMAT = 2
 #: The newest manifest format this code reads.
 NEWEST_FORMAT = SHARDED_FORMAT
+#: More dimensions than this in one tensor is refused as malformed.
+MAX_DIMS = 64
 #: More shards than this in one tensor is refused as malformed.
 MAX_SHARDS = 1 << 16
 #: The tiling check looks at ``2**k`` corners of each shard (``k``: the dimensions the
@@ -87,13 +95,59 @@ class ChunkRecord:
     pack: int
     offset: int
     stored_len: int
-    args: dict[str, Any] | None = None
+    args: DeltaArgs | None = None
 
     def to_json(self) -> list[Any]:
         row: list[Any] = [self.hash, self.raw_len, self.codec, self.pack, self.offset, self.stored_len]
-        if self.args:
-            row.append(self.args)
+        if self.args is not None:
+            row.append(self.args.to_json())
         return row
+
+    @property
+    def depth(self) -> int:
+        """Delta links above this chunk's keyframe (0 for a standalone chunk)."""
+        return self.args.depth if self.args is not None else 0
+
+    @property
+    def cost(self) -> float:
+        """Decode cost of this chunk's chain relative to a keyframe load (0 for a standalone chunk)."""
+        return self.args.cost if self.args is not None else 0.0
+
+    @property
+    def gen(self) -> int:
+        """Generations since this chunk's keyframe (0 for a standalone chunk)."""
+        return self.args.gen if self.args is not None else 0
+
+    @classmethod
+    def from_json(cls, row: Any, n_packs: int, chunk_size: int) -> ChunkRecord:
+        """One row of a chunk table, checked (ValueError/TypeError say which field is wrong).
+
+        UnsupportedFormat for a codec this version does not know.
+        """
+        typed(row, list, "chunk")
+        if len(row) not in (6, 7):
+            raise ValueError("chunk rows have 6 or 7 fields")
+        h = hex_digest(row[0], "chunk hash")
+        raw_len, pack, offset, stored_len = (
+            typed(row[i], int, what)
+            for i, what in ((1, "raw_len"), (3, "pack"), (4, "offset"), (5, "stored_len"))
+        )
+        codec = typed(row[2], str, "codec")
+        if codec not in CODECS:
+            raise UnsupportedFormat(f"codec {codec[:40]!r}", codec, sorted(CODECS))
+        if not 0 <= pack < n_packs or offset < 0:
+            raise ValueError(f"chunk {h[:12]} points outside its pack table")
+        if not 0 <= raw_len <= chunk_size or not 0 <= stored_len <= max_stored_len(raw_len):
+            raise ValueError(f"chunk {h[:12]} claims {raw_len} raw / {stored_len} stored bytes")
+        if codec == DELTA:
+            if len(row) != 7:
+                raise ValueError(f"delta chunk {h[:12]} has no codec args")
+            args: DeltaArgs | None = DeltaArgs.from_json(row[6])
+        elif len(row) == 7:
+            raise ValueError(f"{codec} chunk {h[:12]} has codec args")
+        else:
+            args = None
+        return cls(h, raw_len, codec, pack, offset, stored_len, args)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -183,7 +237,7 @@ class Manifest:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     packs: tuple[str, ...] = ()
     chunks: tuple[ChunkRecord, ...] = ()
-    lossy: dict[str, Any] = field(default_factory=dict)
+    lossy: dict[str, LossySummary] = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     # -- derived -----------------------------------------------------------
@@ -218,9 +272,6 @@ class Manifest:
     def decoded_metrics(self) -> dict[str, Any]:
         return dict(decode(self.metrics))
 
-    def decoded_config(self) -> dict[str, Any]:
-        return dict(decode(self.config))
-
     def decoded_meta(self) -> dict[str, Any]:
         return dict(decode(self.meta))
 
@@ -244,7 +295,7 @@ class Manifest:
             "chunks": [c.to_json() for c in self.chunks],
         }
         if self.lossy:
-            out["lossy"] = self.lossy
+            out["lossy"] = {name: summary.to_json() for name, summary in self.lossy.items()}
         return out
 
     def to_bytes(self) -> bytes:
@@ -252,11 +303,19 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, key: str) -> Manifest:
-        """Parse and validate; CorruptObject for anything malformed, UnsupportedFormat if too new."""
+        """Parse and validate all of it; CorruptObject for anything malformed, UnsupportedFormat if too new.
+
+        Every field is checked once, here (tree, metadata, chunk table, tensor
+        table, depth of every nesting), so a manifest that parses can be
+        walked, decoded and loaded without another check, and a bad one is a
+        CorruptObject that leaves every other checkpoint usable.
+        """
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
             raise CorruptObject(key, detail=f"manifest is not valid JSON ({e})") from None
+        except RecursionError:
+            raise CorruptObject(key, detail="manifest is nested too deeply to be one") from None
         if not isinstance(obj, dict):
             raise CorruptObject(key, detail="manifest is not a JSON object")
         fmt = obj.get("format")
@@ -264,105 +323,110 @@ class Manifest:
             raise UnsupportedFormat(key, fmt, NEWEST_FORMAT)
         try:
             return cls._parse(obj)
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except UnsupportedFormat as e:
+            raise UnsupportedFormat(key, e.found, e.supported) from None
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, RecursionError) as e:
             raise CorruptObject(key, detail=f"manifest is malformed ({type(e).__name__}: {e})") from None
 
     @classmethod
     def _parse(cls, obj: dict[str, Any]) -> Manifest:
-        def typed(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
-            if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
-                raise TypeError(f"{what} has the wrong type")
-            return value
-
-        chunks = []
-        for row in typed(obj["chunks"], list, "chunks"):
-            typed(row, list, "chunk")
-            if len(row) not in (6, 7):
-                raise ValueError("chunk rows have 6 or 7 fields")
-            chunks.append(
-                ChunkRecord(
-                    hash=typed(row[0], str, "chunk hash"),
-                    raw_len=typed(row[1], int, "raw_len"),
-                    codec=typed(row[2], str, "codec"),
-                    pack=typed(row[3], int, "pack"),
-                    offset=typed(row[4], int, "offset"),
-                    stored_len=typed(row[5], int, "stored_len"),
-                    args=typed(row[6], dict, "codec args") if len(row) == 7 else None,
-                )
-            )
+        fmt = typed(obj["format"], int, "format")
+        if not 1 <= fmt <= NEWEST_FORMAT:
+            raise ValueError(f"format {fmt} is not one this reader knows")
+        chunk_size = typed(obj["chunk_size"], int, "chunk_size")
+        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size {chunk_size} is out of range")
         packs = tuple(typed(p, str, "pack") for p in typed(obj["packs"], list, "packs"))
-        for c in chunks:
-            if not 0 <= c.pack < len(packs) or c.offset < 0 or c.stored_len < 0 or c.raw_len < 0:
-                raise ValueError(f"chunk {c.hash[:12]} points outside its pack table")
-        tensors = []
-        for i, t in enumerate(typed(obj["tensors"], list, "tensors")):
-            typed(t, dict, "tensor")
-            shape = tuple(typed(d, int, "shape") for d in typed(t["shape"], list, "shape"))
-            if any(d < 0 for d in shape):
-                raise ValueError("negative dimension")
-            alias = t.get("alias_of")
-            if alias is not None and not (0 <= typed(alias, int, "alias_of") < i):
-                raise ValueError("alias_of must name an earlier tensor")
-            name = typed(t["name"], str, "name")
-            dtype = typed(t["dtype"], str, "dtype")
-            if "shards" in t:
-                if alias is not None or "chunks" in t or t.get("numpy"):
-                    raise ValueError(f"sharded tensor {name!r} has chunks, alias_of or numpy")
-                if typed(obj["format"], int, "format") < SHARDED_FORMAT:
-                    raise ValueError(f"tensor {name!r} is sharded in a format {obj['format']} manifest")
-                shards = tuple(
-                    _parse_shard(s, shape, chunks, typed) for s in typed(t["shards"], list, "shards")
-                )
-                check_tiling(name, shape, shards)
-                rec = TensorRecord.sharded(name, dtype, shape, shards)
-                size = itemsize(dtype)
-                for s in shards:
-                    if sum(chunks[c].raw_len for c in s.chunks) != s.numel * size:
-                        raise ValueError(f"chunks of a shard of {name!r} do not add up to its size")
-                tensors.append(rec)
-                continue
-            idx = tuple(typed(c, int, "chunk index") for c in t.get("chunks", []))
-            if any(not 0 <= c < len(chunks) for c in idx):
-                raise ValueError("chunk index out of range")
-            rec = TensorRecord(
-                name=name,
-                dtype=dtype,
-                shape=shape,
-                chunks=idx,
-                alias_of=alias,
-                numpy=bool(t.get("numpy", False)),
-            )
-            if alias is None and sum(chunks[c].raw_len for c in idx) != rec.nbytes:
-                raise ValueError(f"chunks of {rec.name!r} do not add up to its size")
-            if alias is not None and tensors[alias].shards:
-                raise ValueError(f"{rec.name!r} aliases a sharded tensor")
-            tensors.append(rec)
+        chunks = [
+            ChunkRecord.from_json(row, len(packs), chunk_size) for row in typed(obj["chunks"], list, "chunks")
+        ]
+        listed = {c.hash for c in chunks}
+        if any(c.args is not None and c.args.base not in listed for c in chunks):
+            raise ValueError("a delta chunk's base is not in the chunk table")
+        tensors: list[TensorRecord] = []
+        for t in typed(obj["tensors"], list, "tensors"):
+            tensors.append(_parse_tensor(t, len(tensors), tensors, chunks, fmt))
+        tree = typed(obj["tree"], dict, "tree")
+        check_tree(tree, len(tensors))
         step = obj.get("step")
+        if step is not None and typed(step, int, "step") < 0:
+            raise ValueError("step is negative")
+        created = float(typed(obj["created"], (int, float), "created"))
+        if not math.isfinite(created):
+            raise ValueError("created is not a finite time")
+        names = {t.name for t in tensors}
+        lossy = {
+            typed(name, str, "lossy tensor"): LossySummary.from_json(v)
+            for name, v in typed(obj.get("lossy", {}), dict, "lossy").items()
+        }
+        if not set(lossy) <= names:
+            raise ValueError("lossy names a tensor the manifest does not hold")
         return cls(
-            format=typed(obj["format"], int, "format"),
+            format=fmt,
             run=typed(obj["run"], str, "run"),
-            step=None if step is None else typed(step, int, "step"),
-            parent=None if obj.get("parent") is None else typed(obj["parent"], str, "parent"),
-            created=float(typed(obj["created"], (int, float), "created")),
+            step=step,
+            parent=None if obj.get("parent") is None else hex_digest(obj["parent"], "parent"),
+            created=created,
             message=typed(obj.get("message", ""), str, "message"),
-            metrics=typed(obj.get("metrics", {}), dict, "metrics"),
-            config=typed(obj.get("config", {}), dict, "config"),
-            meta=typed(obj.get("meta", {}), dict, "meta"),
-            env=typed(obj.get("env", {}), dict, "env"),
-            tree=typed(obj["tree"], dict, "tree"),
-            chunk_size=typed(obj["chunk_size"], int, "chunk_size"),
+            metrics=check(typed(obj.get("metrics", {}), dict, "metrics"), "metrics"),
+            config=check(typed(obj.get("config", {}), dict, "config"), "config"),
+            meta=check(typed(obj.get("meta", {}), dict, "meta"), "meta"),
+            env=check(typed(obj.get("env", {}), dict, "env"), "env"),
+            tree=tree,
+            chunk_size=chunk_size,
             tensors=tuple(tensors),
             packs=packs,
             chunks=tuple(chunks),
-            lossy=typed(obj.get("lossy", {}), dict, "lossy"),
+            lossy=lossy,
         )
 
 
-def _parse_shard(obj: Any, whole: tuple[int, ...], chunks: list[ChunkRecord], typed: Any) -> ShardRecord:
+def _parse_tensor(
+    t: Any, i: int, earlier: list[TensorRecord], chunks: list[ChunkRecord], fmt: int
+) -> TensorRecord:
+    typed(t, dict, "tensor")
+    shape = int_tuple(t["shape"], "shape")
+    if any(d < 0 for d in shape) or len(shape) > MAX_DIMS:
+        raise ValueError("a tensor has a negative dimension or too many of them")
+    alias = t.get("alias_of")
+    if alias is not None and not (0 <= typed(alias, int, "alias_of") < i):
+        raise ValueError("alias_of must name an earlier tensor")
+    name = typed(t["name"], str, "name")
+    dtype = typed(t["dtype"], str, "dtype")
+    size = itemsize(dtype)  # UnsupportedFormat for a dtype this torch lacks
+    if "shards" in t:
+        if alias is not None or "chunks" in t or t.get("numpy"):
+            raise ValueError(f"sharded tensor {name!r} has chunks, alias_of or numpy")
+        if fmt < SHARDED_FORMAT:
+            raise ValueError(f"tensor {name!r} is sharded in a format {fmt} manifest")
+        shards = tuple(_parse_shard(s, shape, chunks) for s in typed(t["shards"], list, "shards"))
+        check_tiling(name, shape, shards)
+        for s in shards:
+            if sum(chunks[c].raw_len for c in s.chunks) != s.numel * size:
+                raise ValueError(f"chunks of a shard of {name!r} do not add up to its size")
+        return TensorRecord.sharded(name, dtype, shape, shards)
+    idx = int_tuple(t.get("chunks", []), "chunk index")
+    if any(not 0 <= c < len(chunks) for c in idx):
+        raise ValueError("chunk index out of range")
+    rec = TensorRecord(
+        name=name, dtype=dtype, shape=shape, chunks=idx, alias_of=alias, numpy=bool(t.get("numpy", False))
+    )
+    if alias is None and sum(chunks[c].raw_len for c in idx) != rec.numel * size:
+        raise ValueError(f"chunks of {rec.name!r} do not add up to its size")
+    if alias is not None:
+        base = earlier[alias]
+        if base.shards:
+            raise ValueError(f"{rec.name!r} aliases a sharded tensor")
+        if idx or (base.dtype, base.shape) != (dtype, shape):
+            raise ValueError(f"{rec.name!r} aliases a tensor of another dtype or shape, or has chunks")
+    return rec
+
+
+def _parse_shard(obj: Any, whole: tuple[int, ...], chunks: list[ChunkRecord]) -> ShardRecord:
     typed(obj, dict, "shard")
-    offsets = tuple(typed(d, int, "shard offset") for d in typed(obj["offsets"], list, "shard offsets"))
-    shape = tuple(typed(d, int, "shard shape") for d in typed(obj["shape"], list, "shard shape"))
-    idx = tuple(typed(c, int, "chunk index") for c in typed(obj["chunks"], list, "shard chunks"))
+    offsets = int_tuple(obj["offsets"], "shard offsets")
+    shape = int_tuple(obj["shape"], "shard shape")
+    idx = int_tuple(obj["chunks"], "shard chunks")
     if len(offsets) != len(whole) or len(shape) != len(whole):
         raise ValueError("a shard has another number of dimensions than its tensor")
     if any(o < 0 or n < 0 or o + n > w for o, n, w in zip(offsets, shape, whole, strict=True)):

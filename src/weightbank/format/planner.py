@@ -36,13 +36,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from .codecs import ZstdCodec
 from .delta import DELTA
 from .planes import MIN_SAVING, encode_planes, encode_xor, is_sparse, layout_for
+from .schema import DeltaArgs
 
 __all__ = [
     "CHAIN_BUDGET",
@@ -109,7 +109,7 @@ class Encoded:
 
     codec: str
     payload: bytes | memoryview
-    args: dict[str, Any] | None = None
+    args: DeltaArgs | None = None
 
 
 def _standalone(raw: memoryview, dtype: str, mode: str) -> Encoded:
@@ -145,7 +145,7 @@ def plan_chunk(
         payload = encode_xor(raw, base.planes, layout_for(dtype))
         cost = round(base.cost + link_cost(len(payload), len(raw)), 4)
         if cost <= budget:
-            args = {"base": base.hash, "depth": base.depth + 1, "cost": cost, "gen": base.gen + 1}
+            args = DeltaArgs(base=base.hash, depth=base.depth + 1, cost=cost, gen=base.gen + 1)
             delta = Encoded(DELTA, payload, args)
             if len(payload) <= len(raw) * DELTA_SURE:
                 return delta

@@ -18,6 +18,11 @@ The JSON tree encodes each node as a one-key object::
 Tensor names are key paths joined with ``.`` (``"model.decoder.weight"``,
 ``"optim.state.0.exp_avg"``) — the names a user selects and diffs by.
 
+This module owns the grammar: everyone else walks a tree through
+:func:`check_tree` (a tree read back from storage, validated once, bounded
+depth), :func:`tensor_indices`, :func:`map_tensors`, :func:`dict_items`,
+:func:`seq_items` and :func:`tensor_index`.
+
 Example:
     >>> import torch
     >>> from weightbank.format.tree import flatten, unflatten
@@ -41,9 +46,26 @@ import torch
 from ..errors import InvalidState
 from .dtypes import dtype_name
 
-__all__ = ["Leaf", "TensorRef", "flatten", "flatten_refs", "tensor_problem", "unflatten"]
+__all__ = [
+    "MAX_DEPTH",
+    "Leaf",
+    "TensorRef",
+    "check_tree",
+    "dict_items",
+    "flatten",
+    "flatten_refs",
+    "map_tensors",
+    "seq_items",
+    "tensor_index",
+    "tensor_indices",
+    "tensor_problem",
+    "unflatten",
+]
 
-_MAX_DEPTH = 64
+#: Deepest nesting of containers a state may have (and a stored tree is checked against).
+MAX_DEPTH = 64
+_KINDS = frozenset("dluTNvf")
+_NON_FINITE = frozenset(("nan", "inf", "-inf"))
 
 
 @dataclass(frozen=True)
@@ -97,8 +119,8 @@ class _Flattener:
         self._stack: set[int] = set()
 
     def node(self, obj: object, path: str, depth: int) -> dict[str, Any]:
-        if depth > _MAX_DEPTH:
-            raise InvalidState(path, f"nested deeper than {_MAX_DEPTH} levels (is the state cyclic?)")
+        if depth > MAX_DEPTH:
+            raise InvalidState(path, f"nested deeper than {MAX_DEPTH} levels (is the state cyclic?)")
         if self.refs is not None:
             if isinstance(obj, TensorRef):
                 if obj.name in self.refs:
@@ -228,3 +250,118 @@ def unflatten(spec: dict[str, Any], tensors: Sequence[Any]) -> Any:
         return idx is not None and tensors[idx] is None
 
     return build(spec)
+
+
+def check_tree(spec: Any, n_tensors: int) -> None:
+    """Raise ValueError unless ``spec`` is a tree :func:`flatten` could make over ``n_tensors`` tensors.
+
+    For a tree read back from storage: every node one of the kinds above,
+    dict keys ``str`` or ``int``, tensor indices in range, values JSON
+    scalars, nesting at most :data:`MAX_DEPTH` deep (the walk is iterative, so a
+    crafted tree cannot exhaust the stack). The walkers below assume a
+    checked tree.
+
+    Example:
+        >>> check_tree({"d": [["w", {"T": 0}]]}, 1)
+        >>> check_tree({"d": [["w", {"T": 3}]]}, 1)
+        Traceback (most recent call last):
+        ValueError: tree node names tensor 3 of 1
+    """
+    stack: list[tuple[Any, int]] = [(spec, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"tree is nested deeper than {MAX_DEPTH} levels")
+        if not isinstance(node, dict) or len(node) != 1:
+            raise ValueError("tree node is not a one-key object")
+        ((kind, body),) = node.items()
+        if kind not in _KINDS:
+            raise ValueError(f"unknown tree node kind {str(kind)[:20]!r}")
+        if kind in "TN":
+            if isinstance(body, bool) or not isinstance(body, int) or not 0 <= body < n_tensors:
+                raise ValueError(f"tree node names tensor {str(body)[:20]} of {n_tensors}")
+        elif kind == "v":
+            if body is not None and not isinstance(body, (bool, int, float, str)):
+                raise ValueError("tree value is not a JSON scalar")
+        elif kind == "f":
+            if body not in _NON_FINITE:
+                raise ValueError("tree float is not nan, inf or -inf")
+        elif kind == "d":
+            if not isinstance(body, list):
+                raise ValueError("tree dict is not a list of entries")
+            for entry in body:
+                if not isinstance(entry, list) or len(entry) != 2:
+                    raise ValueError("tree dict entry is not a [key, node] pair")
+                key = entry[0]
+                if isinstance(key, bool) or not isinstance(key, (str, int)):
+                    raise ValueError("tree dict key is not a str or int")
+                stack.append((entry[1], depth + 1))
+        else:
+            if not isinstance(body, list):
+                raise ValueError("tree list is not a list")
+            stack.extend((child, depth + 1) for child in body)
+
+
+def tensor_index(node: dict[str, Any]) -> int | None:
+    """The tensor a leaf node names (``{"T": i}`` or ``{"N": i}``), None for any other node."""
+    index = node.get("T", node.get("N"))
+    return index if isinstance(index, int) and len(node) == 1 else None
+
+
+def dict_items(node: dict[str, Any]) -> list[tuple[str | int, dict[str, Any]]] | None:
+    """A dict node's (key, child) entries in order, None if ``node`` is not a dict."""
+    body = node.get("d")
+    return None if body is None else [(k, child) for k, child in body]
+
+
+def seq_items(node: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """A list or tuple node's children, None if ``node`` is neither."""
+    body = node.get("l", node.get("u"))
+    return None if body is None else list(body)
+
+
+def _children(node: dict[str, Any]) -> list[dict[str, Any]]:
+    items = dict_items(node)
+    if items is not None:
+        return [child for _, child in items]
+    return seq_items(node) or []
+
+
+def tensor_indices(node: dict[str, Any], kinds: str = "TN") -> list[int]:
+    """The tensor indices under ``node``, in tree order (``kinds``: ``"T"``, ``"N"`` or both).
+
+    Example:
+        >>> tensor_indices({"d": [["a", {"T": 0}], ["b", {"l": [{"N": 1}, {"v": 2}]}]]})
+        [0, 1]
+    """
+    out: list[int] = []
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        index = tensor_index(n)
+        if index is not None:
+            if next(iter(n)) in kinds:
+                out.append(index)
+            continue
+        stack.extend(reversed(_children(n)))
+    return out
+
+
+def map_tensors(node: dict[str, Any], leaf: Any) -> dict[str, Any]:
+    """A copy of the tree with each tensor node ``n`` replaced by ``leaf(n)`` (a new node).
+
+    Example:
+        >>> as_numpy = lambda n: {"N": n["T"]} if "T" in n else n
+        >>> map_tensors({"l": [{"T": 0}, {"v": 1}]}, as_numpy)
+        {'l': [{'N': 0}, {'v': 1}]}
+    """
+    if tensor_index(node) is not None:
+        replaced: dict[str, Any] = leaf(node)
+        return replaced
+    items = dict_items(node)
+    if items is not None:
+        return {"d": [[k, map_tensors(child, leaf)] for k, child in items]}
+    for kind in ("l", "u"):
+        if kind in node:
+            return {kind: [map_tensors(child, leaf) for child in node[kind]]}
+    return node
