@@ -57,8 +57,26 @@ def test_pool_counts_shared_tensors_once() -> None:
     assert pool.freed_if_dropped([("a", ["k1"]), ("b", ["k1", "k2"])]) == 80
     assert pool.drop("k1", "a") == 0 and pool.drop("k1", "b") == 40
     assert pool.drop("k1", "b") == 0  # idempotent
-    pool.fail("k2", ValueError("x"))
+    pool.fail("k2", ValueError("x"), "b")
     assert pool.ledger.used == 0 and len(pool) == 0
     with pytest.raises(wb.BudgetExceeded):
         pool.reserve("k3", 101, "c")
     assert "k3" not in pool
+
+
+def test_a_failed_loader_hands_its_slot_to_the_other_holders() -> None:
+    pool = TensorPool(TierLedger("device", 100))
+    slot = pool.reserve("k", 40, "a")
+    pool.hold("k", "b")
+    first = slot.ready
+    assert not pool.adopt("k", "b")  # "a" is still loading it
+    pool.fail("k", ValueError("a's own damage"), "c")  # not its loader: nothing happens
+    assert slot.loader == "a" and not first.is_set()
+    pool.fail("k", ValueError("a's own damage"), "a")
+    assert first.is_set() and slot.loader is None and "k" in pool and pool.ledger.used == 40
+    assert not pool.adopt("k", "c")  # only a holder adopts
+    assert pool.adopt("k", "b") and slot.loader == "b" and not slot.ready.is_set()
+    assert not pool.adopt("k", "b")
+    pool.drop("k", "a")
+    pool.fill("k", torch.zeros(10))
+    assert slot.ready.is_set() and pool.tensor("k").numel() == 10 and pool.ledger.used == 40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import weightbank as wb
 from weightbank.serving import ModelCache
 
 from .conftest import FakeClock
-from .family import Family, build, counting
+from .family import Family, build, counting, make_family
 
 
 def cache_for(family: Family, **kw: object) -> ModelCache:
@@ -295,6 +296,68 @@ def test_a_failed_read_leaves_nothing_behind(family: Family) -> None:
     with pytest.raises(wb.CorruptObject):
         cache.load(family.ids[0])
     assert cache.stats().tiers["device"].used == 0 and cache.models() == []
+
+
+def _flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_good_load_never_fails_with_a_corrupt_siblings_error(tmp_path: Path) -> None:
+    """Nothing resident; a load of a corrupt checkpoint, then one of a good sibling sharing its body.
+
+    The corrupt load reserves the shared body first and its read is held back until the good
+    load waits on those slots; the corrupt read then fails. The good load must read the body
+    itself and succeed; only the corrupt one fails, with its own error.
+    """
+    family = make_family(wb.open(tmp_path / "bank"))
+    bad, good = family.ids[1], family.ids[2]
+    [own_pack] = set(family.bank.show(bad).packs) - set(family.bank.show(family.ids[0]).packs)
+    _flip_middle_byte(tmp_path / "bank" / own_pack)  # bad's head is damaged; the body is fine
+    bad_reading, good_reading, release_bad = threading.Event(), threading.Event(), threading.Event()
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    real = family.bank.load_tensors
+
+    def gated(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
+        calls.append((ref, tuple(names)))
+        if ref == bad:
+            bad_reading.set()
+            assert release_bad.wait(60)
+        elif ref == good:
+            good_reading.set()  # good holds the pending body slots and reads its own head now
+        return real(ref, names, device=device)  # type: ignore[arg-type]
+
+    family.bank.load_tensors = gated  # type: ignore[method-assign]
+    cache = cache_for(family)
+    outcome: dict[str, BaseException | wb.ModelStatus] = {}
+
+    def load(cid: str) -> None:
+        try:
+            outcome[cid] = cache.load(cid)
+        except BaseException as e:
+            outcome[cid] = e
+
+    first = threading.Thread(target=load, args=(bad,))
+    first.start()
+    assert bad_reading.wait(60)
+    second = threading.Thread(target=load, args=(good,))
+    second.start()
+    assert good_reading.wait(60)
+    release_bad.set()
+    for t in (first, second):
+        t.join(60)
+        assert not t.is_alive()
+    assert isinstance(outcome[bad], wb.CorruptObject), outcome[bad]
+    assert isinstance(outcome[good], wb.ModelStatus), outcome[good]
+    with cache.lease(good) as model:
+        check_output(family, good, model)
+    body = tuple(n for n in family.states[good] if not n.startswith("head."))
+    assert (good, body) in calls, "the good load reads the shared body itself once the corrupt one failed"
+    s = cache.stats()
+    assert [m.checkpoint for m in cache.models()] == [good]
+    assert s.tiers["device"].used == family.full_bytes and s.loads_in_flight == 0
+    assert cache._pools["device"].resident_bytes() == s.tiers["device"].used
 
 
 def test_prefix_selects_the_model_in_a_training_checkpoint() -> None:

@@ -12,6 +12,10 @@ Invariants (each has a test):
   resident, it is loaded once; they all wait for that one load while
   resident checkpoints keep serving. At most ``max_concurrent_loads`` loads
   run at once.
+* **A load fails only for its own reasons.** Loads that share a tensor read it
+  once; if the load reading it fails (a corrupt sibling, a read error), the
+  others adopt the reserved slot and read the tensor from their own
+  checkpoint instead of inheriting that error.
 * **Swap by difference.** Tensors are pooled by content key, so a load reads
   (or promotes from the host tier) only the tensors not already on the device.
 * **Release for real.** Eviction drops the module and the pool's references;
@@ -554,23 +558,10 @@ class ModelCache:
         try:
             fresh = {k: to_device(t, self.device) for k, t in promote.items()}
             source_bytes["host"] = sum(mine[k] for k in fresh)
-            from_bank = [k for k in mine if k not in fresh]
-            if from_bank:
-                loaded = self.bank.load_tensors(
-                    plan.cid, [plan.source[k] for k in from_bank], device=self.device
-                )
-                fresh.update((k, loaded[plan.source[k]]) for k in from_bank)
-                source_bytes["bank"] = sum(mine[k] for k in from_bank)
+            self._read_into_slots(flight, plan, [k for k in mine if k not in fresh], fresh, source_bytes)
             with self._lock:
-                for k, t in fresh.items():
-                    dev.fill(k, t)
                 self._res.drop_holder("host", flight, promote)
-            for key, slot in held.items():
-                slot.ready.wait()
-                if slot.error is not None:
-                    raise slot.error
-                if slot.tensor is None:
-                    raise AssertionError(f"slot {key[:12]} ready without a tensor")
+            self._await_shared(flight, plan, held, source_bytes)
             tensors = {name: held[key].tensor for name, key in plan.names}
             module = build_module(
                 lambda: self._build(plan.info),
@@ -581,11 +572,51 @@ class ModelCache:
             )
         except BaseException as exc:
             with self._lock:
-                for k in mine:
-                    if held[k].tensor is None:
-                        dev.fail(k, exc)
+                for k in held:  # the slots this load was to fill: handed to their other waiters
+                    dev.fail(k, exc, flight)
             raise
         return module, source_bytes
+
+    def _read_into_slots(
+        self,
+        flight: Flight,
+        plan: LoadPlan,
+        keys: list[str],
+        fresh: dict[str, torch.Tensor],
+        source_bytes: dict[str, int],
+    ) -> None:
+        """Read ``keys`` (slots this load is the loader of) from the bank, then fill them and ``fresh``'s."""
+        if keys:
+            loaded = self.bank.load_tensors(plan.cid, [plan.source[k] for k in keys], device=self.device)
+            fresh.update((k, loaded[plan.source[k]]) for k in keys)
+            source_bytes["bank"] += sum(plan.sizes[k] for k in keys)
+        with self._lock:
+            for k, t in fresh.items():
+                self._pools["device"].fill(k, t)
+
+    def _await_shared(
+        self, flight: Flight, plan: LoadPlan, held: dict[str, Slot], source_bytes: dict[str, int]
+    ) -> None:
+        """Wait for the slots other loads fill; adopt and read those whose loader failed.
+
+        Another load's failure is never this one's: a shared tensor it could not
+        deliver is read here from this checkpoint (its bytes are still reserved).
+        """
+        dev = self._pools["device"]
+        while True:
+            with self._lock:
+                adopted = [k for k in held if dev.adopt(k, flight)]
+                self._bytes_reused -= sum(plan.sizes[k] for k in adopted)
+                waiting = [s for s in held.values() if s.tensor is None and s.loader is not flight]
+                dropped = [s for s in waiting if s.loader is None]
+            if dropped:  # cannot happen while this load holds the slot; never wait on a dead event
+                raise AssertionError(f"slot {dropped[0].key[:12]} held by a load but dropped")
+            if adopted:
+                self._read_into_slots(flight, plan, adopted, {}, source_bytes)
+                continue
+            if not waiting:
+                return
+            waiting[0].ready.wait()
 
     def _complete(self, flight: Flight, plan: LoadPlan, module: nn.Module) -> None:
         dev = self._pools["device"]

@@ -6,9 +6,13 @@ resident checkpoints that share a tensor share one pooled copy, and its bytes
 are counted once in the tier's :class:`~weightbank.serving.budget.TierLedger`.
 
 A slot is *reserved* (its bytes counted) before its tensor exists and is then
-filled or failed by the load that reserved it; other loads that need the same
-tensor hold the pending slot and wait for it instead of reading it again. A
-slot lives while it has holders (resident checkpoints, loads in flight); when
+filled or failed by its *loader* (the load that reserved it); other loads that
+need the same tensor hold the pending slot and wait for it instead of reading it
+again. A load fails only for its own reasons: when a loader fails and other
+loads still hold the slot, the slot stays reserved (its bytes stay counted) with
+no loader, its waiters are woken, and one of them adopts it and reads the tensor
+from its own checkpoint (:meth:`TensorPool.adopt`). A slot lives while it has
+holders (resident checkpoints, loads in flight); when
 the last holder lets go the slot and its tensor are dropped and its bytes
 uncounted. The pool keeps no other reference, so a dropped tensor is freed as
 soon as no module uses it.
@@ -40,7 +44,13 @@ __all__ = ["Slot", "TensorPool"]
 
 @dataclass(eq=False)
 class Slot:
-    """One pooled tensor (``None`` while its load is in flight) and who holds it."""
+    """One pooled tensor (``None`` while its load is in flight) and who holds it.
+
+    ``ready`` is set when the tensor arrives, or when its loader failed and the
+    slot has no loader (``loader is None``): a waiter then adopts it or, if it was
+    dropped (no holder left), sees ``error``. Adopting a slot gives it a fresh
+    ``ready`` event, so every wait is on the current loader's event.
+    """
 
     key: str
     nbytes: int
@@ -48,6 +58,7 @@ class Slot:
     holders: set[Hashable] = field(default_factory=set)
     ready: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    loader: Hashable | None = None
 
 
 class TensorPool:
@@ -91,7 +102,7 @@ class TensorPool:
         if key in self._slots:
             raise AssertionError(f"slot {key[:12]} already exists")
         self.ledger.reserve(nbytes, ref)
-        slot = Slot(key=key, nbytes=nbytes, holders={holder})
+        slot = Slot(key=key, nbytes=nbytes, holders={holder}, loader=holder)
         self._slots[key] = slot
         return slot
 
@@ -100,13 +111,40 @@ class TensorPool:
         slot.tensor = tensor
         slot.ready.set()
 
-    def fail(self, key: str, error: BaseException) -> None:
-        """The load of a pending slot failed: uncount it and wake its waiters with ``error``."""
-        slot = self._slots.pop(key, None)
-        if slot is None:
+    def adopt(self, key: str, holder: Hashable) -> bool:
+        """Make ``holder`` the loader of a pending slot whose loader failed; False if it has one or is filled.
+
+        Example:
+            >>> from weightbank.serving.budget import TierLedger
+            >>> pool = TensorPool(TierLedger("device", 100))
+            >>> _ = pool.reserve("k", 8, holder="a"); _ = pool.hold("k", "b")
+            >>> pool.adopt("k", "b"); pool.fail("k", OSError("bad read"), holder="a")
+            False
+            >>> pool.adopt("k", "b"), pool.get("k").loader, pool.ledger.used
+            (True, 'b', 8)
+        """
+        slot = self._slots.get(key)
+        if slot is None or holder not in slot.holders or slot.tensor is not None or slot.loader is not None:
+            return False
+        slot.loader = holder
+        slot.ready = threading.Event()
+        return True
+
+    def fail(self, key: str, error: BaseException, holder: Hashable) -> None:
+        """``holder``'s load of a pending slot failed.
+
+        If other loads hold the slot, it stays reserved without a loader and its
+        waiters are woken to adopt it: the failure is ``holder``'s alone. Otherwise
+        the slot is dropped and uncounted.
+        """
+        slot = self._slots.get(key)
+        if slot is None or slot.tensor is not None or slot.loader != holder:
             return
-        self.ledger.release(slot.nbytes)
+        slot.loader = None
         slot.error = error
+        if not slot.holders - {holder}:
+            del self._slots[key]
+            self.ledger.release(slot.nbytes)
         slot.ready.set()
 
     def drop(self, key: str, holder: Hashable) -> int:
