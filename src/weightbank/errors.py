@@ -382,6 +382,7 @@ class CorruptObject(StorageError):
         checkpoint: checkpoint id being read (if known).
         tensor: tensor name being read (if known).
         expected, actual: hex digests.
+        detail: what is wrong, in words.
     """
 
     def __init__(
@@ -399,6 +400,7 @@ class CorruptObject(StorageError):
         self.actual = actual
         self.checkpoint = checkpoint
         self.tensor = tensor
+        self.detail = detail
         parts = [f"corrupt object {key}"]
         if checkpoint:
             parts.append(f"checkpoint {checkpoint[:12]}")

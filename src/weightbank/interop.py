@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file as safetensors_save_file
 
-from .bank.bank import AUTO, Bank
+from .bank.bank import AUTO, Auto, Bank
 from .bank.results import CheckpointInfo
 from .errors import ExternalFileError, ExternalFileNotFound, IncompatibleState, InvalidState, TargetExists
 from .format.lossy import LOSSY_CODECS, quantizable, quantize_tensor
@@ -72,7 +72,7 @@ def import_file(
     message: str = "",
     metrics: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
-    parent: Any = AUTO,
+    parent: str | None | Auto = AUTO,
 ) -> CheckpointInfo:
     """Save the weights in ``path`` as a new checkpoint of ``run`` and return its info.
 

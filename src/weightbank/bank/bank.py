@@ -58,11 +58,11 @@ from .results import (
     VerifyReport,
 )
 from .shards import read_assembled
-from .tags import UNSET, TagStore
-from .twophase import AUTO, TwoPhase, checkpoint_header
+from .tags import UNSET, TagStore, Unset
+from .twophase import AUTO, Auto, TwoPhase, checkpoint_header
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 
-__all__ = ["AUTO", "Bank", "CheckpointDetail", "open"]
+__all__ = ["AUTO", "Auto", "Bank", "CheckpointDetail", "open"]
 
 
 #: Load threads of a remote bank: its reads mostly wait on the network.
@@ -237,7 +237,7 @@ class Bank(TwoPhase):
         tags: Iterable[str] = (),
         message: str = "",
         meta: Mapping[str, Any] | None = None,
-        parent: Any = AUTO,
+        parent: str | Auto | None = AUTO,
         codec: str = "auto",
         chunk_size: int | None = None,
         keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
@@ -472,7 +472,7 @@ class Bank(TwoPhase):
         return diff_manifests(a_id, ma, b_id, mb, self._read)
 
     # -- tags ---------------------------------------------------------------------
-    def tag(self, name: str, ref: str, *, why: str = "", expect: Any = UNSET) -> TagEvent:
+    def tag(self, name: str, ref: str, *, why: str = "", expect: str | Unset | None = UNSET) -> TagEvent:
         """Point tag ``name`` at ``ref``'s checkpoint (compare-and-swap; history recorded).
 
         ``expect`` (an id, or None for "no tag yet") makes the move conditional
@@ -486,7 +486,7 @@ class Bank(TwoPhase):
         """
         check_new_name("tag", name)
         cid = self.resolve(ref)
-        if expect is not UNSET and expect is not None:
+        if isinstance(expect, str):
             expect = self.resolve(expect)
         return self._tags.update(name, "set", cid, by=who(), why=why, expect=expect)
 
@@ -522,7 +522,7 @@ class Bank(TwoPhase):
     def tags(self, *, include_removed: bool = False) -> list[TagInfo]:
         """Every live tag and its target (and, with ``include_removed``, removed ones with target None)."""
         infos = [self._tags.info(n) for n in self._tags.names()]
-        return infos if include_removed else [t for t in infos if t.target is not None]
+        return infos if include_removed else [t for t in infos if t.target is not None or t.problem]
 
     def tag_history(self, name: str) -> list[TagEvent]:
         """Every change ever made to tag ``name``, oldest first."""

@@ -4,7 +4,9 @@ Training appends events such as a rollback on divergence (step, reason,
 restored checkpoint) or a preemption; ``weightbank log`` shows them beside
 the checkpoints. Each run's log is one ref updated by compare-and-swap, and an
 append that loses a race is simply retried on the fresh log, so concurrent
-appends from several processes are all kept.
+appends from several processes are all kept. The log is sealed with a digest
+(:mod:`weightbank.format.sealed`) and every entry is checked when read: a
+damaged log is a CorruptObject for that run only.
 
 Example:
     >>> from weightbank.storage import open_storage
@@ -17,13 +19,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConcurrentUpdate, CorruptObject
-from ..format.jsonsafe import decode, encode
+from ..format.jsonsafe import check, decode, encode
+from ..format.schema import finite, hex_digest, typed
+from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from .layout import EVENTS, check_name
 from .results import RunEvent
@@ -31,6 +34,9 @@ from .results import RunEvent
 __all__ = ["EventLog"]
 
 _RETRIES = 20
+_LEGACY_KEYS = ("run", "events")
+#: More events than this in one run's log is refused as malformed.
+MAX_EVENTS = 1 << 20
 
 
 def _key(run: str) -> str:
@@ -44,15 +50,21 @@ class EventLog:
         self._storage = storage
 
     def _load(self, run: str) -> tuple[list[dict[str, Any]], str | None]:
-        ref = self._storage.get_ref(_key(run))
+        key = _key(run)
+        ref = self._storage.get_ref(key)
         if ref is None:
             return [], None
+        body = unseal(ref.data, key, _LEGACY_KEYS, "event log").body
         try:
-            events = json.loads(ref.data)["events"]
-            if not isinstance(events, list):
-                raise TypeError("events must be a list")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptObject(_key(run), detail=f"event log is malformed ({e})") from None
+            if body.get("run") != run:
+                raise ValueError(f"the log names run {str(body.get('run'))[:40]!r}")
+            events = typed(body.get("events"), list, "events")
+            if len(events) > MAX_EVENTS:
+                raise ValueError("more events than any run's")
+            for e in events:
+                _check_entry(e)
+        except (ValueError, TypeError) as e:
+            raise CorruptObject(key, detail=f"event log is malformed ({e})") from None
         return events, ref.token
 
     def append(
@@ -77,7 +89,7 @@ class EventLog:
         }
         for attempt in range(_RETRIES):
             events, token = self._load(run)
-            body = json.dumps({"run": run, "events": [*events, entry]}, separators=(",", ":")).encode()
+            body = seal({"run": run, "events": [*events, entry]})
             try:
                 self._storage.put_ref(_key(run), body, token)
                 return self._event(run, entry)
@@ -86,6 +98,18 @@ class EventLog:
                     raise
                 time.sleep(0.005 * (attempt + 1))
         raise ConcurrentUpdate(_key(run))  # pragma: no cover - loop always returns or raises
+
+    def runs(self) -> list[str]:
+        """Every run with an event log (refs whose key is no run name are skipped)."""
+        out = []
+        for key in self._storage.list_refs(EVENTS):
+            leaf = key[len(EVENTS) :]
+            if leaf.endswith(".json") and "/" not in leaf:
+                try:
+                    out.append(check_name("run", leaf[:-5]))
+                except ValueError:
+                    continue
+        return sorted(out)
 
     def read(self, run: str) -> list[RunEvent]:
         """Every event of ``run``, oldest first."""
@@ -96,10 +120,24 @@ class EventLog:
     def _event(run: str, e: Mapping[str, Any]) -> RunEvent:
         return RunEvent(
             run=run,
-            kind=str(e.get("kind", "")),
-            at=float(e.get("at", 0.0)),
-            by=str(e.get("by", "")),
+            kind=e["kind"],
+            at=float(e["at"]),
+            by=e.get("by", ""),
             step=e.get("step"),
             checkpoint=e.get("checkpoint"),
             data=decode(e.get("data", {})),
         )
+
+
+def _check_entry(e: Any) -> None:
+    """One stored event, checked (TypeError/ValueError say what is wrong)."""
+    typed(e, dict, "event")
+    check_name("event kind", typed(e.get("kind"), str, "kind"))
+    finite(e.get("at"), "at")
+    typed(e.get("by", ""), str, "by")
+    step = e.get("step")
+    if step is not None and typed(step, int, "step") < 0:
+        raise ValueError("step is negative")
+    if e.get("checkpoint") is not None:
+        hex_digest(e["checkpoint"], "checkpoint")
+    check(typed(e.get("data", {}), dict, "data"), "data")

@@ -18,14 +18,15 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from dataclasses import dataclass
 
 from .._process import pid_alive
-from ..errors import WeightbankError
+from ..errors import MissingObject, WeightbankError
+from ..format.schema import finite, typed
+from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from .layout import LEASES, lease_key
 
@@ -42,6 +43,7 @@ class Lease:
     pid: int
     started: float
     key: str
+    problem: str = ""  # why the stored lease could not be read (it then counts as live until it ages out)
 
     def stale(self, now: float, ttl: float) -> bool:
         if now - self.started > ttl:
@@ -51,9 +53,12 @@ class Lease:
         return False
 
 
+_LEGACY_KEYS = ("save", "host", "pid", "started")
+
+
 def acquire(storage: Storage, save_id: str) -> None:
     body = {"save": save_id, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-    storage.write(lease_key(save_id), json.dumps(body).encode())
+    storage.write(lease_key(save_id), seal(body))
 
 
 def release(storage: Storage, save_id: str) -> None:
@@ -63,21 +68,28 @@ def release(storage: Storage, save_id: str) -> None:
 def all_leases(storage: Storage) -> list[Lease]:
     out = []
     for info in storage.list(LEASES):
+        # The key names the save too: a damaged lease still protects that save's packs.
+        named = info.key[len(LEASES) :].removesuffix(".json")
         try:
-            obj = json.loads(storage.read(info.key))
+            obj = unseal(storage.read(info.key), info.key, _LEGACY_KEYS, "lease").body
+            if obj.get("save") != named:
+                raise ValueError(f"lease {info.key} names another save")
             out.append(
                 Lease(
-                    save_id=str(obj["save"]),
-                    host=str(obj["host"]),
-                    pid=int(obj["pid"]),
-                    started=float(obj["started"]),
+                    save_id=named,
+                    host=typed(obj["host"], str, "host"),
+                    pid=typed(obj["pid"], int, "pid"),
+                    started=finite(obj["started"], "started"),
                     key=info.key,
                 )
             )
-        except (WeightbankError, ValueError, KeyError, TypeError):
-            # Unreadable lease (torn by a crash on a non-atomic store): treat as
+        except MissingObject:
+            continue  # released between the listing and the read
+        except (WeightbankError, ValueError, KeyError, TypeError) as e:
+            # Unreadable lease (damaged, or torn on a non-atomic store): treat it as
             # live until it ages out, using the object's own time.
-            out.append(Lease(save_id="?", host="?", pid=-1, started=info.mtime, key=info.key))
+            problem = f"lease is unreadable ({e}); it protects everything until it ages out"
+            out.append(Lease(named, host="?", pid=-1, started=info.mtime, key=info.key, problem=problem))
     return out
 
 

@@ -33,16 +33,17 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CorruptObject, MissingObject, WeightbankError
+from ..errors import CorruptObject, MissingObject, UnsupportedFormat
 from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
+from ..format.schema import finite, hex_digest, typed
+from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from . import leases
 from .catalog import Catalog
@@ -58,6 +59,10 @@ class TrashEntry:
     deleted_at: float | None  # None: the manifest may still be visible (delete in progress)
     manifest: Manifest | None
     key: str
+    problem: str = ""  # why the stored entry could not be read (then ``manifest`` is None)
+
+
+_TRASH_LEGACY_KEYS = ("id", "deleted_at", "by", "why", "manifest")
 
 
 def trash(storage: Storage, cid: str, manifest: Manifest, *, by: str, why: str) -> None:
@@ -69,11 +74,38 @@ def trash(storage: Storage, cid: str, manifest: Manifest, *, by: str, why: str) 
         "why": why,
         "manifest": manifest.to_json(),
     }
-    storage.write(trash_key(cid), json.dumps(body, separators=(",", ":")).encode())
+    storage.write(trash_key(cid), seal(body))
     storage.delete(manifest_key(cid))
     # Only now is the manifest certainly invisible to a save that lists manifests.
     body["deleted_at"] = time.time()
-    storage.write(trash_key(cid), json.dumps(body, separators=(",", ":")).encode())
+    storage.write(trash_key(cid), seal(body))
+
+
+def _read_entry(storage: Storage, key: str, mtime: float) -> tuple[TrashEntry, dict[str, Any] | None]:
+    """One trash entry and its stored body (None when it is damaged: the entry then says why).
+
+    MissingObject if it was dropped since it was listed.
+    """
+    data = storage.read(key)
+    try:
+        body = unseal(data, key, _TRASH_LEGACY_KEYS, "trash entry").body
+        cid = hex_digest(body.get("id"), "id")
+        if key != trash_key(cid):
+            raise ValueError(f"the entry names checkpoint {cid[:12]}")
+        when = body.get("deleted_at")
+        m = Manifest._parse(typed(body.get("manifest"), dict, "manifest"))
+        return TrashEntry(cid, None if when is None else finite(when, "deleted_at"), m, key), body
+    except (
+        CorruptObject,
+        UnsupportedFormat,
+        ValueError,
+        KeyError,
+        TypeError,
+        IndexError,
+        OverflowError,
+    ) as e:
+        # Its packs cannot be known: gc refuses while it may still protect data, then it ages out by mtime.
+        return TrashEntry("?", mtime, None, key, problem=f"trash entry is unreadable ({e})"), None
 
 
 def _crashed_deletes(storage: Storage) -> set[str]:
@@ -81,36 +113,37 @@ def _crashed_deletes(storage: Storage) -> set[str]:
     out = set()
     for info in storage.list(TRASH):
         try:
-            obj = json.loads(storage.read(info.key))
-            if obj["deleted_at"] is None and not storage.exists(manifest_key(str(obj["id"]))):
-                out.add(info.key)
-        except (WeightbankError, ValueError, KeyError, TypeError):
+            entry, _ = _read_entry(storage, info.key, info.mtime)
+        except MissingObject:
             continue
+        if (
+            entry.manifest is not None
+            and entry.deleted_at is None
+            and not storage.exists(manifest_key(entry.cid))
+        ):
+            out.add(info.key)
     return out
 
 
 def _stamp(storage: Storage, key: str, when: float) -> None:
     """Give a trash entry left without a deletion time (a delete that crashed) the time ``when``."""
     try:
-        obj = json.loads(storage.read(key))
-    except (MissingObject, ValueError):
-        return  # dropped or replaced meanwhile: nothing left to stamp
-    if obj.get("deleted_at") is None:
-        obj["deleted_at"] = when
-        storage.write(key, json.dumps(obj, separators=(",", ":")).encode())
+        _, body = _read_entry(storage, key, when)
+    except MissingObject:
+        return  # dropped meanwhile: nothing left to stamp
+    if body is not None and body.get("deleted_at") is None:
+        body["deleted_at"] = when
+        storage.write(key, seal(body))
 
 
 def read_trash(storage: Storage) -> list[TrashEntry]:
+    """Every trash entry; a damaged one is listed with its ``problem`` and no manifest."""
     out = []
     for info in storage.list(TRASH):
         try:
-            obj = json.loads(storage.read(info.key))
-            m = Manifest._parse(obj["manifest"])
-            when = obj["deleted_at"]
-            out.append(TrashEntry(str(obj["id"]), None if when is None else float(when), m, info.key))
-        except (WeightbankError, ValueError, KeyError, TypeError):
-            # A torn trash entry protects nothing; it still ages out by mtime.
-            out.append(TrashEntry("?", info.mtime, None, info.key))
+            out.append(_read_entry(storage, info.key, info.mtime)[0])
+        except MissingObject:
+            continue
     return out
 
 
@@ -152,6 +185,11 @@ def gc(
         if when is not None and when < protect_after:
             drop_trash.append(entry.key)
             continue
+        if entry.problem:
+            # A damaged entry that may still protect data a save in flight reuses: refuse to guess.
+            raise CorruptObject(
+                entry.key, detail=f"gc refuses to run: {entry.problem}; run `weightbank verify`"
+            )
         # No time yet (a delete in progress: its manifest may still be listed) protects too.
         if entry.manifest is not None:
             needed.update(entry.manifest.packs)

@@ -152,12 +152,14 @@ class RunEvent:
 
 @dataclass(frozen=True)
 class TagInfo:
-    """A tag and its current target."""
+    """A tag and its current target (None when removed, or when its record is damaged: see ``problem``)."""
 
     name: str
     target: str | None
     updated: float
     events: int
+    problem: str = ""
+    """Empty for a sound record; what is wrong with a damaged one (``weightbank verify`` reports it too)."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ class DiffResult:
 class VerifyProblem:
     """One thing ``verify`` found wrong."""
 
-    kind: Literal["corrupt", "missing", "manifest", "tag", "orphan"]
+    kind: Literal["corrupt", "missing", "manifest", "tag", "events", "trash", "lease", "orphan"]
     key: str
     detail: str
     checkpoint: str = ""

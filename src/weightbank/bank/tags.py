@@ -22,68 +22,119 @@ Example:
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
-from ..errors import ConcurrentUpdate, CorruptObject, NoHistory, TagNotFound
+from ..errors import ConcurrentUpdate, CorruptObject, InvalidName, NoHistory, TagNotFound
+from ..format.schema import finite, hex_digest, typed
+from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from .layout import TAGS, check_name, check_new_name, tag_key
 from .results import TagEvent, TagInfo
 
-__all__ = ["UNSET", "TagRecord", "TagStore"]
+__all__ = ["UNSET", "TagRecord", "TagStore", "Unset"]
 
 
-class _Unset:
+class Unset:
+    """The type of :data:`UNSET` (a typed sentinel: ``expect: str | None | Unset = UNSET``)."""
+
     def __repr__(self) -> str:
         return "UNSET"
 
 
-UNSET: Any = _Unset()
+UNSET: Final = Unset()
 """Sentinel: no expectation about a tag's current target."""
+
+
+_ACTIONS = frozenset(("set", "untag", "rollback"))
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        check_name("tag", name)
+    except InvalidName:
+        return False
+    return True
+
+
+_LEGACY_KEYS = ("name", "target", "stack", "history")
+#: More entries than this in a tag's undo stack or history is refused as malformed.
+MAX_HISTORY = 1 << 20
+
+
+def _id_or_none(value: Any, what: str) -> str | None:
+    return None if value is None else hex_digest(value, what)
+
+
+def _history_entry(h: Any) -> dict[str, Any]:
+    """One history entry, checked (TypeError/ValueError say what is wrong)."""
+    typed(h, dict, "history entry")
+    action = typed(h.get("action"), str, "action")
+    if action not in _ACTIONS:
+        raise ValueError(f"unknown action {action[:20]!r}")
+    _id_or_none(h.get("old"), "old")
+    _id_or_none(h.get("new"), "new")
+    finite(h.get("at"), "at")
+    typed(h.get("by", ""), str, "by")
+    typed(h.get("why", ""), str, "why")
+    if "steps" in h and typed(h["steps"], int, "steps") < 1:
+        raise ValueError("steps must be >= 1")
+    entry: dict[str, Any] = h
+    return entry
 
 
 @dataclass
 class TagRecord:
-    """The stored form of one tag."""
+    """The stored form of one tag: its undo stack and every change, sealed with a digest.
+
+    Everything is checked when read (:meth:`from_bytes`): ids are full
+    digests, each history entry has a known action and a time, and the
+    record's digest matches its content.
+    """
 
     name: str
     stack: list[str | None] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    sealed: bool = True
 
     @property
     def target(self) -> str | None:
         return self.stack[-1] if self.stack else None
 
     def to_bytes(self) -> bytes:
-        obj = {"name": self.name, "target": self.target, "stack": self.stack, "history": self.history}
-        return json.dumps(obj, separators=(",", ":")).encode()
+        return seal({"name": self.name, "target": self.target, "stack": self.stack, "history": self.history})
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> TagRecord:
+        key = tag_key(name)
+        record = unseal(data, key, _LEGACY_KEYS, "tag record")
+        obj = record.body
         try:
-            obj = json.loads(data)
-            stack = obj["stack"]
-            history = obj["history"]
-            if not isinstance(stack, list) or not isinstance(history, list):
-                raise TypeError("stack/history must be lists")
-            if not all(s is None or isinstance(s, str) for s in stack):
-                raise TypeError("stack entries must be ids or null")
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptObject(tag_key(name), detail=f"tag record is malformed ({e})") from None
-        return cls(name=name, stack=stack, history=history)
+            stack = typed(obj.get("stack"), list, "stack")
+            history = typed(obj.get("history"), list, "history")
+            if len(stack) > MAX_HISTORY or len(history) > MAX_HISTORY:
+                raise ValueError("tag history is longer than any tag's")
+            stack = [_id_or_none(s, "stack entry") for s in stack]
+            history = [_history_entry(h) for h in history]
+            if obj.get("name") != name:
+                raise ValueError(f"record names tag {str(obj.get('name'))[:40]!r}")
+            if obj.get("target") != (stack[-1] if stack else None):
+                raise ValueError("target is not the top of the undo stack")
+        except (ValueError, TypeError) as e:
+            raise CorruptObject(key, detail=f"tag record is malformed ({e})") from None
+        return cls(name=name, stack=stack, history=history, sealed=record.sealed)
 
     def events(self) -> list[TagEvent]:
         return [
             TagEvent(
                 tag=self.name,
-                action=h.get("action", "set"),
+                action=h["action"],
                 old=h.get("old"),
                 new=h.get("new"),
-                at=float(h.get("at", 0.0)),
-                by=str(h.get("by", "")),
-                why=str(h.get("why", "")),
+                at=float(h["at"]),
+                by=h.get("by", ""),
+                why=h.get("why", ""),
             )
             for h in self.history
         ]
@@ -118,28 +169,35 @@ class TagStore:
         return rec.target if rec else None
 
     def names(self) -> list[str]:
-        """Names of every tag ever created (including removed ones)."""
+        """Names of every tag ever created (including removed ones); refs whose key is no tag name are skipped."""
         out = []
         for key in self._storage.list_refs(TAGS):
             leaf = key[len(TAGS) :]
-            if leaf.endswith(".json") and "/" not in leaf:
+            if leaf.endswith(".json") and "/" not in leaf and _valid_name(leaf[:-5]):
                 out.append(leaf[:-5])
         return sorted(out)
 
     def live(self) -> dict[str, str]:
-        """Every tag that currently points somewhere: name → checkpoint id."""
+        """Every tag that currently points somewhere: name → checkpoint id (damaged records left out)."""
         out = {}
         for name in self.names():
-            target = self.target(name)
+            try:
+                target = self.target(name)
+            except CorruptObject:
+                continue  # verify reports it; it points nowhere we can trust
             if target is not None:
                 out[name] = target
         return out
 
     def info(self, name: str) -> TagInfo:
-        rec, _ = self.read(name)
+        """The tag's target and when it last moved; a damaged record gives target None and its ``problem``."""
+        try:
+            rec, _ = self.read(name)
+        except CorruptObject as e:
+            return TagInfo(name=name, target=None, updated=0.0, events=0, problem=e.detail or str(e))
         if rec is None:
             raise TagNotFound(name, self.names())
-        updated = float(rec.history[-1].get("at", 0.0)) if rec.history else 0.0
+        updated = float(rec.history[-1]["at"]) if rec.history else 0.0
         return TagInfo(name=name, target=rec.target, updated=updated, events=len(rec.history))
 
     def previous(self, name: str, n: int) -> str:
@@ -163,7 +221,7 @@ class TagStore:
         by: str,
         why: str = "",
         steps: int = 1,
-        expect: Any = UNSET,
+        expect: str | Unset | None = UNSET,
     ) -> TagEvent:
         """Apply one change with compare-and-swap.
 
@@ -179,7 +237,7 @@ class TagStore:
                 raise TagNotFound(name, self.names())
             rec = TagRecord(name=name)
         old = rec.target
-        if expect is not UNSET and expect != old:
+        if not isinstance(expect, Unset) and expect != old:
             raise ConcurrentUpdate(tag_key(name), f"tag {name!r} points to {old}, expected {expect}")
         if action == "set":
             rec.stack.append(new)

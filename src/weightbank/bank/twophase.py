@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import torch
@@ -44,15 +44,17 @@ if TYPE_CHECKING:
     from ..storage.base import Storage
     from .tags import TagStore
 
-__all__ = ["AUTO", "TwoPhase", "checkpoint_header"]
+__all__ = ["AUTO", "Auto", "TwoPhase", "checkpoint_header"]
 
 
-class _Auto:
+class Auto:
+    """The type of :data:`AUTO` (a typed sentinel: ``parent: str | None | Auto = AUTO``)."""
+
     def __repr__(self) -> str:
         return "AUTO"
 
 
-AUTO: Any = _Auto()
+AUTO: Final = Auto()
 """Default for ``save(parent=...)`` and ``commit(parent=...)``: the run's newest checkpoint."""
 
 
@@ -95,9 +97,9 @@ class TwoPhase:
         def _info(self, cid: str, m: Manifest) -> CheckpointInfo: ...
         def _move_tag_retrying(self, name: str, cid: str, why: str) -> None: ...
 
-    def _parent_of(self, run: str, parent: Any) -> str | None:
+    def _parent_of(self, run: str, parent: str | Auto | None) -> str | None:
         """The id a new checkpoint of ``run`` records as its parent (``AUTO``: the run's newest)."""
-        if parent is AUTO:
+        if isinstance(parent, Auto):
             self._catalog.refresh()
             members = self._catalog.runs().get(run)
             return members[-1][0] if members else None
@@ -153,7 +155,7 @@ class TwoPhase:
         tags: Iterable[str] = (),
         message: str = "",
         meta: Mapping[str, Any] | None = None,
-        parent: Any = AUTO,
+        parent: str | Auto | None = AUTO,
     ) -> CheckpointInfo:
         """Make one checkpoint of ``parts`` (from :meth:`save_part`, or their ``to_json()``) and return its info.
 

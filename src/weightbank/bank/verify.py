@@ -1,4 +1,8 @@
-"""Checking a bank: every manifest against its id, every chunk against its hash, every tag's target.
+"""Checking a bank: every manifest against its id, every chunk against its hash, every mutable record.
+
+Tags (their history and undo stack), run event logs, trash entries and
+leases are sealed with a digest and parsed whole; a damaged one is reported,
+as is a tag pointing at a checkpoint that no longer exists.
 
 Every chunk a manifest lists is checked on its own, delta bases included: a
 delta chunk is decoded through its whole chain and its final bytes hashed,
@@ -21,9 +25,11 @@ from ..errors import CorruptObject, MissingObject, WeightbankError
 from ..format.hashing import digest
 from ..format.manifest import ChunkRecord, Manifest
 from ..storage.base import Storage
+from . import leases, maintenance
 from .catalog import Catalog
 from .chunks import chain_of, decode_record, records_by_hash
-from .layout import MANIFESTS, PACKS
+from .events import EventLog
+from .layout import MANIFESTS, PACKS, tag_key
 from .results import DuReport, VerifyProblem, VerifyReport
 from .tags import TagStore
 
@@ -127,11 +133,8 @@ def verify(
                     )
                 else:
                     problems.append(VerifyProblem("corrupt", pack, problem, checkpoint=cid, tensor=name))
-    for name, target in sorted(tags.live().items()):
-        if whole_bank and target not in catalog.ids():
-            problems.append(
-                VerifyProblem("tag", f"refs/tags/{name}.json", f"points to missing checkpoint {target[:12]}")
-            )
+    if whole_bank:
+        problems += _record_problems(storage, catalog, tags)
     if whole_bank and not catalog.broken:  # with unreadable manifests, "unreferenced" cannot be known
         needed = {p for _, m in catalog.items() for p in m.packs}
         for key, size in sorted(sizes.items()):
@@ -142,6 +145,37 @@ def verify(
     return VerifyReport(
         checkpoints=len(targets), chunks=len(work), bytes_checked=checked_bytes, problems=tuple(problems)
     )
+
+
+def _record_problems(storage: Storage, catalog: Catalog, tags: TagStore) -> list[VerifyProblem]:
+    """What is wrong with the bank's mutable records: tags (history, undo stack), event logs, trash, leases.
+
+    Each record carries its own digest and is parsed whole, so a flipped byte
+    anywhere in a tag's history or a run's events is found here, not later.
+    """
+    problems: list[VerifyProblem] = []
+    ids = set(catalog.ids()) | set(catalog.broken)
+    for name in tags.names():
+        try:
+            rec, _ = tags.read(name)
+        except CorruptObject as e:
+            problems.append(VerifyProblem("tag", e.key, e.detail or str(e)))
+            continue
+        if rec is not None and rec.target is not None and rec.target not in ids:
+            problems.append(
+                VerifyProblem("tag", tag_key(name), f"points to missing checkpoint {rec.target[:12]}")
+            )
+    events = EventLog(storage)
+    for run in events.runs():
+        try:
+            events.read(run)
+        except CorruptObject as e:
+            problems.append(VerifyProblem("events", e.key, e.detail or str(e)))
+    problems += [
+        VerifyProblem("trash", e.key, e.problem) for e in maintenance.read_trash(storage) if e.problem
+    ]
+    problems += [VerifyProblem("lease", x.key, x.problem) for x in leases.all_leases(storage) if x.problem]
+    return problems
 
 
 def disk_usage(storage: Storage, catalog: Catalog) -> DuReport:

@@ -25,7 +25,7 @@ from .. import open as open_bank
 from .._version import __version__
 from ..bank.bank import AUTO, Bank
 from ..bank.results import CheckpointInfo, RunEvent
-from ..errors import CheckpointNotFound, NotABank
+from ..errors import CheckpointNotFound, CorruptObject, NotABank
 from . import drill as drill_command
 from . import render
 from . import serve as serve_command
@@ -291,8 +291,17 @@ def _log(bank: str, run: str | None, graph: bool, limit: int | None, as_json: bo
 
 
 def _events(b: Bank, run: str | None) -> list[RunEvent]:
-    runs = [run] if run is not None else b.runs()
-    return sorted((e for r in runs for e in b.events(r)), key=lambda e: e.at, reverse=True)
+    """Every event of the runs shown; a run whose event log is damaged is named on stderr, not fatal."""
+    found: list[RunEvent] = []
+    for r in [run] if run is not None else b.runs():
+        try:
+            found.extend(b.events(r))
+        except CorruptObject as e:
+            typer.echo(
+                f"warning: the event log of run {r!r} is damaged ({e.detail}); see `weightbank verify`",
+                err=True,
+            )
+    return sorted(found, key=lambda e: e.at, reverse=True)
 
 
 RunArg = Annotated[str | None, typer.Argument(metavar="RUN", help="Only this run.")]
@@ -464,7 +473,7 @@ def tags(
             else:
                 _out(render.tags_table(live, infos))
             return
-        names = [name] if name is not None else [t.name for t in b.tags()]
+        names = [name] if name is not None else [t.name for t in b.tags() if not t.problem]
         events = sorted((e for n in names for e in b.tag_history(n)), key=lambda e: e.at)
     if as_json:
         _json(events)

@@ -400,10 +400,14 @@ def tags_table(tags: Sequence[TagInfo], infos: Mapping[str, CheckpointInfo]) -> 
     table = _table("TAG", "TARGET", "CHECKPOINT", "UPDATED", "CHANGES", right=("CHANGES",))
     for t in tags:
         info = infos.get(t.target) if t.target else None
+        if t.problem:
+            where = Text(f"(damaged record: {t.problem}; see `weightbank verify`)", style=BAD)
+        else:
+            where = Text(label(info), style=RUN) if info else Text("(missing)", style=BAD)
         table.add_row(
             Text(t.name, style=TAG),
             Text(short(t.target), style=ID),
-            Text(label(info), style=RUN) if info else Text("(missing)", style=BAD),
+            where,
             when(t.updated),
             str(t.events),
         )

@@ -68,7 +68,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from ..bank.bank import AUTO, Bank
+from ..bank.bank import AUTO, Auto, Bank
 from ..bank.parts import SavePart, TensorShard, mark_numpy
 from ..bank.results import CheckpointInfo
 from ..errors import CheckpointNotFound, IncompatibleState, InvalidRef, InvalidState
@@ -180,7 +180,7 @@ class Writer(StorageWriter):
         config: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         message: str = "",
-        parent: Any = AUTO,
+        parent: str | None | Auto = AUTO,
         codec: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
@@ -288,7 +288,7 @@ class Writer(StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """Pick the parent once, on the coordinator, and tell every rank (delta coding needs the same one)."""
-        if self.parent is AUTO:
+        if isinstance(self.parent, Auto):
             try:
                 parent: str | None = self.bank.resolve(f"{self.run}@latest")
             except CheckpointNotFound:
