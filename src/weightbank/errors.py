@@ -22,6 +22,8 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     ├── TrainingDiverged        (RuntimeError) training kept diverging after automatic rollbacks
     ├── BudgetExceeded          (MemoryError)  a serving load or pin that cannot fit its byte budget
     ├── InvalidRequest          (ValueError)   a serving request that does not fit the model or handler
+    ├── NonFiniteOutput         (ArithmeticError) a served model answered a request with NaN/inf
+    ├── HandlerError            (RuntimeError) a serving handler or model failed on a request (a server fault)
     ├── RouteNotFound           (KeyError)     unknown serving route
     ├── MissingDependency       (ImportError)  a backend's package (s3fs, gcsfs...) is not installed
     └── StorageError            (OSError)      a backend could not do its job
@@ -53,6 +55,7 @@ __all__ = [
     "DeviceError",
     "ExternalFileError",
     "ExternalFileNotFound",
+    "HandlerError",
     "IncompatibleState",
     "InvalidArgument",
     "InvalidName",
@@ -62,6 +65,7 @@ __all__ = [
     "MissingDependency",
     "MissingObject",
     "NoHistory",
+    "NonFiniteOutput",
     "NotABank",
     "RouteNotFound",
     "StorageError",
@@ -292,6 +296,51 @@ class InvalidRequest(WeightbankError, ValueError):
     def __init__(self, message: str, field: str = "") -> None:
         self.field = field
         super().__init__(message)
+
+
+class NonFiniteOutput(WeightbankError, ArithmeticError):
+    """A served model's output for a request holds NaN or infinities; the reply is refused, never ``null``.
+
+    Usually the input drove the model out of range (an HTTP 422); if every input
+    does it, the checkpoint itself is suspect (``weightbank verify``, its metrics).
+
+    Attributes:
+        count: how many output values are not finite.
+        checkpoint: the checkpoint that answered.
+    """
+
+    def __init__(self, count: int, checkpoint: str = "") -> None:
+        self.count = count
+        self.checkpoint = checkpoint
+        who = f"checkpoint {checkpoint[:12]}" if checkpoint else "the model"
+        super().__init__(
+            f"{who} produced {count} non-finite output value(s) (NaN or infinity) for this input;"
+            " scale the input into the model's range, or check the checkpoint if every input does this"
+        )
+
+
+class HandlerError(WeightbankError, RuntimeError):
+    """A serving handler or its model raised an error that is not the request's fault (an HTTP 500).
+
+    ``transient`` is True when a retry may succeed (the device ran out of memory
+    under concurrent requests); the HTTP reply then is a 503 with ``Retry-After``.
+
+    Attributes:
+        stage: ``"decode"``, ``"predict"`` or ``"encode"``.
+        cause: the original error's class name.
+        checkpoint: the checkpoint the request ran on (if it got that far).
+    """
+
+    def __init__(
+        self, stage: str, cause: str, message: str, *, checkpoint: str = "", transient: bool = False
+    ) -> None:
+        self.stage = stage
+        self.cause = cause
+        self.checkpoint = checkpoint
+        self.transient = transient
+        where = f" on checkpoint {checkpoint[:12]}" if checkpoint else ""
+        hint = "retry later" if transient else "see the server log; fix the handler or the model"
+        super().__init__(f"the handler failed in {stage}{where}: {cause}: {message}; {hint}")
 
 
 class RouteNotFound(WeightbankError, KeyError):

@@ -7,7 +7,7 @@ import torch
 
 import weightbank as wb
 from weightbank.serving import TensorHandler, load_handler
-from weightbank.serving.handler import Handler, load_object
+from weightbank.serving.handler import Handler, count_nonfinite, load_object
 
 
 def handler() -> TensorHandler:
@@ -36,11 +36,43 @@ def test_round_trip() -> None:
         ("[[1, 2]]", "nested lists"),
         ([[float("nan"), 1]], "finite"),
         ([[[[[[[[[[1]]]]]]]]]], "deeper"),
+        ([[10**400, 1]], "do not fit float32"),  # an int beyond float range: OverflowError before
+        ([[1e300, 1]], "finite in float32"),  # a finite double that is inf in float32
+        ([[-(10**39), 1]], "finite in float32"),
     ],
 )
 def test_bad_inputs_are_invalid_requests(payload: object, match: str) -> None:
     with pytest.raises(wb.InvalidRequest, match=match):
         handler().decode(payload)
+
+
+def test_integer_inputs_must_fit_the_dtype() -> None:
+    h = TensorHandler(lambda info: torch.nn.Embedding(8, 2), dtype=torch.long)
+    assert h.decode([[1, 7]]).dtype == torch.long
+    for payload in ([[2**63, 1]], [[10**400, 1]]):
+        with pytest.raises(wb.InvalidRequest, match="do not fit int64"):
+            h.decode(payload)
+    with pytest.raises(wb.InvalidRequest, match="rejected"):  # a token id past the vocabulary
+        h.predict(torch.nn.Embedding(8, 2), h.decode([[1, 9]]))
+
+
+def test_out_of_memory_is_not_the_requests_fault() -> None:
+    class Hungry(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    h = handler()
+    with pytest.raises(torch.OutOfMemoryError):
+        h.predict(Hungry(), h.decode([[1, 2]]))
+
+
+def test_count_nonfinite() -> None:
+    assert count_nonfinite([[1.0, 2.0], {"a": "x", "b": None, "c": True}]) == 0
+    assert count_nonfinite([[float("nan"), float("-inf")], (float("inf"),)]) == 3
+    with pytest.raises(TypeError, match="JSON"):
+        count_nonfinite([{1, 2}])
+    with pytest.raises(TypeError, match="key"):
+        count_nonfinite({1: 2.0})
 
 
 def test_element_limit_and_model_rejection() -> None:

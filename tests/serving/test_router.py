@@ -54,11 +54,31 @@ def test_shifting_weight_moves_only_some_keys() -> None:
 
 @pytest.mark.parametrize(
     "arms",
-    [{}, {"a": -1}, {"a": 0}, {"a": float("nan")}, {"a": float("inf")}, {"a": True}, {"a": "1"}, {"": 1}],
+    [
+        {},
+        {"a": -1},
+        {"a": 0},
+        {"a": float("nan")},
+        {"a": float("inf")},
+        {"a": True},
+        {"a": "1"},
+        {"a": "90"},
+        {"a": None},
+        {"": 1},
+        {"a": 1e308, "b": 1e308},  # each finite, the sum overflows
+        {"a": 10**400},  # an int beyond float range
+    ],
 )
 def test_bad_routes_are_refused(arms: dict[str, object]) -> None:
     with pytest.raises(wb.InvalidRequest):
         Router().set("r", arms)  # type: ignore[arg-type]
+
+
+def test_huge_but_summable_weights_split_by_share() -> None:
+    r = Router()
+    r.set("ab", {"a": 8e307, "b": 8e307})  # sum 1.6e308 is finite: an even split
+    keyed = Counter(r.pick("ab", key=str(i)).arm for i in range(4000))
+    assert keyed["a"] / 4000 == pytest.approx(0.5, abs=0.05)
 
 
 def test_names_lookup_and_delete() -> None:

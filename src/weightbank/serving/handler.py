@@ -5,6 +5,16 @@ by import path (``"pkg.module:Handler"``) with :func:`load_handler` — importli
 only, nothing is ever unpickled. :class:`TensorHandler` is the built-in one for
 a plain tensor-in/tensor-out module: nested JSON lists in, nested lists out.
 
+What a handler raises decides the reply (see :class:`~weightbank.ModelService`):
+a :class:`~weightbank.errors.WeightbankError` keeps its meaning; ``ValueError``,
+``TypeError``, ``KeyError``, ``IndexError`` and ``OverflowError`` from ``decode``
+and ``ValueError``, ``IndexError`` and ``OverflowError`` from ``predict`` (a model
+rejecting its input: an out-of-range token id) are the request's fault
+(InvalidRequest, a 4xx); anything else is a
+:class:`~weightbank.errors.HandlerError` (a 5xx; a device out of memory is a
+transient one). An output holding NaN or infinities is refused with
+:class:`~weightbank.errors.NonFiniteOutput` — never sent as ``null``.
+
 Example:
     >>> import torch
     >>> h = TensorHandler(lambda info: torch.nn.Identity(), input_shape=(None, 2))
@@ -25,7 +35,7 @@ from torch import nn
 from ..bank.results import CheckpointInfo
 from ..errors import InvalidName, InvalidRequest
 
-__all__ = ["Handler", "TensorHandler", "load_handler", "load_object"]
+__all__ = ["Handler", "TensorHandler", "count_nonfinite", "load_handler", "load_object"]
 
 MAX_ELEMENTS = 1 << 22
 MAX_DEPTH = 8
@@ -71,12 +81,40 @@ def _shape_of(value: Any, depth: int = 0) -> tuple[int, ...]:
     return (len(value), *inner.pop())
 
 
+def count_nonfinite(value: Any) -> int:
+    """How many floats in a JSON-like ``value`` are NaN or infinite; TypeError for a value JSON cannot hold.
+
+    Example:
+        >>> count_nonfinite({"a": [1.0, float("nan")], "b": [[float("inf")], 2, "x", None, True]})
+        2
+    """
+    count = 0
+    stack: list[Any] = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, float):
+            count += not math.isfinite(v)
+        elif isinstance(v, list | tuple):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"output has a {type(k).__name__} key; JSON keys are strings")
+                stack.append(item)
+        elif not (v is None or isinstance(v, str | int | bool)):
+            raise TypeError(f"output holds a {type(v).__name__}, which JSON cannot hold")
+    return count
+
+
 class TensorHandler:
     """Built-in handler for a plain tensor-in/tensor-out module.
 
     ``input_shape`` (``None`` for any size in that dimension) is checked before
-    the model runs. A model that still rejects its input (RuntimeError)
-    answers InvalidRequest, never a server error.
+    the model runs, and every number must fit ``dtype`` (finite once converted:
+    ``1e300`` does not fit float32, ``2**63`` does not fit int64). A model that
+    still rejects its input (RuntimeError, IndexError, ValueError) answers
+    InvalidRequest; a device out of memory is not the request's fault and is
+    raised as it is.
     """
 
     def __init__(
@@ -108,13 +146,24 @@ class TensorHandler:
             if not ok:
                 want_s = "(" + ", ".join("*" if w is None else str(w) for w in self.input_shape) + ")"
                 raise InvalidRequest(f"input has shape {shape}; this model takes {want_s}", "input")
-        return torch.tensor(payload, dtype=self.dtype)
+        what = str(self.dtype).removeprefix("torch.")
+        try:
+            tensor = torch.tensor(payload, dtype=self.dtype)
+        except (OverflowError, ValueError, TypeError, RuntimeError) as e:
+            raise InvalidRequest(f"input numbers do not fit {what}: {e}", "input") from None
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidRequest(
+                f"input numbers must be finite in {what} (a value is out of its range)", "input"
+            )
+        return tensor
 
     def predict(self, model: nn.Module, inputs: Any) -> Any:
         try:
             with torch.inference_mode():
                 return model(inputs)
-        except (RuntimeError, ValueError, IndexError) as e:
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, ValueError, IndexError, OverflowError) as e:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else "?"
             raise InvalidRequest(f"the model rejected an input of shape {shape}: {e}", "input") from None
 

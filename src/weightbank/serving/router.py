@@ -72,7 +72,12 @@ class Router:
         self._routes: dict[str, Route] = {}
 
     def set(self, name: str, arms: Mapping[str, float]) -> Route:
-        """Create or replace route ``name``; weights are non-negative and not all zero.
+        """Create or replace route ``name``.
+
+        The weights are checked as a whole: each is a number (``int`` or
+        ``float``; not a bool or a numeric string), finite and non-negative, and
+        their sum is positive and finite (``{"a": 1e308, "b": 1e308}`` is
+        refused: its shares cannot be computed). InvalidRequest otherwise.
 
         Example:
             >>> Router().set("ab", {"a": 1, "b": 3}).weights
@@ -89,10 +94,20 @@ class Router:
                 raise InvalidRequest(f"arm {ref!r} is not a ref", "arms")
             if isinstance(weight, bool) or not isinstance(weight, int | float):
                 raise InvalidRequest(f"weight of arm {ref!r} must be a number, not {weight!r}", "arms")
-            if not math.isfinite(weight) or weight < 0:
+            try:
+                value = float(weight)
+            except OverflowError:  # an int beyond float range
+                raise InvalidRequest(f"weight of arm {ref!r} is too large", "arms") from None
+            if not math.isfinite(value) or value < 0:
                 raise InvalidRequest(f"weight of arm {ref!r} must be finite and >= 0", "arms")
-            clean.append((ref, float(weight)))
-        if sum(w for _, w in clean) <= 0:
+            clean.append((ref, value))
+        total = sum(w for _, w in clean)  # inf when it overflows (math.fsum would raise)
+        if not math.isfinite(total):
+            raise InvalidRequest(
+                "the weights' sum overflows; weights are relative shares: scale them down (e.g. 90 and 10)",
+                "arms",
+            )
+        if total <= 0:
             raise InvalidRequest("at least one arm needs a positive weight", "arms")
         route = Route(name=name, arms=tuple(clean))
         with self._lock:

@@ -5,6 +5,13 @@ Per request: pick a route's arm (if a route is named), resolve the ref through
 the live tag snapshot, lease the checkpoint, run the handler, and return the
 output with the id of the checkpoint that produced it.
 
+Every failure of a request is a :class:`~weightbank.errors.WeightbankError`:
+what the handler or the model raises is sorted into the request's fault
+(InvalidRequest) or a server fault (HandlerError) as the
+:mod:`~weightbank.serving.handler` module says, and an output holding NaN or
+infinities is refused (NonFiniteOutput), so a server never answers with a
+traceback or a silent ``null``.
+
 Example:
     >>> import torch, weightbank as wb
     >>> from weightbank.serving import ModelService, TensorHandler
@@ -23,11 +30,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..bank.bank import Bank
 from ..bank.results import TagEvent
-from ..errors import InvalidRequest
+from ..errors import HandlerError, InvalidRequest, NonFiniteOutput, WeightbankError
 from .cache import ModelCache
-from .handler import Handler
+from .handler import Handler, count_nonfinite
 from .live import LiveTags
 from .results import Prediction
 from .router import Router
@@ -35,6 +45,15 @@ from .router import Router
 __all__ = ["ModelService"]
 
 RequestListener = Callable[[Prediction], None]
+
+# What a handler raises that is the request's fault (a 4xx), by stage; anything else is a server fault.
+_BAD_INPUT: tuple[type[Exception], ...] = (ValueError, TypeError, KeyError, IndexError, OverflowError)
+_REJECTED_INPUT: tuple[type[Exception], ...] = (ValueError, IndexError, OverflowError)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
 
 
 class ModelService:
@@ -83,10 +102,12 @@ class ModelService:
             raise InvalidRequest("arm overrides a route's draw; name a route too", "arm")
         try:
             inputs = self.handler.decode(payload)
-        except InvalidRequest:
+        except WeightbankError:
             raise
-        except (ValueError, TypeError, KeyError) as e:
-            raise InvalidRequest(f"bad input: {e}", "input") from None
+        except _BAD_INPUT as e:
+            raise InvalidRequest(f"bad input: {_short(e)}", "input") from None
+        except Exception as e:
+            raise HandlerError("decode", type(e).__name__, _short(e)) from e
         chosen = arm
         if route is not None:
             pick = self.router.pick(route, key=key, arm=arm)
@@ -98,8 +119,8 @@ class ModelService:
         lease = self.cache.lease(cid)
         with lease as model:
             t2 = time.perf_counter()
-            outputs = self.handler.predict(model, inputs)
-        output = self.handler.encode(outputs)
+            outputs = self._run(model, inputs, cid)
+        output = self._encode(outputs, cid)
         t3 = time.perf_counter()
         result = Prediction(
             output=output,
@@ -115,6 +136,30 @@ class ModelService:
         for listener in listeners:
             listener(result)
         return result
+
+    def _run(self, model: nn.Module, inputs: Any, cid: str) -> Any:
+        try:
+            return self.handler.predict(model, inputs)
+        except WeightbankError:
+            raise
+        except torch.OutOfMemoryError as e:
+            raise HandlerError("predict", type(e).__name__, _short(e), checkpoint=cid, transient=True) from e
+        except _REJECTED_INPUT as e:
+            raise InvalidRequest(f"the model rejected the input: {_short(e)}", "input") from None
+        except Exception as e:
+            raise HandlerError("predict", type(e).__name__, _short(e), checkpoint=cid) from e
+
+    def _encode(self, outputs: Any, cid: str) -> Any:
+        try:
+            output = self.handler.encode(outputs)
+            nonfinite = count_nonfinite(output)
+        except WeightbankError:
+            raise
+        except Exception as e:
+            raise HandlerError("encode", type(e).__name__, _short(e), checkpoint=cid) from e
+        if nonfinite:
+            raise NonFiniteOutput(nonfinite, cid)
+        return output
 
     def on_request(self, listener: RequestListener) -> None:
         """Call ``listener(prediction)`` after every successful request (for metrics)."""
