@@ -2,8 +2,9 @@
 
 Example:
     >>> from weightbank.bank.environment import capture_env
-    >>> sorted(capture_env())[:3]
-    ['host', 'pid', 'platform']
+    >>> env = capture_env()             # plus "git" (commit, dirty, repo) inside a git work tree
+    >>> sorted(env.keys() - {"git"})
+    ['host', 'pid', 'platform', 'python', 'torch', 'user', 'weightbank']
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@
 Example:
     >>> from weightbank.bank.layout import manifest_key, check_name
     >>> manifest_key("ab12" + "0" * 60)
-    'manifests/ab/ab120000000000000000000000000000000000000000000000000000000000000000.json'
+    'manifests/ab/ab12000000000000000000000000000000000000000000000000000000000000.json'
     >>> check_name("tag", "prod-v2")
     'prod-v2'
 """
