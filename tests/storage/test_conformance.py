@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fsspec
 import pytest
 
-from weightbank.errors import ConcurrentUpdate, MissingObject, StorageError
-from weightbank.storage import LocalStorage, MemoryStorage, Storage, open_storage
+from weightbank.errors import ConcurrentUpdate, CorruptObject, MissingObject, NotABank, StorageError
+from weightbank.storage import LocalStorage, Storage, StorageProperties, open_storage
 from weightbank.storage.fsspec import FsspecStorage
+from weightbank.storage.memory import forget
 
 
 @pytest.fixture(
@@ -24,23 +27,39 @@ from weightbank.storage.fsspec import FsspecStorage
         "fsspec-generic",
     ]
 )
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    s: Storage
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Storage]]:
+    """Opens a handle on one fresh location; each call is another client of the same location."""
+    opened: list[Storage] = []
     if request.param == "local":
-        s = LocalStorage(tmp_path / "s")
+        make: Callable[[], Storage] = lambda: LocalStorage(tmp_path / "s")  # noqa: E731
     elif request.param == "memory":
-        s = MemoryStorage()
+        name = f"conformance-{uuid.uuid4().hex[:8]}"
+        make = lambda: open_storage(f"memory://{name}")  # noqa: E731
+        request.addfinalizer(lambda: forget(name))
     elif request.param == "fsspec-generic":
         # The generic fsspec backend (gs://, az://...) on fsspec's in-memory file system,
         # in its documented last-writer-wins ref mode (CAS is per process there).
         fs = fsspec.filesystem("memory", skip_instance_cache=True)
         root = f"conformance-{uuid.uuid4().hex[:8]}"
-        s = FsspecStorage(f"memfs://{root}", fs, root, conditional_writes=False)
+        make = lambda: FsspecStorage(f"memfs://{root}", fs, root, conditional_writes=False)  # noqa: E731
     else:
         srv = request.getfixturevalue("seaweed" if request.param == "seaweed" else "moto_s3")
-        s = open_storage(f"s3://wbtest/{uuid.uuid4().hex[:12]}", srv.storage_options())
-    yield s
-    s.close()
+        url = f"s3://wbtest/{uuid.uuid4().hex[:12]}"
+        make = lambda: open_storage(url, srv.storage_options())  # noqa: E731
+
+    def open_one() -> Storage:
+        s = make()
+        opened.append(s)
+        return s
+
+    yield open_one
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def storage(opener: Callable[[], Storage]) -> Storage:
+    return opener()
 
 
 def test_satisfies_protocol(storage: Storage) -> None:
@@ -200,3 +219,204 @@ def test_generic_fsspec_refuses_refs_without_compare_and_swap() -> None:
     with pytest.raises(StorageError, match="conditional_writes"):
         s.put_ref("refs/tags/a.json", b"1", None)
     assert s.get_ref("refs/tags/a.json") is None
+
+
+# -- keys read back from storage are untrusted: every backend refuses unsafe ones the same way ---------------
+
+UNSAFE_KEYS = [
+    "packs/ab/x\x00.pack",  # NUL: the OS raised ValueError for it
+    "a\nb",
+    "tab\there",
+    "del\x7f",
+    "c1\x85control",
+    "back\\slash",
+    "lone\udc80surrogate",  # JSON can hold it; no UTF-8 encoding can
+    "../x",
+    "a/../../x",
+    "a/./b",
+    "/abs",
+    "a//b",
+    "a/",
+    "",
+    "k" * 1025,  # longer than any store takes
+    "a/" + "s" * 256,  # a path segment longer than any file system takes
+]
+
+KEY_OPS: dict[str, Callable[[Storage, str], object]] = {
+    "read": lambda s, k: s.read(k),
+    "read-range": lambda s, k: s.read(k, 1, 2),
+    "read_into": lambda s, k: s.read_into(k, 0, memoryview(bytearray(4))),
+    "write": lambda s, k: s.write(k, b"x"),
+    "open_writer": lambda s, k: s.open_writer(k),
+    "exists": lambda s, k: s.exists(k),
+    "size": lambda s, k: s.size(k),
+    "delete": lambda s, k: s.delete(k),
+    "get_ref": lambda s, k: s.get_ref(k),
+    "put_ref": lambda s, k: s.put_ref(k, b"x", None),
+    "local_path": lambda s, k: s.local_path(k),
+}
+
+
+@pytest.mark.parametrize("key", UNSAFE_KEYS, ids=ascii)
+def test_unsafe_keys_are_a_storage_error_for_every_call(storage: Storage, key: str) -> None:
+    for name, op in KEY_OPS.items():
+        with pytest.raises(StorageError, match="invalid storage key") as info:
+            op(storage, key)
+        assert not isinstance(info.value, MissingObject), name
+    assert list(storage.list("")) == [], "nothing was written"
+
+
+@pytest.mark.parametrize("prefix", ["a\x00", "../", "/abs", "a//", "x\n"], ids=ascii)
+def test_unsafe_prefixes_are_a_storage_error(storage: Storage, prefix: str) -> None:
+    with pytest.raises(StorageError, match="invalid storage prefix"):
+        list(storage.list(prefix))
+    with pytest.raises(StorageError, match="invalid storage prefix"):
+        list(storage.list_refs(prefix))
+
+
+def test_keys_with_unusual_but_safe_characters_work(storage: Storage) -> None:
+    for key in ("refs/tags/v1.0+rc=2,b-c_d.json", "unicod\u00e9/\u6f22\u5b57", "a/" + "s" * 255):
+        storage.write(key, b"v")
+        assert storage.read(key) == b"v"
+
+
+# -- absurd offsets and lengths (a crafted manifest can name any) ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [
+        (0, 2**45),
+        (3, 2**45),
+        (2**45, None),
+        (2**45, 10),
+        (2**63 - 1, 1),
+        (2**63, None),
+        (2**64, 8),
+        (0, 2**64),
+    ],
+    ids=str,
+)
+def test_absurd_ranges_read_short_not_crash(storage: Storage, offset: int, length: int | None) -> None:
+    storage.write("k", b"0123456789")
+    want = b"0123456789"[offset : None if length is None else offset + length]
+    assert storage.read("k", offset, length) == want
+
+
+@pytest.mark.parametrize("offset", [10, 11, 2**45, 2**63 - 1, 2**63, 2**64])
+def test_read_into_past_the_end_reads_nothing(storage: Storage, offset: int) -> None:
+    storage.write("k", b"0123456789")
+    buf = bytearray(b"untouched")
+    assert storage.read_into("k", offset, memoryview(buf)) == 0
+    assert bytes(buf) == b"untouched"
+
+
+def test_negative_or_non_integer_ranges_are_a_storage_error(storage: Storage) -> None:
+    storage.write("k", b"0123456789")
+    for offset, length in [(-1, None), (-5, 2), (0, -1), (1.5, None), (0, 2.0), (True, None)]:
+        with pytest.raises(StorageError, match="invalid byte range"):
+            storage.read("k", offset, length)  # type: ignore[arg-type]
+    for bad in (-1, 1.5):
+        with pytest.raises(StorageError, match="invalid byte range"):
+            storage.read_into("k", bad, memoryview(bytearray(2)))  # type: ignore[arg-type]
+
+
+# -- a ref whose key holds a directory (or other objects below it) ---------------------------------------------
+
+
+def test_objects_below_a_ref_key_never_break_the_ref_calls(storage: Storage) -> None:
+    # On a file system this makes refs/tags/d.json a directory; on an object store it is only a prefix.
+    storage.write("refs/tags/d.json/inner", b"x")
+    try:
+        ref = storage.get_ref("refs/tags/d.json")
+    except StorageError:
+        ref = None
+        with pytest.raises(StorageError):
+            storage.put_ref("refs/tags/d.json", b"v", None)
+    else:
+        assert ref is None
+    assert "refs/tags/d.json" not in set(storage.list_refs("refs/tags/"))
+
+
+# -- properties are data, and they must be honest ---------------------------------------------------------------
+
+
+def test_properties_are_frozen_data(storage: Storage) -> None:
+    props = storage.properties
+    assert isinstance(props, StorageProperties)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        props.remote = not props.remote  # type: ignore[misc]
+    assert not (props.remote and props.local_files), "a backend with local files is not remote"
+
+
+def test_local_files_property_is_honest(storage: Storage) -> None:
+    storage.write("packs/ab/p.pack", b"payload")
+    path = storage.local_path("packs/ab/p.pack")
+    if storage.properties.local_files:
+        assert path is not None and Path(path).is_file() and Path(path).read_bytes() == b"payload"
+        assert storage.local_path("packs/ab/absent.pack") is None
+    else:
+        assert path is None
+
+
+def test_conditional_refs_property_is_honest_across_clients(opener: Callable[[], Storage]) -> None:
+    """A backend claiming conditional refs lets exactly one of many clients win each compare-and-swap."""
+    clients = [opener() for _ in range(4)]
+    first = clients[0]
+    first.check_refs()  # every backend in this suite may hold refs
+    if not first.properties.conditional_refs:
+        pytest.skip("last-writer-wins refs make no promise across clients")
+    start = first.put_ref("r/x", b"0", None)
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def go(i: int) -> None:
+        barrier.wait()
+        with contextlib.suppress(ConcurrentUpdate):
+            clients[i % len(clients)].put_ref("r/x", f"v{i}".encode(), start)
+            wins.append(i)
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    final = clients[-1].get_ref("r/x")
+    assert final is not None and final.data == f"v{wins[0]}".encode()
+
+
+def test_check_refs_predicts_whether_put_ref_works(storage: Storage) -> None:
+    storage.check_refs()
+    assert storage.put_ref("refs/tags/p.json", b"1", None)
+    fs = fsspec.filesystem("memory", skip_instance_cache=True)
+    refusing = FsspecStorage("memfs://nocas-x", fs, "nocas-x")
+    assert not refusing.properties.conditional_refs
+    with pytest.raises(StorageError, match="conditional_writes"):
+        refusing.check_refs()
+    with pytest.raises(StorageError, match="conditional_writes"):
+        refusing.put_ref("refs/tags/p.json", b"1", None)
+
+
+def test_local_storage_on_a_file_is_not_a_bank(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotABank, match="it is a file"):
+        LocalStorage(tmp_path / "f")
+
+
+def test_local_directory_where_a_ref_or_object_belongs(tmp_path: Path) -> None:
+    s = LocalStorage(tmp_path)
+    (tmp_path / "refs" / "tags" / "d.json").mkdir(parents=True)
+    (tmp_path / "packs" / "dir.pack").mkdir(parents=True)
+    with pytest.raises(CorruptObject, match="directory"):
+        s.get_ref("refs/tags/d.json")
+    with pytest.raises(CorruptObject, match="directory"):
+        s.put_ref("refs/tags/d.json", b"v", None)
+    assert list(s.list_refs("refs/")) == []
+    for op in (lambda: s.read("packs/dir.pack"), lambda: s.size("packs/dir.pack")):
+        with pytest.raises(MissingObject, match="directory"):
+            op()
+    with pytest.raises(MissingObject, match="directory"):
+        s.read_into("packs/dir.pack", 0, memoryview(bytearray(4)))
+    assert not s.exists("packs/dir.pack") and s.local_path("packs/dir.pack") is None
+    assert list(s.list("")) == []

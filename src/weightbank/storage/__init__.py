@@ -1,5 +1,12 @@
 """Storage backends and :func:`open_storage`, which picks one from a URL.
 
+One module holds the protocol (:mod:`~weightbank.storage.base`: ``Storage`` and
+its ``StorageProperties``), one each implementation (``local``, ``memory``,
+``fsspec``, ``s3``); the S3 and generic object-store backends share
+``objectstore`` and ``retry``; every backend checks keys and ranges with
+``keys``; ``durable`` fsyncs directories; ``diskcache`` is the local cache a
+remote bank reads through.
+
 Example:
     >>> from weightbank.storage import open_storage
     >>> open_storage("memory://").url
@@ -13,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import StorageError
-from .base import ObjectInfo, ObjectWriter, RefValue, Storage
+from .base import ObjectInfo, ObjectWriter, RefValue, Storage, StorageProperties
 from .local import LocalStorage
 from .memory import MemoryStorage, named
 
@@ -24,6 +31,7 @@ __all__ = [
     "ObjectWriter",
     "RefValue",
     "Storage",
+    "StorageProperties",
     "open_storage",
 ]
 

@@ -15,15 +15,37 @@ Two kinds of object live in a backend:
   differ from the old one — tag and event records carry a timestamp for this. On S3 this is a
   conditional put (If-Match / If-None-Match); on a local disk a lock + rename.
 
-Optional capability: a backend whose refs may be unusable (an object store
-without conditional writes) defines ``check_refs()``, which raises
-StorageError when ``put_ref`` would be refused; the bank calls it before a
-save that moves tags writes any data.
+Keys are untrusted (a manifest names its pack keys): every method refuses an
+unsafe key or byte range with :class:`~weightbank.errors.StorageError` before
+any I/O, by the checks in :mod:`weightbank.storage.keys`. A range past the end
+of an object is a short read, however far past.
 
-Call order used by the bank on save (the crash-safety argument rests on it):
-``open_writer`` → ``ObjectWriter.write`` … → ``commit`` for every pack, then
-``write`` of the manifest, then ``put_ref`` for tags. Loads call ``read_into``
-concurrently from several threads; every method must be thread-safe.
+Capabilities
+------------
+What differs between backends is data, :class:`StorageProperties` in
+``properties``, never something a caller finds out with ``isinstance`` or
+``getattr``: whether refs are a true compare-and-swap (``conditional_refs``),
+whether objects are local files (``local_files``: ``local_path`` returns them,
+and the bank mmaps raw tensors), and whether every read crosses a network
+(``remote``: the bank gives the store a disk cache and more load threads).
+A wrapper backend (fault injection, counting) states its own, usually its
+inner backend's with ``dataclasses.replace``.
+
+Call order
+----------
+1. ``properties``: any time; constant for the backend's life.
+2. Open: ``read`` of the format marker (``list("")`` to see whether a new
+   location is empty, then ``write`` of the marker when creating).
+3. Save: ``check_refs()`` first when the save will move refs (StorageError if
+   ``put_ref`` would be refused, so no data is written for a save that cannot
+   finish), then ``open_writer`` → ``ObjectWriter.write`` … → ``commit`` for every
+   pack, then ``write`` of the manifest, then ``put_ref`` for tags. The
+   crash-safety argument rests on this order.
+4. Load: ``local_path`` (only when ``properties.local_files``), else
+   ``read_into`` concurrently from several threads.
+5. gc: ``list``, ``delete``, ``sweep_incomplete``; then ``close``.
+
+Every method must be thread-safe.
 
 Example:
     >>> from weightbank.storage import open_storage
@@ -31,6 +53,8 @@ Example:
     >>> s.write("a/b", b"hello")
     >>> bytes(s.read("a/b", 1, 3))
     b'ell'
+    >>> s.properties.remote, s.properties.conditional_refs
+    (False, True)
 """
 
 from __future__ import annotations
@@ -39,7 +63,35 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["ObjectInfo", "ObjectWriter", "RefValue", "Storage"]
+__all__ = ["ObjectInfo", "ObjectWriter", "RefValue", "Storage", "StorageProperties"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageProperties:
+    """What a backend can do, as data (restic's backend ``Properties`` is the picture).
+
+    Attributes:
+        conditional_refs: ``put_ref`` is a true compare-and-swap for every process
+            and machine that opens the location: of writers racing from one token,
+            exactly one wins. False: refs are last-writer-wins (a store without
+            conditional writes, opened to accept that) or refused altogether —
+            ``check_refs`` says which. An S3 store claims it and ``check_refs``
+            verifies it once, refusing a store that ignores the conditions.
+        local_files: every data object is a file on this machine and
+            ``local_path`` returns its path (loads mmap raw tensors); False:
+            ``local_path`` always returns None.
+        remote: every read crosses a network (a round trip each): a bank on it
+            gets a local disk cache by default and loads with more threads.
+
+    Example:
+        >>> from weightbank.storage import LocalStorage
+        >>> LocalStorage.properties
+        StorageProperties(conditional_refs=True, local_files=True, remote=False)
+    """
+
+    conditional_refs: bool
+    local_files: bool
+    remote: bool
 
 
 @dataclass(frozen=True)
@@ -82,15 +134,28 @@ class Storage(Protocol):
 
     url: str
 
+    @property
+    def properties(self) -> StorageProperties:
+        """What this backend can do (see :class:`StorageProperties`); constant for its life."""
+
+    def check_refs(self) -> None:
+        """StorageError now if ``put_ref`` would be refused (an object store without compare-and-swap).
+
+        Called before a save that moves refs writes any data. May ask the store
+        once (S3 probes its conditional writes); free on backends whose refs
+        always work.
+        """
+
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return ``length`` bytes of ``key`` from ``offset`` (to the end if None).
 
-        Raises MissingObject if the key is absent. Returns fewer bytes only at
-        the end of the object.
+        Raises MissingObject if the key is absent (or is a directory, on a file
+        system). Returns fewer bytes only at the end of the object, and none
+        for an offset past it; StorageError for a negative or non-integer range.
         """
 
     def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        """Fill ``buf`` from ``key`` at ``offset``; return bytes read (short only at EOF)."""
+        """Fill ``buf`` from ``key`` at ``offset``; return bytes read (short only at EOF, 0 past it)."""
 
     def write(self, key: str, data: bytes | memoryview) -> None:
         """Write a whole object atomically and durably (overwrites an object of the same key)."""
@@ -111,16 +176,19 @@ class Storage(Protocol):
         """Remove a data object; absent keys are ignored."""
 
     def get_ref(self, key: str) -> RefValue | None:
-        """Current value of a ref, or None if it does not exist."""
+        """Current value of a ref, or None if it does not exist.
+
+        CorruptObject if something that is no ref stands at the key (a directory, on a file system).
+        """
 
     def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
         """Compare-and-swap a ref; return the new token. ConcurrentUpdate on mismatch."""
 
     def list_refs(self, prefix: str) -> Iterator[str]:
-        """Keys of the refs under ``prefix``."""
+        """Keys of the refs under ``prefix`` (only keys ``get_ref`` can read: never a directory)."""
 
     def local_path(self, key: str) -> str | None:
-        """A filesystem path holding the object's bytes, if the backend has one (enables mmap loads)."""
+        """A filesystem path holding the object's bytes (``properties.local_files`` backends only), else None."""
 
     def sweep_incomplete(self, older_than: float) -> int:
         """Remove leftovers of writes that never committed (temp files of killed writers, unfinished uploads).

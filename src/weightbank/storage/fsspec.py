@@ -25,9 +25,9 @@ themselves are never at risk: data objects and manifests are write-once.
 
 Transient failures (connection resets, timeouts, 5xx, throttling) are retried
 with exponential backoff and jitter (``retries`` attempts, default 5); other
-errors map to the :mod:`weightbank.errors` tree (a missing object is
-:class:`~weightbank.errors.MissingObject`, a refused login a
-:class:`~weightbank.errors.StorageError` saying to check credentials).
+errors map to the :mod:`weightbank.errors` tree (see
+:mod:`weightbank.storage.retry`). What the S3 and generic backends share lives
+in :mod:`weightbank.storage.objectstore`, so neither imports the other back.
 
 Example:
     >>> from weightbank.storage.fsspec import split_url
@@ -38,61 +38,28 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
-import random
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, TypeVar
 
 import blake3
 
-from ..errors import ConcurrentUpdate, MissingDependency, MissingObject, StorageError, WeightbankError
-from .base import ObjectInfo, RefValue, Storage
+from ..errors import ConcurrentUpdate, CorruptObject, MissingDependency, MissingObject, StorageError
+from .base import ObjectInfo, RefValue, Storage, StorageProperties
+from .keys import check_key, check_prefix, check_range
+from .objectstore import ObjectStoreBase
+from .retry import DEFAULT_RETRIES, retrying
 
-__all__ = [
-    "DEFAULT_RETRIES",
-    "FsspecStorage",
-    "ObjectStoreBase",
-    "check_key",
-    "open_fsspec",
-    "retrying",
-    "split_url",
-    "storage_options_from_env",
-]
+__all__ = ["FsspecStorage", "open_fsspec", "split_url", "storage_options_from_env"]
 
 T = TypeVar("T")
 
-DEFAULT_RETRIES = 5
 #: Extras that install each protocol's fsspec implementation.
 _EXTRAS = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs"), "az": ("adlfs", "azure")}
 _EXTRAS.update({"s3a": _EXTRAS["s3"], "abfs": _EXTRAS["az"], "abfss": _EXTRAS["az"]})
-_TRANSIENT_CODES = {
-    "InternalError",
-    "ServiceUnavailable",
-    "SlowDown",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "Throttling",
-    "ThrottlingException",
-    "500",
-    "502",
-    "503",
-    "504",
-}
-_TRANSIENT_ERRNOS = {
-    errno.EAGAIN,
-    errno.ETIMEDOUT,
-    errno.ECONNRESET,
-    errno.ECONNREFUSED,
-    errno.ECONNABORTED,
-    errno.EPIPE,
-    errno.EREMOTEIO,
-    errno.EBUSY,
-}
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -120,92 +87,6 @@ def storage_options_from_env() -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise StorageError("WEIGHTBANK_STORAGE_OPTIONS must be a JSON object")
     return obj
-
-
-def client_error_code(exc: BaseException) -> str | None:
-    """The S3 error code (``"PreconditionFailed"``, ``"503"``...) behind ``exc``, if it came from botocore."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            err = response.get("Error") or {}
-            code = err.get("Code")
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            if code:
-                return str(code)
-            if status:
-                return str(status)
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying (network trouble, 5xx, throttling) rather than a real answer."""
-    if isinstance(exc, WeightbankError | FileNotFoundError | PermissionError | FileExistsError):
-        return False
-    code = client_error_code(exc)
-    if code is not None:
-        return code in _TRANSIENT_CODES
-    if isinstance(exc, ConnectionError | TimeoutError):
-        return True
-    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    name = type(exc).__name__
-    return name in {"ClientPayloadError", "ServerDisconnectedError", "ClientOSError", "IncompleteRead"} or (
-        "Timeout" in name
-    )
-
-
-def translate(exc: BaseException, op: str, url: str, key: str) -> WeightbankError:
-    """Map a backend exception to the weightbank error a caller can act on."""
-    if isinstance(exc, WeightbankError):
-        return exc
-    code = client_error_code(exc)
-    if code == "NoSuchBucket":
-        return StorageError(f"{url}: the bucket does not exist; create it first")
-    if isinstance(exc, FileNotFoundError) or code in ("NoSuchKey", "404", "NotFound"):
-        return MissingObject(key)
-    if isinstance(exc, PermissionError) or code in (
-        "AccessDenied",
-        "403",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-    ):
-        return StorageError(f"{url}: access denied on {op} of {key!r}; check the credentials and permissions")
-    err = StorageError(f"{url}: {op} of {key!r} failed: {type(exc).__name__}: {exc}")
-    err.__cause__ = exc
-    return err
-
-
-def retrying(
-    op: str,
-    url: str,
-    key: str,
-    fn: Callable[[], T],
-    *,
-    attempts: int = DEFAULT_RETRIES,
-    base_delay: float = 0.1,
-    max_delay: float = 5.0,
-) -> T:
-    """Call ``fn``; retry transient failures with exponential backoff and full jitter.
-
-    Non-transient errors and the last transient one are translated with
-    :func:`translate`. Only idempotent operations may be passed here.
-
-    Example:
-        >>> retrying("read", "mem://", "k", lambda: 42)
-        42
-    """
-    for attempt in range(max(1, attempts)):
-        try:
-            return fn()
-        except Exception as e:
-            if attempt + 1 >= attempts or not is_transient(e):
-                raise translate(e, op, url, key) from e
-            time.sleep(random.uniform(0, min(max_delay, base_delay * 2**attempt)))
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _import_fs_class(proto: str) -> Any:
@@ -286,49 +167,11 @@ class _SpooledWriter:
                 os.unlink(self._f.name)
 
 
-def check_key(key: str) -> None:
-    """StorageError unless ``key`` is a relative ``a/b/c`` key with no empty, ``.`` or ``..`` part."""
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in key.split("/")):
-        raise StorageError(f"invalid storage key {key!r}")
-
-
-class ObjectStoreBase:
-    """What every object-store backend does the same way, on top of its own ``read``/``size``/``list``."""
-
-    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        raise NotImplementedError
-
-    def size(self, key: str) -> int:
-        raise NotImplementedError
-
-    def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        raise NotImplementedError
-
-    def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
-        if not len(view):
-            return 0
-        data = self.read(key, offset, len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.size(key)
-        except MissingObject:
-            return False
-        return True
-
-    def list_refs(self, prefix: str) -> Iterator[str]:
-        for info in self.list(prefix):
-            yield info.key
-
-    def local_path(self, key: str) -> str | None:
-        return None  # no local files: loads copy, and remote banks get a disk cache
-
-
 class FsspecStorage(ObjectStoreBase):
     """A bank on any fsspec file system (generic: no compare-and-swap, see the module docstring)."""
+
+    #: Never a true compare-and-swap: refs are refused, or last-writer-wins when opened to accept that.
+    properties = StorageProperties(conditional_refs=False, local_files=False, remote=True)
 
     def __init__(
         self,
@@ -354,20 +197,27 @@ class FsspecStorage(ObjectStoreBase):
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
         return retrying(op, self.url, key, fn, attempts=self.retries)
 
+    def _cat(self, key: str, path: str, start: int | None = None, end: int | None = None) -> bytes:
+        try:
+            data: bytes = self._call("read", key, lambda: self.fs.cat_file(path, start=start, end=end))
+        except StorageError as e:
+            if isinstance(e.__cause__, IsADirectoryError):
+                raise MissingObject(key, "is a directory") from None
+            raise
+        return data
+
     # -- data objects ------------------------------------------------------
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
-        if length is not None and length <= 0:
+        want = check_range(key, offset, length)
+        if want == 0:
             self.size(key)
             return b""
-        if offset == 0 and length is None:
-            whole: bytes = self._call("read", key, lambda: self.fs.cat_file(path))
-            return whole
-        end = None if length is None else offset + length
+        if offset == 0 and want is None:
+            return self._cat(key, path)
         if offset >= self.size(key):  # stores differ on ranges past the end: answer a short read ourselves
             return b""
-        data: bytes = self._call("read", key, lambda: self.fs.cat_file(path, start=offset, end=end))
-        return data
+        return self._cat(key, path, offset, None if want is None else offset + want)
 
     def write(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
@@ -390,6 +240,10 @@ class FsspecStorage(ObjectStoreBase):
         return int(info["size"])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        check_prefix(prefix)  # now, not when the caller first iterates
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         top = f"{self.root}/{base}" if base else self.root
         with contextlib.suppress(Exception):
@@ -415,11 +269,16 @@ class FsspecStorage(ObjectStoreBase):
         return blake3.blake3(data).hexdigest()[:32]
 
     def get_ref(self, key: str) -> RefValue | None:
+        path = self._path(key)
         try:
-            data = self.read(key)
+            data = self._call("read", key, lambda: self.fs.cat_file(path))
         except MissingObject:
             return None
-        return RefValue(data=data, token=self._token(data))
+        except StorageError as e:
+            if isinstance(e.__cause__, IsADirectoryError):
+                raise CorruptObject(key, detail="a directory stands where this ref belongs") from None
+            raise
+        return RefValue(data=bytes(data), token=self._token(data))
 
     def check_refs(self) -> None:
         """StorageError unless refs may be written here (opened with ``conditional_writes=False``)."""
@@ -431,6 +290,7 @@ class FsspecStorage(ObjectStoreBase):
             )
 
     def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+        self._path(key)
         self.check_refs()
         with self._ref_lock:
             current = self.get_ref(key)

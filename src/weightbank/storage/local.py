@@ -7,6 +7,11 @@ replaced the same way under an exclusive ``flock`` on ``<root>/refs/.lock``,
 which makes compare-and-swap safe between processes on one machine (and on
 NFS servers that honour flock).
 
+Everything here is a file on this machine: ``properties.local_files`` is True
+and ``local_path`` gives the file, which loads mmap. A directory standing where
+an object or a ref belongs (no bank makes one) is MissingObject for a data
+object and CorruptObject for a ref, never an ``IsADirectoryError``.
+
 Example:
     >>> import tempfile
     >>> from weightbank.storage.local import LocalStorage
@@ -18,9 +23,10 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
+import io
 import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,28 +35,16 @@ from pathlib import Path
 import blake3
 
 from .._process import pid_alive
-from ..errors import ConcurrentUpdate, MissingObject, StorageError
-from .base import ObjectInfo, RefValue
+from ..errors import ConcurrentUpdate, CorruptObject, MissingObject, NotABank, StorageError
+from .base import ObjectInfo, RefValue, StorageProperties
+from .durable import fsync_dir
+from .keys import check_key, check_prefix, check_range
 
 __all__ = ["LocalStorage"]
 
 _TMP = "tmp"
 #: A temp file untouched this long is a leftover even if a process with its pid exists (pid reuse).
 _TMP_TTL = 24 * 3600.0
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _check_key(key: str) -> None:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise StorageError(f"invalid storage key {key!r}")
 
 
 class _LocalWriter:
@@ -97,15 +91,20 @@ class _LocalWriter:
 
 
 class LocalStorage:
-    """A bank in a directory on a POSIX filesystem."""
+    """A bank in a directory on a POSIX filesystem; NotABank if ``root`` is a file."""
+
+    #: flock + rename refs; every object a file here.
+    properties = StorageProperties(conditional_refs=True, local_files=True, remote=False)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise NotABank(self.url, "it is a file")
 
     # -- helpers ---------------------------------------------------------
     def _path(self, key: str) -> Path:
-        _check_key(key)
+        check_key(key)
         return self.root / key
 
     def _new_tmp(self) -> Path:
@@ -128,22 +127,34 @@ class LocalStorage:
         for d in reversed(missing):
             with contextlib.suppress(FileExistsError):
                 d.mkdir()
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
 
     def _publish(self, tmp: Path, key: str) -> None:
         dest = self._path(key)
-        self._ensure_parent(dest)
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        try:
+            self._ensure_parent(dest)
+            os.replace(tmp, dest)
+        except (IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+            # A directory where the object belongs, or a file where one of its directories does.
+            raise StorageError(
+                f"{self.url}: cannot write {key!r}: {e.strerror}; run `weightbank verify`"
+            ) from e
+        fsync_dir(dest.parent)
 
     # -- data objects ----------------------------------------------------
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         path = self._path(key)
+        want = check_range(key, offset, length)
         try:
             with open(path, "rb", buffering=0) as f:
-                if offset:
-                    f.seek(offset)
-                return f.read() if length is None else f.read(length)
+                # Never ask the OS for more than the file holds (nor seek past 2**63): a crafted
+                # length or offset is a short read, not a MemoryError or an OverflowError.
+                n = max(0, os.fstat(f.fileno()).st_size - offset)
+                n = n if want is None else min(n, want)
+                if not n:
+                    return b""
+                f.seek(offset)
+                return _read_exactly(f, n)
         except (FileNotFoundError, NotADirectoryError):
             raise MissingObject(key) from None
         except IsADirectoryError:
@@ -151,15 +162,20 @@ class LocalStorage:
 
     def read_into(self, key: str, offset: int, buf: memoryview) -> int:
         path = self._path(key)
+        view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        check_range(key, offset, len(view))
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise MissingObject(key) from None
         try:
-            view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise MissingObject(key, "is a directory")
             total = 0
-            while total < len(view):
-                n = os.preadv(fd, [view[total:]], offset + total)
+            want = min(len(view), max(0, st.st_size - offset))
+            while total < want:
+                n = os.preadv(fd, [view[total:want]], offset + total)
                 if n == 0:
                     break
                 total += n
@@ -168,6 +184,7 @@ class LocalStorage:
             os.close(fd)
 
     def write(self, key: str, data: bytes | memoryview) -> None:
+        check_key(key)
         w = _LocalWriter(self, key)
         try:
             w.write(data)
@@ -177,19 +194,27 @@ class LocalStorage:
         w.commit()
 
     def open_writer(self, key: str) -> _LocalWriter:
-        _check_key(key)
+        check_key(key)
         return _LocalWriter(self, key)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def size(self, key: str) -> int:
+        path = self._path(key)
         try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
             raise MissingObject(key) from None
+        if stat.S_ISDIR(st.st_mode):
+            raise MissingObject(key, "is a directory")
+        return st.st_size
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        check_prefix(prefix)  # now, not when the caller first iterates
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         # Walk only the directory the prefix points into.
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         top = self.root / base if base else self.root
@@ -211,8 +236,9 @@ class LocalStorage:
                 yield ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            path.unlink()  # a directory is no object: nothing of ours to delete
 
     # -- refs --------------------------------------------------------------
     def _lock(self) -> int:
@@ -227,13 +253,20 @@ class LocalStorage:
         return blake3.blake3(data).hexdigest()[:32]
 
     def get_ref(self, key: str) -> RefValue | None:
+        path = self._path(key)
         try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
+            data = path.read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
             return None
+        except IsADirectoryError:
+            raise CorruptObject(key, detail="a directory stands where this ref belongs") from None
         return RefValue(data=data, token=self._token(data))
 
+    def check_refs(self) -> None:
+        return None  # flock + rename: refs always work here
+
     def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+        check_key(key)
         fd = self._lock()
         try:
             current = self.get_ref(key)
@@ -247,8 +280,7 @@ class LocalStorage:
             os.close(fd)
 
     def list_refs(self, prefix: str) -> Iterator[str]:
-        for info in self.list(prefix):
-            yield info.key
+        return (info.key for info in self.list(prefix))  # files only: a directory is never listed
 
     def local_path(self, key: str) -> str | None:
         path = self._path(key)
@@ -281,6 +313,16 @@ class LocalStorage:
         return f"LocalStorage({self.url!r})"
 
 
-def is_enospc(exc: BaseException) -> bool:
-    """Whether an OSError means the disk is full."""
-    return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+def _read_exactly(f: io.FileIO, n: int) -> bytes:
+    """``n`` bytes from ``f`` (fewer only at EOF): one ``read()`` stops at 2 GiB on Linux."""
+    data = f.read(n)
+    if data is None or len(data) >= n:
+        return data or b""
+    parts, got = [data], len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)

@@ -18,7 +18,8 @@ import time
 from collections.abc import Iterator
 
 from ..errors import ConcurrentUpdate, MissingObject
-from .base import ObjectInfo, RefValue
+from .base import ObjectInfo, RefValue, StorageProperties
+from .keys import check_key, check_prefix, check_range
 
 __all__ = ["MemoryStorage", "forget", "named"]
 
@@ -62,7 +63,10 @@ class _MemoryWriter:
 
 
 class MemoryStorage:
-    """A dict of bytes with the same contract as the disk backends."""
+    """A dict of bytes with the same contract as the disk backends (keys checked the same way too)."""
+
+    #: One lock guards every ref of the process; nothing is a file, nothing crosses a network.
+    properties = StorageProperties(conditional_refs=True, local_files=False, remote=False)
 
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
@@ -72,33 +76,37 @@ class MemoryStorage:
         self._counter = itertools.count(1)
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_key(key)
+        want = check_range(key, offset, length)
         with self._lock:
             obj = self._objects.get(key)
         if obj is None:
             raise MissingObject(key)
         data = obj[0]
-        end = len(data) if length is None else offset + length
-        return data[offset:end]
+        return data[offset:] if want is None else data[offset : offset + want]
 
     def read_into(self, key: str, offset: int, buf: memoryview) -> int:
-        data = self.read(key, offset, len(buf))
         view = buf.cast("B") if buf.format != "B" or buf.ndim != 1 else buf
+        data = self.read(key, offset, len(view))
         view[: len(data)] = data
         return len(data)
 
     def write(self, key: str, data: bytes | memoryview) -> None:
+        check_key(key)
         blob = bytes(data)
         with self._lock:
             self._objects[key] = (blob, time.time())
 
     def open_writer(self, key: str) -> _MemoryWriter:
-        return _MemoryWriter(self, key)
+        return _MemoryWriter(self, check_key(key))
 
     def exists(self, key: str) -> bool:
+        check_key(key)
         with self._lock:
             return key in self._objects
 
     def size(self, key: str) -> int:
+        check_key(key)
         with self._lock:
             obj = self._objects.get(key)
         if obj is None:
@@ -106,21 +114,27 @@ class MemoryStorage:
         return len(obj[0])
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
         with self._lock:
             items = [(k, len(v[0]), v[1]) for k, v in self._objects.items() if k.startswith(prefix)]
-        for k, n, t in items:
-            yield ObjectInfo(key=k, size=n, mtime=t)
+        return iter([ObjectInfo(key=k, size=n, mtime=t) for k, n, t in items])
 
     def delete(self, key: str) -> None:
+        check_key(key)
         with self._lock:
             self._objects.pop(key, None)
 
     def get_ref(self, key: str) -> RefValue | None:
+        check_key(key)
         with self._lock:
             ref = self._refs.get(key)
         return None if ref is None else RefValue(data=ref[0], token=ref[1])
 
+    def check_refs(self) -> None:
+        return None  # one lock per store: refs always work here
+
     def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+        check_key(key)
         with self._lock:
             cur = self._refs.get(key)
             cur_token = cur[1] if cur is not None else None
@@ -131,11 +145,13 @@ class MemoryStorage:
             return token
 
     def list_refs(self, prefix: str) -> Iterator[str]:
+        check_prefix(prefix)
         with self._lock:
             keys = [k for k in self._refs if k.startswith(prefix)]
-        yield from keys
+        return iter(keys)
 
     def local_path(self, key: str) -> str | None:
+        check_key(key)
         return None
 
     def sweep_incomplete(self, older_than: float) -> int:

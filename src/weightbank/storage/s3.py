@@ -10,7 +10,9 @@
   for a remote bank) issues them concurrently, one per chunk, each copied
   once into its destination tensor.
 * **Refs** are conditional puts (see :mod:`weightbank.storage.fsspec`); the
-  token is the object's ETag.
+  token is the object's ETag. ``properties.conditional_refs`` is True unless
+  opened with ``conditional_writes=False``; :meth:`S3Storage.check_refs` probes
+  the store once and refuses one that ignores the conditions.
 * **Listing** uses ``ListObjectsV2`` directly, so a new manifest written by
   another machine is seen on the next call (no listing cache).
 
@@ -38,8 +40,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..errors import ConcurrentUpdate, MissingObject, StorageError
-from .base import ObjectInfo, RefValue
-from .fsspec import DEFAULT_RETRIES, ObjectStoreBase, check_key, client_error_code, retrying
+from .base import ObjectInfo, RefValue, StorageProperties
+from .keys import check_key, check_prefix, check_range
+from .objectstore import ObjectStoreBase
+from .retry import DEFAULT_RETRIES, client_error_code, retrying
 
 __all__ = ["S3Storage"]
 
@@ -188,6 +192,9 @@ class S3Storage(ObjectStoreBase):
         self.retries = retries
         self._conditional = conditional_writes
         self._probed = conditional_writes is False
+        self.properties = StorageProperties(
+            conditional_refs=conditional_writes is not False, local_files=False, remote=True
+        )
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         known = set(inspect.signature(s3fs.S3FileSystem.__init__).parameters) | _FSSPEC_OPTIONS
@@ -252,15 +259,18 @@ class S3Storage(ObjectStoreBase):
 
     # -- data objects ------------------------------------------------------
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        if length is not None and length <= 0:
+        check_key(key)
+        want = check_range(key, offset, length)
+        if want == 0:
             self.size(key)
             return b""
-        if offset == 0 and length is None:
+        if offset == 0 and want is None:
             return self._get(key)[0]
-        end = "" if length is None else str(offset + length - 1)
+        end = "" if want is None else str(offset + want - 1)
         return self._get(key, f"bytes={offset}-{end}")[0]
 
     def write(self, key: str, data: bytes | memoryview) -> None:
+        check_key(key)
         if len(data) >= 2 * self.part_size:
             w = _MultipartWriter(self, key)
             try:
@@ -294,9 +304,14 @@ class S3Storage(ObjectStoreBase):
             token = resp.get("NextContinuationToken")
 
     def _k_prefix(self, prefix: str) -> str:
+        check_prefix(prefix)
         return f"{self.prefix}/{prefix}" if self.prefix else prefix
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        check_prefix(prefix)  # now, not when the caller first iterates
+        return self._list(prefix)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         cut = len(self.prefix) + 1 if self.prefix else 0
         for obj in self._list_raw(prefix):
             key = str(obj["Key"])[cut:]
@@ -311,6 +326,7 @@ class S3Storage(ObjectStoreBase):
 
     # -- refs --------------------------------------------------------------
     def get_ref(self, key: str) -> RefValue | None:
+        check_key(key)
         try:
             data, etag = self._get(key)
         except MissingObject:
@@ -359,6 +375,7 @@ class S3Storage(ObjectStoreBase):
             self._probe_conditional()
 
     def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+        check_key(key)
         if self._conditional is False:
             return self._put_ref_unsafe(key, data, expect)
         self._probe_conditional()
