@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
 from weightbank.bank.layout import PACKS
 from weightbank.storage import MemoryStorage
-from weightbank.storage.base import Storage
+from weightbank.storage.base import Storage, StorageProperties
 
 
 class RemoteLike:
-    """Wraps a store (a fresh memory one by default); ``local_path`` is always None, as on S3.
+    """Wraps a store (a fresh memory one by default) and claims to be remote: ``local_path`` is always None, as on S3.
 
     ``reads`` / ``read_bytes`` count reads of pack objects (chunk data), the
     reads a disk cache exists to save. Everything else is passed through.
@@ -20,6 +21,9 @@ class RemoteLike:
     def __init__(self, inner: Storage | None = None, url: str = "remote://test") -> None:
         self.inner = inner if inner is not None else MemoryStorage(url)
         self.url = url
+        self.properties: StorageProperties = dataclasses.replace(
+            self.inner.properties, local_files=False, remote=True
+        )
         self.reads = 0
         self.read_bytes = 0
         self._lock = threading.Lock()

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -36,7 +37,7 @@ import torch
 
 import weightbank as wb
 from weightbank.bank.layout import LEASES, MANIFESTS, PACKS, TAGS, manifest_id_from_key
-from weightbank.storage.base import ObjectInfo, ObjectWriter, RefValue, Storage
+from weightbank.storage.base import ObjectInfo, ObjectWriter, RefValue, Storage, StorageProperties
 
 __all__ = [
     "CHILD",
@@ -176,6 +177,8 @@ class FaultStorage:
     ) -> None:
         self.inner = inner
         self.url = inner.url
+        # The inner backend's, except that loads never mmap around the wrapper (see local_path).
+        self.properties: StorageProperties = dataclasses.replace(inner.properties, local_files=False)
         self.kill_at = kill_at
         self.torn = torn
         self.publish_torn = publish_torn
@@ -218,6 +221,9 @@ class FaultStorage:
             self.inner.open_writer(key).write(half)
 
     # -- the Storage protocol ------------------------------------------------------------------------
+    def check_refs(self) -> None:
+        self.inner.check_refs()  # no I/O worth a fault of its own: not a numbered operation
+
     def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         self._before("read", key)
         return self.inner.read(key, offset, length)

@@ -29,9 +29,6 @@ from .._sizes import parse_bytes
 from ..format.manifest import Manifest
 from ..storage.base import Storage
 from ..storage.diskcache import DiskCache, default_max_bytes, default_root
-from ..storage.local import LocalStorage
-from ..storage.memory import MemoryStorage
-from .layout import FORMAT_KEY
 from .reader import prefetch_chunks
 from .results import PrefetchReport
 
@@ -43,16 +40,14 @@ default directory even for a local bank; a path: that directory; a :class:`DiskC
 
 
 def is_remote(storage: Storage) -> bool:
-    """Whether ``storage`` keeps its bytes somewhere other than local files or this process's memory.
+    """Whether ``storage`` keeps its bytes across a network (its ``properties.remote``), not in local files or memory.
 
     Example:
         >>> from weightbank.storage import MemoryStorage
         >>> is_remote(MemoryStorage())
         False
     """
-    if isinstance(storage, (LocalStorage, MemoryStorage)):
-        return False
-    return storage.local_path(FORMAT_KEY) is None
+    return storage.properties.remote
 
 
 def choose_cache(storage: Storage, cache: CacheSpec, size: int | str | None = None) -> DiskCache | None:

@@ -14,7 +14,6 @@ import time
 from .._version import __version__
 from ..errors import NotABank, UnsupportedFormat
 from ..format.manifest import FORMAT_VERSION
-from ..storage import LocalStorage
 from ..storage.base import Storage
 from .layout import FORMAT_KEY
 
@@ -47,14 +46,10 @@ def init_storage(storage: Storage, *, create: bool) -> None:
         if version > FORMAT_VERSION:
             raise UnsupportedFormat(storage.url, version, FORMAT_VERSION)
         return
-    if isinstance(storage, LocalStorage):
-        root = storage.root
-        if root.exists() and not root.is_dir():
-            raise NotABank(storage.url, "it is a file")
-        if root.is_dir() and any(p.name not in ("tmp", "refs") for p in root.iterdir()):
-            raise NotABank(storage.url, f"the directory is not empty and has no {FORMAT_KEY}")
-    elif any(True for _ in storage.list("")):
-        raise NotABank(storage.url, f"the location holds other objects and no {FORMAT_KEY}")
+    # Every backend answers this the same way (a local directory that is a file is refused
+    # when it is opened: LocalStorage raises NotABank).
+    if any(True for _ in storage.list("")):
+        raise NotABank(storage.url, f"the location is not empty and has no {FORMAT_KEY}")
     if not create:
         raise NotABank(storage.url, f"no {FORMAT_KEY} found")
     marker = {"format": "weightbank", "version": FORMAT_VERSION, "created": time.time(), "by": __version__}

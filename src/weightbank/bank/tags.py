@@ -152,9 +152,7 @@ class TagStore:
         Called before a save that will move tags writes any data, so a store
         that would refuse the tag update does not first commit the checkpoint.
         """
-        check = getattr(self._storage, "check_refs", None)
-        if callable(check):
-            check()
+        self._storage.check_refs()
 
     def read(self, name: str) -> tuple[TagRecord | None, str | None]:
         """The tag's record and version token (None, None if it never existed)."""
