@@ -42,6 +42,7 @@ from .bank.results import CheckpointInfo
 from .errors import ExternalFileError, ExternalFileNotFound, IncompatibleState, InvalidState, TargetExists
 from .format.lossy import LOSSY_CODECS, quantizable, quantize_tensor
 from .format.tree import flatten
+from .storage.durable import fsync_dir
 
 __all__ = ["TORCH_SUFFIXES", "export", "import_file"]
 
@@ -549,7 +550,7 @@ def _atomic_write(out: Path, write: Callable[[Path], None], *, overwrite: bool) 
             os.replace(tmp, out)
         else:
             _link_no_clobber(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -569,16 +570,3 @@ def _link_no_clobber(tmp: Path, out: Path) -> None:
                 out, f"cannot export to {out}: the file exists; pass overwrite=True to replace it"
             ) from None
         os.replace(tmp, out)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not every platform can open a directory (Windows); the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
