@@ -12,7 +12,7 @@ DEMO_BANK ?= demo-bank
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml constraints.txt | $(PY)
+$(STAMP): pyproject.toml constraints.txt src/weightbank/_version.py | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e ".[test,bench]"
@@ -31,8 +31,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
+# The suite includes every docstring example (tests/test_doctests.py); coverage is measured
+# and printed per module, with no threshold.
 unit: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --cov --cov-report=term
 
 test: lint typecheck unit
 
@@ -45,4 +47,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_s3.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_BANK) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_BANK) .pytest_cache .mypy_cache .ruff_cache .coverage
