@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,50 +16,17 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 import torch
-import uvicorn
 
-from weightbank.http import create_app
 from weightbank.serving import ModelService
 
 from ..serving.family import Family
 from .conftest import AUTH, TOKEN
-
-DEADLINE = 120.0  # seconds; only ever reached when something is broken
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server(service: ModelService) -> tuple[str, Callable[[], None]]:
-    """Serve ``service`` on a free loopback port; returns the base URL and a stop function."""
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(service, token=TOKEN), host="127.0.0.1", port=port, log_level="warning", access_log=False
-    )
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + DEADLINE
-    while not srv.started:
-        assert thread.is_alive(), "the server thread died"
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-
-    def stop() -> None:
-        srv.should_exit = True
-        thread.join(DEADLINE)
-        assert not thread.is_alive()
-
-    return f"http://127.0.0.1:{port}", stop
+from .live import DEADLINE, start_server
 
 
 @pytest.fixture
 def server(service: ModelService) -> Iterator[str]:
-    url, stop = start_server(service)
+    url, stop = start_server(service, TOKEN)
     yield url
     stop()
 

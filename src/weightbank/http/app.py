@@ -36,7 +36,9 @@ from fastapi import Body, Depends, FastAPI, Header, Path, Request, Response, Sec
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._version import __version__
@@ -94,6 +96,21 @@ from .schemas import (
 __all__ = ["create_app", "retryable", "status_of"]
 
 log = logging.getLogger("weightbank.http")
+
+
+class _Segment(Convertor[str]):
+    """A path segment without ``:``, so ``/v1/tags/{name}`` never swallows ``/v1/tags/{name}:rollback``."""
+
+    regex = "[^/:]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("segment", _Segment())
 
 # Damage that a retry cannot mend: answered 500 without Retry-After.
 _PERMANENT_STORAGE = (CorruptObject, MissingObject, UnsupportedFormat, NotABank)
@@ -336,8 +353,20 @@ def create_app(
             {"detail": "malformed request", "error": "InvalidRequest", "errors": errors}, status_code=422
         )
 
+    def _allowed(scope: Scope) -> str:
+        """Every method some route of this path answers (Starlette lists only the first route's)."""
+        methods: set[str] = set()
+        for route in app.router.routes:
+            match, _ = route.matches({**scope, "method": "GET"})
+            if match != Match.NONE:
+                methods.update(getattr(route, "methods", None) or ())
+        return ", ".join(sorted(methods))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(request.scope)
         kind = {
             400: "InvalidRequest",
             401: "Unauthorized",
@@ -347,9 +376,7 @@ def create_app(
         }.get(exc.status_code, "HTTPError")
         _log(request, exc.status_code, kind, str(exc.detail))
         return JSONResponse(
-            {"detail": str(exc.detail), "error": kind},
-            status_code=exc.status_code,
-            headers=dict(exc.headers or {}),
+            {"detail": str(exc.detail), "error": kind}, status_code=exc.status_code, headers=headers
         )
 
     @app.exception_handler(RecursionError)
@@ -477,7 +504,7 @@ def create_app(
         }
 
     @app.get(
-        "/v1/tags/{name}",
+        "/v1/tags/{name:segment}",
         tags=["tags"],
         dependencies=manage,
         response_model=TagReply,
@@ -488,7 +515,7 @@ def create_app(
         return _tag_json(name)
 
     @app.put(
-        "/v1/tags/{name}",
+        "/v1/tags/{name:segment}",
         tags=["tags"],
         dependencies=manage,
         response_model=TagReply,
@@ -500,7 +527,7 @@ def create_app(
         return _tag_json(name)
 
     @app.post(
-        "/v1/tags/{name}:rollback",
+        "/v1/tags/{name:segment}:rollback",
         tags=["tags"],
         dependencies=manage,
         response_model=TagReply,

@@ -25,6 +25,8 @@ from ..serving.router import MAX_ARMS
 
 __all__ = [
     "ID_PATTERN",
+    "MAX_WEIGHT",
+    "NEW_TAG_PATTERN",
     "REF_PATTERN",
     "ROUTE_PATTERN",
     "TAG_PATTERN",
@@ -52,25 +54,38 @@ __all__ = [
     "UnloadReply",
 ]
 
-_NAME_CHARS = r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]{0,127}"
+# The grammars below are plain regular expressions (no lookaround, which test generators ignore),
+# written out from bank.layout.check_name / check_new_name and bank.refs; a test checks them
+# against those functions on random strings.
+_FIRST = r"[A-Za-z0-9_]"  # a name starts with a letter, digit or _
+_CHAR = r"[A-Za-z0-9_+=,-]"  # any other name character but '.'
+_REST = rf"(?:{_CHAR}|\.{_CHAR})*\.?"  # ... and '.', never two in a row
+_HEX = r"[0-9a-f]"
+_NAME = rf"{_FIRST}{_REST}"
+_RUN = rf"{_FIRST}(?:{_CHAR}|\.{_CHAR}){{0,63}}\.?"
+_NOT_ALL_HEX = (  # a name with a character that is not lowercase hex
+    rf"(?:[g-zA-Z_]{_REST}|{_HEX}+(?:[g-zA-Z_+=,-]{_REST}|\.(?:{_CHAR}{_REST})?))"
+)
 _SELECTOR = r"(?:[0-9]+|latest|best:[^:~/\x00-\x1f\x7f]+(?::(?:min|max))?|\{[0-9]+\})"
 ID_PATTERN = r"^[0-9a-f]{64}$"
 """A full checkpoint id."""
-REF_PATTERN = rf"^(?![0-9a-f]{{1,5}}(?:~[0-9]*)*$){_NAME_CHARS}(?:@{_SELECTOR})?(?:~[0-9]*)*$"
+REF_PATTERN = rf"^(?:{_NOT_ALL_HEX}|{_HEX}{{6,}}|{_RUN}@{_SELECTOR})(?:~[0-9]*)*$"
 """A ref: an id, an id prefix (at least 6 lowercase hex characters), a tag, ``run@step``,
 ``run@latest``, ``run@best:metric[:min|:max]`` or ``tag@{N}``, each optionally followed by
 ``~`` / ``~N`` parent steps. A 1-5 character hex string is not a ref (too short for a prefix)."""
-TAG_PATTERN = rf"^(?!.*\.\.){_NAME_CHARS}$"
-"""A tag name: letters, digits and ``_ . + = , -``, not starting with ``.`` or ``-``, no ``..``."""
-NEW_TAG_PATTERN = rf"^(?![0-9a-f]{{6,}}$)(?!.*\.\.){_NAME_CHARS}$"
-"""A tag name a tag may be given: a tag name that cannot be read as an id or an id prefix."""
+TAG_PATTERN = rf"^{_NAME}$"
+"""A tag name: letters, digits and ``_ . + = , -``, starting with a letter, digit or ``_``, no ``..``."""
+NEW_TAG_PATTERN = rf"^(?:{_NOT_ALL_HEX}|{_HEX}{{1,5}})$"
+"""A name a tag may be given: a tag name that cannot be read as an id or id prefix (6+ hex characters)."""
 ROUTE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 """A route name: letters, digits and ``. _ -``, starting with a letter or digit."""
+MAX_WEIGHT = 1e306
+"""The largest route weight over HTTP: 64 arms of it still sum to a finite number."""
 
 RefStr = Annotated[str, Field(min_length=1, max_length=256, json_schema_extra={"pattern": REF_PATTERN})]
 CheckpointId = Annotated[str, Field(pattern=ID_PATTERN, description="A full checkpoint id (64 hex).")]
-ArmWeight = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
-"""A route weight: a JSON number (not a string or a bool), finite and >= 0."""
+ArmWeight = Annotated[float, Field(strict=True, ge=0, le=MAX_WEIGHT, allow_inf_nan=False)]
+"""A route weight: a JSON number (not a string or a bool), 0 <= weight <= 1e306 (weights are shares)."""
 ArmRef = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
@@ -248,7 +263,13 @@ class TagsReply(BaseModel):
 class RouteBody(_Strict):
     """``PUT /v1/routes/{name}``: arms (refs) and their relative weights (finite sum, at least one > 0)."""
 
-    arms: dict[ArmRef, ArmWeight] = Field(min_length=1, max_length=MAX_ARMS)
+    arms: dict[ArmRef, ArmWeight] = Field(
+        min_length=1,
+        max_length=MAX_ARMS,
+        description="Arm (a ref) -> weight; traffic splits by share. At least one weight is positive.",
+        # not every weight is 0 (weights are >= 0): the router refuses a route no request can take
+        json_schema_extra={"not": {"additionalProperties": {"maximum": 0}}},
+    )
 
 
 class RouteReply(BaseModel):
