@@ -20,6 +20,7 @@ SAMPLES: dict[str, errors.WeightbankError] = {
     "ExternalFileNotFound": errors.ExternalFileNotFound("/x", "no such file"),
     "HandlerError": errors.HandlerError("predict", "KeyError", "'x'", checkpoint="ab" * 32, transient=True),
     "IncompatibleState": errors.IncompatibleState("shape mismatch", ["w"]),
+    "InvalidArgument": errors.InvalidArgument("steps", 0, "must be >= 1"),
     "InvalidName": errors.InvalidName("tag", "a/b", "no slashes"),
     "InvalidRef": errors.InvalidRef("r@", "no step"),
     "InvalidRequest": errors.InvalidRequest("bad input", "input"),

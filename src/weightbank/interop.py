@@ -73,7 +73,7 @@ def import_file(
     message: str = "",
     metrics: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
-    parent: str | None | Auto = AUTO,
+    parent: str | Auto | None = AUTO,
 ) -> CheckpointInfo:
     """Save the weights in ``path`` as a new checkpoint of ``run`` and return its info.
 

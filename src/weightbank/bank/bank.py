@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -35,7 +35,7 @@ from . import caching, maintenance
 from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
-from .environment import git_info, who
+from .environment import warm_up, who
 from .events import EventLog
 from .into import plan_into
 from .layout import check_name, check_new_name
@@ -52,6 +52,7 @@ from .results import (
     PrefetchReport,
     PruneReport,
     RunEvent,
+    SaveResult,
     TagEvent,
     TagInfo,
     TensorInfo,
@@ -137,10 +138,7 @@ class Bank(TwoPhase):
         self._events = EventLog(storage)
         self._pool_lock = threading.Lock()
         self._load_pool: ThreadPoolExecutor | None = None
-        # Look up the caller's git commit now, on the opening thread: running `git` for the
-        # first time from a background save thread while DataLoader workers fork can deadlock
-        # the forked children on the inherited pipe.
-        git_info(os.getcwd())
+        warm_up()  # git is probed here, on the opening thread, never first from a save thread
 
     @property
     def url(self) -> str:
@@ -242,7 +240,7 @@ class Bank(TwoPhase):
         chunk_size: int | None = None,
         keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
         lossy: str | None = None,
-    ) -> CheckpointInfo:
+    ) -> SaveResult:
         """Store ``state`` as a new immutable checkpoint and return its info.
 
         ``state`` is any nesting of dict/list/tuple with tensor or JSON-safe
@@ -294,7 +292,7 @@ class Bank(TwoPhase):
                 name, cid, why=f"saved {run}@{step}" if step is not None else f"saved {run}"
             )
         info = self._info(cid, manifest)
-        return CheckpointInfo(**{**info.__dict__, "save_stats": stats})
+        return SaveResult(**info.__dict__, save_stats=stats)
 
     def _move_tag_retrying(self, name: str, cid: str, why: str) -> None:
         for attempt in range(8):
@@ -305,6 +303,32 @@ class Bank(TwoPhase):
                 if attempt == 7:
                     raise
                 time.sleep(0.01 * (attempt + 1))
+
+    @overload
+    def load(
+        self,
+        ref: str,
+        *,
+        into: None = None,
+        select: str | Sequence[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        strict: bool = True,
+        prefix: str = "",
+    ) -> Any: ...
+
+    @overload
+    def load(
+        self,
+        ref: str,
+        *,
+        into: torch.nn.Module | Mapping[str, torch.Tensor],
+        select: str | Sequence[str] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        strict: bool = True,
+        prefix: str = "",
+    ) -> LoadResult: ...
 
     def load(
         self,

@@ -21,30 +21,22 @@ import torch
 
 from .._version import __version__
 
-__all__ = ["capture_env", "git_info", "who"]
+__all__ = ["capture_env", "git_info", "warm_up", "who"]
+
+
+def _git(cwd: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
 
 
 @functools.lru_cache(maxsize=8)
 def git_info(cwd: str) -> dict[str, Any] | None:
     """Commit and dirty flag of the git repository containing ``cwd``, if any (cached per directory)."""
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=False
-        )
+        commit = _git(cwd, "rev-parse", "HEAD")
         if commit.returncode != 0:
             return None
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd, capture_output=True, text=True, timeout=5, check=False,
-        )  # fmt: skip
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
+        status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+        top = _git(cwd, "rev-parse", "--show-toplevel")
     except (OSError, subprocess.SubprocessError):
         return None
     return {
@@ -52,6 +44,16 @@ def git_info(cwd: str) -> dict[str, Any] | None:
         "dirty": bool(status.stdout.strip()),
         "repo": top.stdout.strip(),
     }
+
+
+def warm_up() -> None:
+    """Look up the caller's git commit now, on the calling thread (each save records it).
+
+    Running ``git`` for the first time from a background save thread while
+    DataLoader workers fork can deadlock the forked children on the inherited
+    pipe, so the bank and the training manager call this where they are made.
+    """
+    git_info(os.getcwd())
 
 
 def who() -> str:

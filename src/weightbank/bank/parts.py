@@ -59,7 +59,7 @@ from ..format.manifest import (
     check_tiling,
 )
 from ..format.schema import LossySums, int_tuple, typed
-from ..format.tree import TensorRef, flatten_refs
+from ..format.tree import TensorRef, flatten_refs, map_tensors
 from ..storage.base import Storage
 from . import leases
 from .catalog import Catalog
@@ -515,16 +515,9 @@ def load_parts(parts: object) -> list[SavePart]:
 
 def mark_numpy(node: Any, numpy: set[int]) -> Any:
     """The tree with ``{"T": i}`` turned into ``{"N": i}`` for the tensors that were numpy arrays."""
-    if not numpy or not isinstance(node, dict):
+    if not numpy:
         return node
-    if "T" in node:
-        return {"N": node["T"]} if node["T"] in numpy else node
-    if "d" in node:
-        return {"d": [[k, mark_numpy(v, numpy)] for k, v in node["d"]]}
-    for kind in ("l", "u"):
-        if kind in node:
-            return {kind: [mark_numpy(v, numpy) for v in node[kind]]}
-    return node
+    return map_tensors(node, lambda n: {"N": n["T"]} if n.get("T") in numpy else n)
 
 
 def _sum_stats(stats: Iterable[SaveStats], manifest_bytes: int) -> SaveStats:

@@ -222,7 +222,7 @@ def _map_tensor(storage: Storage, manifest: Manifest, rec: TensorRecord) -> torc
     The mapping covers only this tensor (plus page alignment), so the tensor's
     storage is its own: ``torch.save`` of it writes the tensor, not the pack.
     """
-    if rec.nbytes < _MMAP_MIN or rec.alias_of is not None:
+    if rec.nbytes < _MMAP_MIN or rec.alias_of is not None or not storage.properties.local_files:
         return None
     chunks = [manifest.chunks[c] for c in rec.chunks]
     if any(c.codec != "raw" or c.pack != chunks[0].pack for c in chunks):

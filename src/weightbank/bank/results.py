@@ -21,6 +21,7 @@ __all__ = [
     "PrefetchReport",
     "PruneReport",
     "RunEvent",
+    "SaveResult",
     "SaveStats",
     "TagEvent",
     "TagInfo",
@@ -91,7 +92,6 @@ class CheckpointInfo:
     stored_bytes: int
     n_tensors: int
     tags: tuple[str, ...] = ()
-    save_stats: SaveStats | None = None
     lossy: dict[str, Any] = field(default_factory=dict)
     """Tensor name → {codec, max_abs, rel_err} for each quantized tensor; empty if bit-exact."""
 
@@ -103,6 +103,19 @@ class CheckpointInfo:
     def is_lossy(self) -> bool:
         """Whether loading this checkpoint returns approximations of what was saved."""
         return bool(self.lossy)
+
+
+@dataclass(frozen=True)
+class SaveResult(CheckpointInfo):
+    """What ``save`` (and ``commit``) return: the new checkpoint's info and what the save wrote.
+
+    Example:
+        >>> import torch, weightbank as wb
+        >>> wb.open("memory://").save({"w": torch.ones(4)}).save_stats.written_bytes
+        16
+    """
+
+    save_stats: SaveStats = field(default_factory=lambda: SaveStats(0, 0, 0, 0, 0, 0.0))
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import torch
 
 from ..format.dtypes import dtype_from_name, itemsize
 from ..format.manifest import Manifest, ShardRecord, TensorRecord
-from ..format.tree import unflatten
+from ..format.tree import tensor_indices, unflatten
 from ..storage.base import Storage
 from .reader import read_tensors
 
@@ -88,7 +88,7 @@ def read_assembled(
     out: dict[int, torch.Tensor] = {}
     if into is not None:
         # A box of a target is a view of it: read_tensors verifies each box in scratch memory and copies
-        # it into that view, so the target only ever holds verified bytes. is verified in scratch memory and then copied into its place in the target.
+        # it into that view, so the target only ever holds verified bytes.
         targets = {
             first + k: into[i][_box_slices(s.offsets, s.shape)] for k, (i, s) in enumerate(owner) if i in into
         }
@@ -274,16 +274,7 @@ def read_options(bank: Bank) -> dict[str, Any]:
 
 def tree_value(bank: Bank, cid: str, manifest: Manifest, node: dict[str, Any]) -> Any:
     """The value of a subtree of a checkpoint's tree, with the tensors it holds read (and verified)."""
-    wanted: list[int] = []
-
-    def collect(n: Any) -> None:
-        if not isinstance(n, dict):
-            return
-        wanted.extend(int(n[key]) for key in ("T", "N") if key in n)
-        for child in [*n.get("l", []), *n.get("u", []), *(c for _, c in n.get("d", []))]:
-            collect(child)
-
-    collect(node)
+    wanted = tensor_indices(node)
     tensors: list[torch.Tensor | None] = [None] * len(manifest.tensors)
     if wanted:
         loaded = read_assembled(bank.storage, cid, manifest, wanted, **read_options(bank))

@@ -37,7 +37,7 @@ __all__ = ["UNSET", "TagRecord", "TagStore", "Unset"]
 
 
 class Unset:
-    """The type of :data:`UNSET` (a typed sentinel: ``expect: str | None | Unset = UNSET``)."""
+    """The type of :data:`UNSET` (a typed sentinel: ``expect: str | Unset | None = UNSET``)."""
 
     def __repr__(self) -> str:
         return "UNSET"

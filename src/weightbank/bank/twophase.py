@@ -36,7 +36,7 @@ from .catalog import Catalog
 from .environment import capture_env
 from .layout import check_new_name
 from .parts import SavePart, TensorShard, abandon_part, commit_parts, load_parts, pieces_of
-from .results import CheckpointInfo
+from .results import CheckpointInfo, SaveResult
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_part
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ __all__ = ["AUTO", "Auto", "TwoPhase", "checkpoint_header"]
 
 
 class Auto:
-    """The type of :data:`AUTO` (a typed sentinel: ``parent: str | None | Auto = AUTO``)."""
+    """The type of :data:`AUTO` (a typed sentinel: ``parent: str | Auto | None = AUTO``)."""
 
     def __repr__(self) -> str:
         return "AUTO"
@@ -156,7 +156,7 @@ class TwoPhase:
         message: str = "",
         meta: Mapping[str, Any] | None = None,
         parent: str | Auto | None = AUTO,
-    ) -> CheckpointInfo:
+    ) -> SaveResult:
         """Make one checkpoint of ``parts`` (from :meth:`save_part`, or their ``to_json()``) and return its info.
 
         ``state`` is the checkpoint's structure — what ``load`` returns — with
@@ -189,7 +189,7 @@ class TwoPhase:
                 name, cid, why=f"saved {run}@{step}" if step is not None else f"saved {run}"
             )
         info = self._info(cid, manifest)
-        return CheckpointInfo(**{**info.__dict__, "save_stats": stats})
+        return SaveResult(**info.__dict__, save_stats=stats)
 
     def abandon_part(self, part: SavePart | Mapping[str, Any]) -> bool:
         """Give up a part that will never be committed: delete the packs it wrote and release its lease.

@@ -29,7 +29,7 @@ from . import leases, maintenance
 from .catalog import Catalog
 from .chunks import chain_of, decode_record, records_by_hash
 from .events import EventLog
-from .layout import MANIFESTS, PACKS, tag_key
+from .layout import MANIFESTS, PACKS, manifest_key, tag_key
 from .results import DuReport, VerifyProblem, VerifyReport
 from .tags import TagStore
 
@@ -76,9 +76,7 @@ def verify(
     whole_bank = ids is None
     if whole_bank:
         for cid, err in sorted(catalog.broken.items()):
-            problems.append(
-                VerifyProblem("manifest", f"{MANIFESTS}{cid[:2]}/{cid}.json", str(err), checkpoint=cid)
-            )
+            problems.append(VerifyProblem("manifest", manifest_key(cid), str(err), checkpoint=cid))
         targets: list[tuple[str, Manifest]] = catalog.items()
     else:
         targets = [(cid, catalog.get(cid)) for cid in ids or []]
@@ -106,6 +104,7 @@ def verify(
                 seen.add(where)
                 work.append((cid, names.get(rec.hash, ""), rec))
     checked_bytes = 0
+    manifests = dict(targets)
 
     def run(item: tuple[str, str, ChunkRecord, str]) -> tuple[str, str, ChunkRecord, str, str | None]:
         cid, name, rec, pack = item
@@ -115,17 +114,19 @@ def verify(
                 name,
                 rec,
                 pack,
-                _check_chunk(storage, catalog.get(cid), indexes[cid], rec, full, sizes),
+                _check_chunk(storage, manifests[cid], indexes[cid], rec, full, sizes),
             )
         except MissingObject:
             return cid, name, rec, pack, "missing"
         except WeightbankError as e:
             return cid, name, rec, pack, str(e)
 
-    items = [(cid, name, rec, catalog.get(cid).packs[rec.pack]) for cid, name, rec in work]
+    items = [(cid, name, rec, manifests[cid].packs[rec.pack]) for cid, name, rec in work]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for cid, name, rec, pack, problem in pool.map(run, items):
             checked_bytes += rec.raw_len
+            if problem is not None and not storage.exists(manifest_key(cid)):
+                continue  # deleted (and its data collected) while we looked: gone, not damaged
             if problem is not None:
                 if problem == "missing":
                     problems.append(

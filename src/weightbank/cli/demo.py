@@ -28,7 +28,7 @@ from torch import nn
 
 from .. import open as open_bank
 from ..bank.bank import AUTO, Bank
-from ..bank.results import CheckpointInfo
+from ..bank.results import SaveResult
 from . import render
 from .demo_model import FINETUNE_TEXT, PRETRAIN_TEXT, TinyLM, batches, evaluate
 from .exitcodes import CORRUPT
@@ -81,9 +81,8 @@ def _saves_table() -> Table:
     return table
 
 
-def _save_row(table: Table, info: CheckpointInfo, training: str) -> None:
+def _save_row(table: Table, info: SaveResult, training: str) -> None:
     stats = info.save_stats
-    assert stats is not None  # save() always reports what it wrote
     table.add_row(
         Text(render.label(info), style=render.RUN),
         training,

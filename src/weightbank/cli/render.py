@@ -36,6 +36,7 @@ from ..bank.results import (
     GcReport,
     PruneReport,
     RunEvent,
+    SaveResult,
     TagEvent,
     TagInfo,
     VerifyReport,
@@ -272,7 +273,7 @@ def saved_line(info: CheckpointInfo) -> Text:
         out.append(", ".join(info.tags), style=TAG)
         out.append(")")
     out.append(f"  {info.n_tensors} tensors, {human_bytes(info.nbytes)}")
-    stats = info.save_stats
+    stats = info.save_stats if isinstance(info, SaveResult) else None
     if stats is not None:
         out.append(
             f"; wrote {human_bytes(stats.written_bytes)}, reused {human_bytes(stats.reused_bytes)}"

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.metadata import (
 from ..errors import IncompatibleState, InvalidState
 from ..format.dtypes import dtype_from_name, dtype_name
 from ..format.manifest import Manifest
-from ..format.tree import flatten, unflatten
+from ..format.tree import child, dict_items, flatten, node_kind, seq_items, tensor_index, unflatten
 
 __all__ = [
     "Entry",
@@ -64,26 +64,28 @@ Entry = tuple[str, Path, str, dict[str, Any]]
 
 def _terminal(node: dict[str, Any]) -> bool:
     """DCP's rule: a dict is never a leaf; a list is one unless it holds a tensor or a non-leaf container."""
-    if "d" in node:
+    kind = node_kind(node)
+    if kind == "d":
         return False
-    if "l" in node:
-        for entry in node["l"]:
-            if "T" in entry:
+    if kind == "l":
+        for entry in seq_items(node) or []:
+            if node_kind(entry) == "T":
                 return False
-            if ("d" in entry or "l" in entry) and not _terminal(entry):
+            if node_kind(entry) in "dl" and not _terminal(entry):
                 return False
     return True
 
 
 def _walk(path: Path, node: dict[str, Any]) -> Iterator[tuple[Path, dict[str, Any]]]:
-    if "d" in node:
-        for key, child in node["d"]:
-            yield from _walk((*path, str(key)), child)
+    items = dict_items(node)
+    if items is not None:
+        for key, sub in items:
+            yield from _walk((*path, str(key)), sub)
     elif _terminal(node):
         yield path, node
     else:
-        for i, child in enumerate(node.get("l", node.get("u", []))):
-            yield from _walk((*path, i), child)
+        for i, sub in enumerate(seq_items(node) or []):
+            yield from _walk((*path, i), sub)
 
 
 def dcp_entries(tree: dict[str, Any]) -> list[Entry]:
@@ -97,18 +99,17 @@ def dcp_entries(tree: dict[str, Any]) -> list[Entry]:
         if fqn in seen:
             raise IncompatibleState(f"two entries of the checkpoint flatten to the DCP key {fqn!r}", [fqn])
         seen.add(fqn)
-        out.append((fqn, path, "tensor" if "T" in node else "value", node))
+        out.append((fqn, path, "tensor" if node_kind(node) == "T" else "value", node))
     return out
 
 
 def node_at(tree: dict[str, Any], path: Path) -> dict[str, Any]:
-    """The tree node at ``path`` (dict keys compared as DCP does, by ``str``)."""
-    node = tree
+    """The tree node at ``path`` (dict keys compared as DCP does, by ``str``); IncompatibleState if none."""
+    node: dict[str, Any] | None = tree
     for key in path:
-        if "d" in node:
-            node = next(child for k, child in node["d"] if str(k) == str(key))
-        else:
-            node = node.get("l", node.get("u", []))[int(key)]
+        node = child(node, key) if node is not None else None
+    if node is None:
+        raise IncompatibleState(f"the checkpoint holds nothing at the DCP path {list(path)[:8]}")
     return node
 
 
@@ -139,7 +140,8 @@ def metadata_of(m: Manifest) -> tuple[Metadata, dict[str, Path]]:
     entries = dcp_entries(m.tree)
     sd: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     for fqn, _, kind, node in entries:
-        sd[fqn] = _tensor_md(m, node["T"]) if kind == "tensor" else BytesStorageMetadata()
+        index = tensor_index(node)
+        sd[fqn] = _tensor_md(m, index) if kind == "tensor" and index is not None else BytesStorageMetadata()
     paths = {fqn: path for fqn, path, _, _ in entries}
     return Metadata(state_dict_metadata=sd, planner_data=dict(paths), version=version), paths
 

@@ -44,6 +44,7 @@ from ..bank.refs import parse
 from ..bank.shards import Region, checkpoint, iter_regions, read_options, region_of, tree_value
 from ..errors import IncompatibleState, InvalidRef
 from ..format.manifest import Manifest
+from ..format.tree import node_kind, tensor_index
 from .metadata import Path, metadata_of, node_at
 from .planners import set_value
 
@@ -169,7 +170,8 @@ class Reader(StorageReader):
 
     def _tensor_index(self, fqn: str) -> int:
         assert self._manifest is not None
-        node = node_at(self._manifest.tree, self._paths[fqn]) if fqn in self._paths else {}
-        if "T" not in node:
+        node = node_at(self._manifest.tree, self._paths[fqn]) if fqn in self._paths else {"v": None}
+        index = tensor_index(node) if node_kind(node) == "T" else None
+        if index is None:
             raise IncompatibleState(f"the checkpoint holds no tensor under the DCP key {fqn!r}", [fqn])
-        return int(node["T"])
+        return index

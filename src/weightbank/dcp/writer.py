@@ -71,8 +71,8 @@ from torch.futures import Future
 from ..bank.bank import AUTO, Auto, Bank
 from ..bank.parts import SavePart, TensorShard, mark_numpy
 from ..bank.results import CheckpointInfo
-from ..errors import CheckpointNotFound, IncompatibleState, InvalidRef, InvalidState
-from ..format.tree import TensorRef, flatten, flatten_refs, unflatten
+from ..errors import CheckpointNotFound, CorruptObject, IncompatibleState, InvalidRef, InvalidState
+from ..format.tree import TensorRef, check_tree, flatten, flatten_refs, map_tensors, tensor_indices, unflatten
 from .metadata import Path, dcp_entries, metadata_to_json
 from .planners import value_of
 
@@ -180,7 +180,7 @@ class Writer(StorageWriter):
         config: Mapping[str, Any] | None = None,
         meta: Mapping[str, Any] | None = None,
         message: str = "",
-        parent: str | None | Auto = AUTO,
+        parent: str | Auto | None = AUTO,
         codec: str = "auto",
         chunk_size: int | None = None,
     ) -> None:
@@ -342,7 +342,10 @@ class Writer(StorageWriter):
                 sd = wr.storage_data.get(_KEY) if isinstance(wr.storage_data, dict) else None
                 if isinstance(sd, dict) and "part" in sd:
                     parts.append(SavePart.from_json(sd["part"]))
-                    values.update(sd["values"])
+                    reported = sd.get("values")
+                    if not isinstance(reported, dict):
+                        raise CorruptObject("<dcp write result>", detail="a rank's values are not a dict")
+                    values.update({str(k): _checked_value(str(k), v) for k, v in reported.items()})
         state, paths = _state(metadata, _paths(metadata), values)
         dcp_meta: dict[str, Any] = {"version": metadata.version, "world_size": len(results)}
         numpy = {n for v in values.values() for n in _numpy_names(v)}
@@ -435,28 +438,22 @@ def _state(
 
 def _numpy_names(value: dict[str, Any]) -> list[str]:
     """The tensors of a value that were numpy arrays (their ``{"N": i}`` nodes)."""
-    out: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "N" in node:
-                out.append(value["tensors"][node["N"]])
-            for child in [*node.get("l", []), *node.get("u", []), *(c for _, c in node.get("d", []))]:
-                walk(child)
-
-    walk(value["tree"])
-    return out
+    return [value["tensors"][i] for i in tensor_indices(value["tree"], "N")]
 
 
 def _numpy_as_tensor(node: Any) -> Any:
     """A value's tree with numpy leaves as plain tensor leaves (the part records which were numpy)."""
-    if not isinstance(node, dict):
-        return node
-    if "N" in node:
-        return {"T": node["N"]}
-    if "d" in node:
-        return {"d": [[k, _numpy_as_tensor(v)] for k, v in node["d"]]}
-    for kind in ("l", "u"):
-        if kind in node:
-            return {kind: [_numpy_as_tensor(v) for v in node[kind]]}
-    return node
+    return map_tensors(node, lambda n: {"T": n["N"]} if "N" in n else n)
+
+
+def _checked_value(fqn: str, v: Any) -> dict[str, Any]:
+    """A non-tensor value another rank reported: its tree and tensor names, checked (CorruptObject if not)."""
+    try:
+        names = v["tensors"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError("tensor names are not a list of strings")
+        check_tree(v["tree"], len(names))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptObject("<dcp write result>", detail=f"the value of {fqn!r} is malformed ({e})") from None
+    checked: dict[str, Any] = v
+    return checked

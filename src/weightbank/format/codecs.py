@@ -46,11 +46,10 @@ class Codec(Protocol):
     Call order on load: ``decode`` into a buffer of exactly the raw length; the
     caller then verifies the hash. Encoding is the planner's job
     (:mod:`.planner`), since it needs the chunk's dtype and, for deltas, a base.
-    ``needs_base`` codecs decode only as part of a chain (:mod:`.delta`).
+    A ``delta`` chunk decodes only as part of its chain (:mod:`.delta`).
     """
 
     name: str
-    needs_base: bool
 
     def decode(self, payload: memoryview, out: memoryview) -> None:
         """Write the raw bytes of ``payload`` into ``out`` (exactly ``len(out)`` bytes)."""
@@ -60,7 +59,6 @@ class RawCodec:
     """Bytes stored as they are; loads read them straight into the destination."""
 
     name = "raw"
-    needs_base = False
 
     def encode(self, raw: memoryview) -> bytes | None:
         return None
@@ -77,7 +75,6 @@ class ZstdCodec:
     """Plain zstd of the whole chunk, kept only when it saves at least ``min_saving``."""
 
     name = "zstd"
-    needs_base = False
 
     def __init__(self, level: int = 3, min_saving: float = 0.05) -> None:
         self.level = level
@@ -111,8 +108,6 @@ class ZstdCodec:
 class PlanesCodec:
     """Byte planes, each zstd-coded when it pays off (``sparse``: with a nonzero-word mask)."""
 
-    needs_base = False
-
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -124,7 +119,6 @@ class DeltaCodec:
     """XOR against a base chunk; decoded by :func:`weightbank.format.delta.decode_chain`."""
 
     name = "delta"
-    needs_base = True
 
     def decode(self, payload: memoryview, out: memoryview) -> None:
         raise CorruptObject("<chunk>", detail="a delta chunk decodes only together with its base chain")
@@ -132,8 +126,6 @@ class DeltaCodec:
 
 class LossyCodec:
     """Opt-in int8 / fp8 with per-channel scales; decodes to the dequantized values."""
-
-    needs_base = False
 
     def __init__(self, name: str) -> None:
         self.name = name

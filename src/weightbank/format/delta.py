@@ -1,10 +1,11 @@
 """XOR delta chains: decoding a chunk stored as XOR against its parent's chunk.
 
 A ``delta`` chunk's payload is a plane payload (:mod:`.planes`) of its words
-XOR the base chunk's words; its manifest args are ``{"base": <hash>, "depth":
-d}``, where the base is another chunk listed in the same manifest and ``d`` is
-the number of delta links above the chain's keyframe (a chunk in any
-standalone codec). The writer bounds ``d``, so a restore reads at most
+XOR the base chunk's words; its manifest args are a
+:class:`~weightbank.format.schema.DeltaArgs`: the ``base`` (another chunk
+listed in the same manifest), ``depth`` (the delta links above the chain's
+keyframe, a chunk in any standalone codec), the chain's decode ``cost`` and
+``gen``. The writer bounds them, so a restore reads at most
 ``keyframe_every`` links.
 
 Because rotating and splitting words into planes is a bit permutation, XOR

@@ -21,7 +21,7 @@ Tensor names are key paths joined with ``.`` (``"model.decoder.weight"``,
 This module owns the grammar: everyone else walks a tree through
 :func:`check_tree` (a tree read back from storage, validated once, bounded
 depth), :func:`tensor_indices`, :func:`map_tensors`, :func:`dict_items`,
-:func:`seq_items` and :func:`tensor_index`.
+:func:`seq_items`, :func:`child`, :func:`node_kind` and :func:`tensor_index`.
 
 Example:
     >>> import torch
@@ -51,10 +51,12 @@ __all__ = [
     "Leaf",
     "TensorRef",
     "check_tree",
+    "child",
     "dict_items",
     "flatten",
     "flatten_refs",
     "map_tensors",
+    "node_kind",
     "seq_items",
     "tensor_index",
     "tensor_indices",
@@ -302,6 +304,11 @@ def check_tree(spec: Any, n_tensors: int) -> None:
             stack.extend((child, depth + 1) for child in body)
 
 
+def node_kind(node: dict[str, Any]) -> str:
+    """A checked node's kind: ``"d"`` dict, ``"l"`` list, ``"u"`` tuple, ``"T"``/``"N"`` tensor, ``"v"``/``"f"`` value."""
+    return next(iter(node))
+
+
 def tensor_index(node: dict[str, Any]) -> int | None:
     """The tensor a leaf node names (``{"T": i}`` or ``{"N": i}``), None for any other node."""
     index = node.get("T", node.get("N"))
@@ -318,6 +325,26 @@ def seq_items(node: dict[str, Any]) -> list[dict[str, Any]] | None:
     """A list or tuple node's children, None if ``node`` is neither."""
     body = node.get("l", node.get("u"))
     return None if body is None else list(body)
+
+
+def child(node: dict[str, Any], key: str | int) -> dict[str, Any] | None:
+    """The child of a dict node whose key reads as ``str(key)``, or of a list/tuple node at index ``key``.
+
+    None when there is none (a path read back from storage is untrusted).
+
+    Example:
+        >>> child({"d": [[0, {"v": 1}]]}, "0"), child({"l": [{"v": 1}]}, 5)
+        ({'v': 1}, None)
+    """
+    items = dict_items(node)
+    if items is not None:
+        return next((c for k, c in items if str(k) == str(key)), None)
+    seq = seq_items(node)
+    try:
+        index = int(key)
+    except ValueError:
+        return None
+    return seq[index] if seq is not None and 0 <= index < len(seq) else None
 
 
 def _children(node: dict[str, Any]) -> list[dict[str, Any]]:
