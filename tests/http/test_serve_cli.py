@@ -78,6 +78,8 @@ def test_serves_with_a_token_file(
     r = CliRunner().invoke(app, args, catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert captured and captured[0].host == "127.0.0.1"
+    log_config = captured[0].log_config
+    assert isinstance(log_config, dict) and log_config["loggers"]["weightbank"]["level"] == "INFO"
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 import uvicorn
@@ -30,7 +31,7 @@ from ..serving.budget import parse_budget, parse_bytes
 from ..serving.handler import Handler, load_object
 from ..serving.router import check_route_name
 
-__all__ = ["build_server", "register", "run_server"]
+__all__ = ["build_server", "log_config", "register", "run_server"]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -129,9 +130,30 @@ def build_server(
         service.close()
         raise
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", access_log=False, server_header=False
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        server_header=False,
+        log_config=log_config(),
     )
     return service, config
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up, plus ``weightbank`` loggers on the same handler at INFO.
+
+    The HTTP app logs every error reply there (``weightbank.http``): a 4xx as
+    one INFO line, a 5xx as an ERROR with its traceback.
+
+    Example:
+        >>> log_config()["loggers"]["weightbank"]["level"]
+        'INFO'
+    """
+    config: dict[str, Any] = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["weightbank"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
 
 
 def run_server(config: uvicorn.Config) -> None:
