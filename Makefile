@@ -31,8 +31,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-# The suite includes every docstring example (tests/test_doctests.py); coverage is measured
-# and printed per module, with no threshold.
+# The suite includes every docstring example (tests/test_doctests.py) and the README's python
+# blocks (tests/test_readme.py); coverage is measured and printed per module, with no threshold.
 unit: $(STAMP)
 	$(PY) -m pytest -q --cov --cov-report=term
 
