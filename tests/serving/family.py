@@ -82,17 +82,16 @@ def make_family(bank: wb.Bank, n_variants: int = 4, tag_base: str | None = "prod
     return Family(bank=bank, ids=ids, states=states)
 
 
-def counting(bank: wb.Bank, delay: float = 0.0) -> Callable[[], list[tuple[str, tuple[str, ...]]]]:
-    """Wrap ``bank.load_tensors`` to record (id, names) per call (optionally slowed down); returns the log getter."""
-    import time
+def counting(bank: wb.Bank) -> Callable[[], list[tuple[str, tuple[str, ...]]]]:
+    """Wrap ``bank.load_tensors`` to record (id, names) per call; returns the log getter.
 
+    (Tests that need a load to stay in flight gate it on an event, never on a sleep.)
+    """
     calls: list[tuple[str, tuple[str, ...]]] = []
     real = bank.load_tensors
 
     def spy(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
         calls.append((ref, tuple(names)))
-        if delay:
-            time.sleep(delay)
         return real(ref, names, device=device)  # type: ignore[arg-type]
 
     bank.load_tensors = spy  # type: ignore[method-assign]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,25 @@ from weightbank.serving import ModelCache
 from .conftest import FakeClock
 from .family import Family, build, counting, make_family
 
+DEADLINE = 60.0  # seconds; only ever reached when something is broken
+
 
 def cache_for(family: Family, **kw: object) -> ModelCache:
     return ModelCache(family.bank, build, **kw)  # type: ignore[arg-type]
+
+
+def wait_until(what: str, pred: Callable[[], bool]) -> None:
+    """Wait for a condition (polling), never for an amount of time; fail only past a generous deadline."""
+    deadline = time.monotonic() + DEADLINE
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def join(*threads: threading.Thread) -> None:
+    for t in threads:
+        t.join(DEADLINE)
+        assert not t.is_alive(), f"{t.name} did not finish"
 
 
 def check_output(family: Family, cid: str, model: torch.nn.Module) -> None:
@@ -110,17 +127,26 @@ def test_a_waiting_load_proceeds_when_the_lease_ends(family: Family) -> None:
     with cache.lease(family.ids[1]) as m1:
         t = threading.Thread(target=other)
         t.start()
-        time.sleep(0.2)
+        wait_until("the other load to start", lambda: cache.stats().loads_in_flight == 1)
         assert not done.is_set()  # it waits: the budget holds only one variant and 1 is leased
         check_output(family, family.ids[1], m1)
-    t.join(5)
+    join(t)
     assert done.is_set() and not errors
     assert cache.stats().tiers["device"].peak <= budget
 
 
 def test_single_flight_under_a_burst(family: Family) -> None:
-    calls = counting(family.bank, delay=0.2)
     cache = cache_for(family)
+    calls: list[str] = []
+    real = family.bank.load_tensors
+
+    def held(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
+        calls.append(ref)
+        # the one load reads only once all 16 requests have missed and joined it
+        wait_until("16 requests", lambda: cache.stats().misses["device"] == 16)
+        return real(ref, names, device=device)  # type: ignore[arg-type]
+
+    family.bank.load_tensors = held  # type: ignore[method-assign]
     barrier = threading.Barrier(16)
     seen: list[str] = []
     lock = threading.Lock()
@@ -136,52 +162,71 @@ def test_single_flight_under_a_burst(family: Family) -> None:
     threads = [threading.Thread(target=worker) for _ in range(16)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(10)
+    join(*threads)
     assert len(seen) == 16 and set(seen) == {family.ids[3]}
-    assert len(calls()) == 1
+    assert calls == [family.ids[3]]
     s = cache.stats()
-    assert s.loads == 1 and s.leases == 0
+    assert s.loads == 1 and s.leases == 0 and s.hits["device"] == 0
 
 
 def test_resident_checkpoints_keep_serving_while_another_loads(family: Family) -> None:
     cache = cache_for(family)
     cache.load(family.ids[0])
-    counting(family.bank, delay=1.0)
+    reading, release = threading.Event(), threading.Event()
+    real = family.bank.load_tensors
+
+    def stuck(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
+        reading.set()
+        assert release.wait(DEADLINE)  # the load of 1 stays in flight until the lease below is done
+        return real(ref, names, device=device)  # type: ignore[arg-type]
+
+    family.bank.load_tensors = stuck  # type: ignore[method-assign]
     t = threading.Thread(target=cache.load, args=(family.ids[1],))
     t.start()
-    time.sleep(0.1)
-    t0 = time.perf_counter()
-    with cache.lease(family.ids[0]) as m:
-        check_output(family, family.ids[0], m)
-    assert time.perf_counter() - t0 < 0.5
-    assert cache.stats().loads_in_flight == 1
-    t.join(5)
+    try:
+        assert reading.wait(DEADLINE)
+        with cache.lease(family.ids[0]) as m:  # would wait forever if it queued behind the load
+            check_output(family, family.ids[0], m)
+        assert cache.stats().loads_in_flight == 1 and not release.is_set()
+    finally:
+        release.set()
+    join(t)
+    assert {m.checkpoint for m in cache.models()} == {family.ids[0], family.ids[1]}
 
 
 def test_concurrent_load_cap(family: Family) -> None:
-    active = 0
-    peak = 0
+    active = calls = peak = 0
     lock = threading.Lock()
+    release = threading.Event()
     real = family.bank.load_tensors
 
-    def slow(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
-        nonlocal active, peak
+    def held(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
+        nonlocal active, calls, peak
         with lock:
             active += 1
+            calls += 1
+            first_two = calls <= 2
             peak = max(peak, active)
-        time.sleep(0.1)
-        with lock:
-            active -= 1
-        return real(ref, names, device=device)  # type: ignore[arg-type]
+        if first_two:  # the first two loads stay in flight until every other one is queued
+            assert release.wait(DEADLINE)
+        try:
+            return real(ref, names, device=device)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active -= 1
 
-    family.bank.load_tensors = slow  # type: ignore[method-assign]
+    family.bank.load_tensors = held  # type: ignore[method-assign]
     cache = cache_for(family, max_concurrent_loads=2)
     threads = [threading.Thread(target=cache.load, args=(cid,)) for cid in family.ids]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(10)
+    try:
+        wait_until("two loads reading", lambda: active == 2)
+        wait_until("every load in flight", lambda: cache.stats().loads_in_flight == len(family.ids))
+        assert active == 2, "the other loads wait for a load slot"
+    finally:
+        release.set()
+    join(*threads)
     assert peak == 2 and cache.stats().resident["device"] == len(family.ids)
 
 
@@ -269,12 +314,12 @@ def test_demotion_to_host_and_promotion_by_copy(family: Family) -> None:
 def test_prefetch_handle(family: Family) -> None:
     cache = cache_for(family)
     handle = cache.prefetch(family.ids[2])
-    status = handle.wait(5)
+    status = handle.wait(DEADLINE)
     assert handle.done() and handle.exception() is None
     assert status.checkpoint == family.ids[2] and status.tier == "device"
     bad = cache.prefetch("no-such-tag")
     with pytest.raises(wb.CheckpointNotFound):
-        bad.wait(5)
+        bad.wait(DEADLINE)
     assert isinstance(bad.exception(), wb.CheckpointNotFound)
     cache.close()
 
@@ -323,7 +368,7 @@ def test_a_good_load_never_fails_with_a_corrupt_siblings_error(tmp_path: Path) -
         calls.append((ref, tuple(names)))
         if ref == bad:
             bad_reading.set()
-            assert release_bad.wait(60)
+            assert release_bad.wait(DEADLINE)
         elif ref == good:
             good_reading.set()  # good holds the pending body slots and reads its own head now
         return real(ref, names, device=device)  # type: ignore[arg-type]
@@ -340,14 +385,12 @@ def test_a_good_load_never_fails_with_a_corrupt_siblings_error(tmp_path: Path) -
 
     first = threading.Thread(target=load, args=(bad,))
     first.start()
-    assert bad_reading.wait(60)
+    assert bad_reading.wait(DEADLINE)
     second = threading.Thread(target=load, args=(good,))
     second.start()
-    assert good_reading.wait(60)
+    assert good_reading.wait(DEADLINE)
     release_bad.set()
-    for t in (first, second):
-        t.join(60)
-        assert not t.is_alive()
+    join(first, second)
     assert isinstance(outcome[bad], wb.CorruptObject), outcome[bad]
     assert isinstance(outcome[good], wb.ModelStatus), outcome[good]
     with cache.lease(good) as model:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -10,6 +12,21 @@ import weightbank as wb
 from weightbank.serving import LiveTags, ModelCache, ModelService, TensorHandler
 
 from .family import Family, build
+
+DEADLINE = 60.0  # seconds; only ever reached when something is broken
+
+
+def wait_until(what: str, pred: Callable[[], bool], cond: threading.Condition | None = None) -> None:
+    """Wait for a condition, never for an amount of time; fail only past a generous deadline."""
+    deadline = time.monotonic() + DEADLINE
+    while not pred():
+        left = deadline - time.monotonic()
+        assert left > 0, f"timed out waiting for {what}"
+        if cond is None:
+            time.sleep(0.005)
+        else:
+            with cond:
+                cond.wait(min(left, 0.5))
 
 
 def test_flip_happens_only_after_the_target_is_resident(family: Family) -> None:
@@ -46,11 +63,7 @@ def test_background_poll_flips(family: Family) -> None:
     live = LiveTags(family.bank, cache, poll=0.05)
     try:
         family.bank.tag("prod", family.ids[3])
-        for _ in range(100):
-            if live.resolve("prod") == family.ids[3]:
-                break
-            threading.Event().wait(0.02)
-        assert live.resolve("prod") == family.ids[3]
+        wait_until("the poll to flip prod", lambda: live.resolve("prod") == family.ids[3])
     finally:
         live.close()
 
@@ -63,7 +76,7 @@ def test_flip_under_concurrent_requests_never_gives_a_wrong_reply(family: Family
     expected = {cid: family.expected(cid) for cid in family.ids}
     stop = threading.Event()
     replies: list[tuple[str, list[list[float]]]] = []
-    lock = threading.Lock()
+    cond = threading.Condition()
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -73,24 +86,35 @@ def test_flip_under_concurrent_requests_never_gives_a_wrong_reply(family: Family
             except BaseException as e:  # pragma: no cover - asserted empty below
                 errors.append(e)
                 return
-            with lock:
+            with cond:
                 replies.append((p.checkpoint, p.output))
+                cond.notify_all()
+
+    def replies_from(cid: str, since: int) -> int:
+        with cond:
+            return sum(1 for c, _ in replies[since:] if c == cid) if not errors else 1 << 30
 
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
-    for target in [*family.ids[1:], family.ids[0]]:
-        svc.set_tag("prod", target)
-        threading.Event().wait(0.05)
-    svc.rollback_tag("prod")
-    threading.Event().wait(0.05)
-    stop.set()
-    for t in threads:
-        t.join(10)
+    try:
+        # after each move, wait for a few replies from the new target: a count, not a time
+        for target in [*family.ids[1:], family.ids[0]]:
+            since = len(replies)
+            svc.set_tag("prod", target)
+            wait_until(f"replies from {target[:12]}", lambda t=target, s=since: replies_from(t, s) >= 3, cond)
+        since = len(replies)
+        event = svc.rollback_tag("prod")
+        wait_until("replies after the rollback", lambda: replies_from(str(event.new), since) >= 3, cond)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(DEADLINE)
+    assert not any(t.is_alive() for t in threads)
     svc.close()
     assert not errors
     served = {cid for cid, _ in replies}
-    assert len(served) >= 3
+    assert served == set(family.ids)
     for cid, out in replies:
         assert torch.equal(torch.tensor(out), expected[cid]), cid[:12]
     assert svc.served_tags().get("prod") == family.bank.resolve("prod")
