@@ -17,11 +17,13 @@ parent that SIGKILLs it knows what must have survived:
     After ``go`` on stdin, fork one worker process per TARGETS argument (ids,
     comma-separated), all at once; each moves TAG COUNT times over its ids.
     EXPECT is ``-`` for unconditional moves, else the id to expect.
-``slow-save BANK RUN STEP DELAY STALL WAIT``
+``slow-save BANK RUN STEP DELAY STALL WAIT [GATE]``
     Save with every pack write DELAY seconds slow; print ``writing`` when the
     first pack opens (the save has chosen which chunks to reuse by then). With
     STALL=1, print ``durable`` just before the manifest write and hang there;
-    with WAIT=1, start only after ``go`` on stdin.
+    with WAIT=1, start only after ``go`` on stdin. With a GATE path, every pack
+    write waits until that file exists: the parent decides when the save may
+    go on, so "it was in flight while X happened" never depends on speed.
 """
 
 from __future__ import annotations
@@ -150,7 +152,9 @@ def tagger(bank_dir: str, tag: str, count: str, expect: str, *targets: str) -> N
         sys.exit(f"tagger workers failed: {failed}")
 
 
-def slow_save(bank_dir: str, run: str, step: str, delay: str, stall: str, wait: str = "0") -> None:
+def slow_save(
+    bank_dir: str, run: str, step: str, delay: str, stall: str, wait: str = "0", gate: str = ""
+) -> None:
     announced = False
     if wait == "1":
         wait_go()
@@ -160,6 +164,12 @@ def slow_save(bank_dir: str, run: str, step: str, delay: str, stall: str, wait: 
         if name == "open_writer" and key.startswith("packs/") and not announced:
             announced = True
             say("writing")
+        if gate and key.startswith("packs/") and name in ("write", "writer.write", "writer.commit"):
+            deadline = time.monotonic() + 300  # the parent opens the gate; this only bounds a broken test
+            while not os.path.exists(gate):
+                if time.monotonic() > deadline:
+                    sys.exit(f"gate {gate} never opened")
+                time.sleep(0.01)
         if stall == "1" and name == "write" and key.startswith("manifests/"):
             say("durable")
             time.sleep(600)  # the parent SIGKILLs us here

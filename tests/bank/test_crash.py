@@ -138,6 +138,9 @@ def test_random_sigkills_of_a_process_saving_tagging_and_collecting(
     for round_ in range(6):
         child = children.spawn("loop", path, round_)
         read_line(child, "ready")
+        # the kill lands at a random moment, but only after a first save of the round: a count,
+        # so a slow machine never leaves a round with nothing committed
+        saved.add(read_line(child, "saved").split()[1])
         time.sleep(rng.uniform(0.05, 0.8))
         child.send_signal(signal.SIGKILL)
         out, _ = child.communicate(timeout=30)

@@ -43,8 +43,10 @@ def test_gc_keeps_chunks_an_inflight_save_reuses_while_their_checkpoints_are_del
     a1 = bank.save(make_state("r", 1), run="r", step=1, chunk_size=CHUNK)
     old_packs = set(bank.show(a0.id).packs) | set(bank.show(a1.id).packs)
 
-    # B (r@2) reuses a0/a1's chunks (shared, run, slow) and writes new ones, slowly.
-    child = children.spawn("slow-save", path, "r", 2, 0.25, 0, 0)
+    # B (r@2) reuses a0/a1's chunks (shared, run, slow) and writes new ones, slowly; its pack
+    # writes wait at a gate this test opens after three gc rounds, however fast either side is.
+    gate = tmp_path / "gate"
+    child = children.spawn("slow-save", path, "r", 2, 0.25, 0, 0, gate)
     read_line(child, "writing")  # B holds its lease and has chosen the chunks it reuses
     bank.untag("old")
     bank.delete(a0.id)
@@ -57,6 +59,8 @@ def test_gc_keeps_chunks_an_inflight_save_reuses_while_their_checkpoints_are_del
         if any(bank.storage.list(LEASES)):  # B was in flight during the whole gc
             assert report.packs_deleted == (), f"gc deleted {report.packs_deleted} under an in-flight save"
             rounds += 1
+        if rounds >= 3:
+            gate.touch()
     assert rounds >= 3, "gc should have run several times while the save was in flight"
     lines = finish(child)
     _, b_id, reused, new = next(line for line in lines if line.startswith("saved")).split()
@@ -78,7 +82,8 @@ def test_gc_during_a_delete_that_races_a_save_starting(tmp_path: Path, children:
     path = tmp_path / "bank"
     with wb.open(path) as b:
         a = b.save(make_state("r", 0), run="r", step=0, chunk_size=CHUNK)
-    child = children.spawn("slow-save", path, "r", 1, 0.25, 0, 1, stdin=True)
+    gate = tmp_path / "gate"  # the save's pack writes wait until a gc has run while it was in flight
+    child = children.spawn("slow-save", path, "r", 1, 0.25, 0, 1, gate, stdin=True)
     read_line(child, "ready")
 
     started: list[int] = []
@@ -100,6 +105,8 @@ def test_gc_during_a_delete_that_races_a_save_starting(tmp_path: Path, children:
     while child.poll() is None:
         bank.gc(grace=0)
         rounds += any(bank.storage.list(LEASES))  # the save was in flight during the whole gc
+        if rounds >= 1:
+            gate.touch()
     assert rounds >= 1
     lines = finish(child)
     _, b_id, reused, _ = next(line for line in lines if line.startswith("saved")).split()
@@ -121,7 +128,7 @@ def test_prune_and_gc_in_a_loop_while_processes_save(tmp_path: Path, children: C
         proc.stdin.write("go\n")
         proc.stdin.flush()
     pruned: set[str] = set()
-    collected = rounds = 0
+    collected = 0
 
     def prune_and_collect() -> None:
         nonlocal collected
@@ -130,13 +137,14 @@ def test_prune_and_gc_in_a_loop_while_processes_save(tmp_path: Path, children: C
                 pruned.update(bank.prune(run=run, keep_last=2).deleted)
         collected += len(bank.gc(grace=0).packs_deleted)
 
-    while any(proc.poll() is None for proc in children.procs):
+    while True:  # at least one round starts while the savers start, however fast they are
         prune_and_collect()
-        rounds += 1
+        if all(proc.poll() is not None for proc in children.procs):
+            break
     reported = {
         line.split()[1]: line for proc in children.procs for line in finish(proc) if line.startswith("saved")
     }
-    assert len(reported) == 16 and rounds >= 1
+    assert len(reported) == 16
     prune_and_collect()  # once more with no save in flight: everything but the last 2 per run goes
     assert len(pruned) == 12 and collected > 0
     log = check_bank(path, must_have=set(reported) - pruned)
