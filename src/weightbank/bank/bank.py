@@ -24,6 +24,7 @@ from ..errors import (
     CheckpointNotFound,
     ConcurrentUpdate,
     IncompatibleState,
+    InvalidArgument,
     TagNotFound,
 )
 from ..format.jsonsafe import decode
@@ -31,7 +32,7 @@ from ..format.manifest import Manifest
 from ..format.tree import flatten, unflatten
 from ..storage import open_storage
 from ..storage.base import Storage
-from . import caching, maintenance
+from . import caching, maintenance, retention
 from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
@@ -530,7 +531,7 @@ class Bank(TwoPhase):
             True
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, not {steps!r}")
+            raise InvalidArgument("steps", steps, "must be a positive int")
         check_name("tag", name)
         current = self._tags.target(name)
         target = self._tags.previous(name, steps)
@@ -612,10 +613,27 @@ class Bank(TwoPhase):
         ``keep_last`` newest N, ``keep_best=("val_loss", K[, "min"|"max"])``,
         ``keep_every`` M (steps divisible by M); tagged ones with
         ``keep_tagged``; only checkpoints older than ``older_than`` seconds
-        are candidates. With no rule at all nothing is deleted.
+        are candidates. With no rule at all nothing is deleted (InvalidArgument).
+        The rules are :mod:`weightbank.bank.retention`'s policy objects, so
+        ties on ``keep_best`` go to the newest checkpoint, as ``run@best:metric``.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> ids = [bank.save({"w": torch.full((1,), float(s))}, run="r", step=s, metrics={"val": 1.0}).id
+            ...        for s in range(3)]
+            >>> bank.prune(keep_best=("val", 1)).kept == (ids[2],)   # a three-way tie: the newest stays
+            True
         """
         if keep_last is None and keep_best is None and keep_every is None and older_than is None:
-            raise ValueError("prune needs at least one rule (keep_last, keep_best, keep_every, older_than)")
+            raise InvalidArgument(
+                "keep_last",
+                None,
+                "prune needs at least one rule (keep_last, keep_best, keep_every, older_than)",
+            )
+        rules = retention.prune_rules(
+            keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, older_than=older_than
+        )
         self._catalog.refresh()
         runs = self._catalog.runs()
         if run is not None:
@@ -623,11 +641,14 @@ class Bank(TwoPhase):
             if run not in runs:
                 raise CheckpointNotFound(f"{run}@latest", sorted(runs)[:5], detail=f"no run {run!r}")
             runs = {run: runs[run]}
-        tagged = set(self._tags.live().values()) if keep_tagged else set()
-        keep, candidates = maintenance.retention(
-            runs, keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, older_than=older_than
-        )
-        keep |= tagged
+        by_target = self._tags_by_target()
+        now = time.time()
+        keep: set[str] = set(self._tags.live().values()) if keep_tagged else set()
+        candidates: list[str] = []
+        for members in runs.values():
+            newest_first = [self._info(cid, m, by_target) for cid, m in reversed(members)]
+            keep |= retention.kept(newest_first, rules, now)
+            candidates.extend(cid for cid, _ in members)
         doomed = [cid for cid in candidates if cid not in keep]
         freed = maintenance.packs_freed(self.storage, self._catalog, doomed)
         if not dry_run:

@@ -1,4 +1,7 @@
-"""Deleting checkpoints, retention (prune) and garbage collection, safe against saves in flight.
+"""Deleting checkpoints and garbage collection, safe against saves in flight.
+
+Which checkpoints a prune deletes is decided by the retention engine
+(:mod:`weightbank.bank.retention`); this module deletes them.
 
 Deleting a checkpoint moves its manifest to ``trash/`` (written first, then
 the manifest is removed), so a concurrent save that already chose to reuse its
@@ -35,12 +38,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CorruptObject, MissingObject, UnsupportedFormat
-from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
 from ..format.schema import finite, hex_digest, typed
 from ..format.sealed import seal, unseal
@@ -50,7 +52,7 @@ from .catalog import Catalog
 from .layout import PACKS, TRASH, manifest_key, save_id_from_pack, trash_key
 from .results import GcReport
 
-__all__ = ["TrashEntry", "gc", "packs_freed", "read_trash", "retention", "trash"]
+__all__ = ["TrashEntry", "gc", "packs_freed", "read_trash", "trash"]
 
 
 @dataclass(frozen=True)
@@ -241,49 +243,3 @@ def packs_freed(storage: Storage, catalog: Catalog, doomed: Sequence[str]) -> in
     live = {p for cid, m in catalog.items() if cid not in gone for p in m.packs}
     candidates = {p for cid in gone for p in catalog.get(cid).packs} - live
     return sum(info.size for info in storage.list(PACKS) if info.key in candidates)
-
-
-def metric_value(m: Manifest, name: str) -> Any:
-    return decode(m.metrics).get(name)
-
-
-def retention(
-    runs: Mapping[str, Sequence[tuple[str, Manifest]]],
-    *,
-    keep_last: int | None = None,
-    keep_best: tuple[str, int] | tuple[str, int, str] | None = None,
-    keep_every: int | None = None,
-    older_than: float | None = None,
-) -> tuple[set[str], list[str]]:
-    """Which checkpoints the retention rules keep (a union), and every candidate considered.
-
-    ``runs`` maps each run to its checkpoints, oldest first. Rules apply per run.
-    """
-    now = time.time()
-    keep: set[str] = set()
-    candidates: list[str] = []
-    for members in runs.values():
-        ids = [cid for cid, _ in members]
-        if keep_last is not None and keep_last > 0:
-            keep.update(ids[-keep_last:])
-        if keep_best is not None:
-            metric, k = keep_best[0], keep_best[1]
-            mode = keep_best[2] if len(keep_best) > 2 else "min"
-            if mode not in ("min", "max"):
-                raise ValueError(f"keep_best mode must be 'min' or 'max', not {mode!r}")
-            scored = [
-                (float(v), cid)
-                for cid, m in members
-                if isinstance(v := metric_value(m, metric), (int, float))
-                and not isinstance(v, bool)
-                and v == v
-            ]
-            scored.sort(key=lambda x: x[0], reverse=(mode == "max"))
-            keep.update(cid for _, cid in scored[:k])
-        if keep_every is not None and keep_every > 0:
-            keep.update(cid for cid, m in members if m.step is not None and m.step % keep_every == 0)
-        for cid, m in members:
-            if older_than is not None and now - m.created < older_than:
-                keep.add(cid)
-            candidates.append(cid)
-    return keep, candidates

@@ -35,6 +35,7 @@ from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
 from .catalog import Catalog
 from .layout import check_name
+from .retention import best_first, metric_value
 from .tags import TagStore
 
 __all__ = ["parse", "resolve"]
@@ -77,6 +78,22 @@ def _suggest(word: str, catalog: Catalog, tags: TagStore) -> list[str]:
 
 
 def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
+    """``<run>@latest``, ``<run>@<step>`` or ``<run>@best:<metric>[:min|:max]``.
+
+    ``<run>@<step>``: the newest checkpoint of the run at that step that is
+    not a *re-save* of another one. A re-save records the checkpoint it saves
+    again in its meta (``"resave_of": <id>``, naming a checkpoint of the run
+    at the same step) — the training manager's rollback writes one: the
+    restored state again, metric-less, at the step it restored. So after a
+    rollback ``run@step`` is the original (the one with the step's metrics);
+    the copy stays reachable by id, ``run@latest`` and ``log``. Checkpoints
+    saved twice at one step without that mark resolve to the newer one; if
+    only re-saves are left (the original deleted), to the newest of them.
+
+    ``<run>@best:<metric>`` ranks with the retention engine
+    (:func:`weightbank.bank.retention.best_first`): finite values only, the
+    newest checkpoint on ties — the one ``BestN(metric, 1)`` keeps.
+    """
     run, _, what = base.partition("@")
     check_name("run", run) if run else None
     if not run or not what:
@@ -88,27 +105,27 @@ def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
         return members[-1][0]
     if what.isdigit():
         step = int(what)
-        at = [cid for cid, m in members if m.step == step]
+        at = [(cid, m) for cid, m in members if m.step == step]
         if not at:
             steps = sorted({m.step for _, m in members if m.step is not None})
             near = sorted(steps, key=lambda s: abs(s - step))[:3]
             raise CheckpointNotFound(
                 ref, [f"{run}@{s}" for s in near], detail=f"run {run!r} has no step {step}"
             )
-        return at[-1]
+        here = {cid for cid, _ in at}
+        resaves = {
+            cid for cid, m in at if isinstance(of := decode(m.meta).get("resave_of"), str) and of in here
+        }
+        return ([cid for cid, _ in at if cid not in resaves] or [cid for cid, _ in at])[-1]
     best = _BEST.match(what)
     if best:
         metric, mode = best.group("metric"), best.group("mode") or "min"
-        scored = [(v, i, cid) for i, (cid, m) in enumerate(members) if (v := _metric(m, metric)) is not None]
-        if not scored:
+        newest_first = members[::-1]
+        values = [metric_value(decode(m.metrics), metric) for _, m in newest_first]
+        order = best_first(values, "max" if mode == "max" else "min")
+        if not order:
             raise CheckpointNotFound(ref, detail=f"no checkpoint of run {run!r} has metric {metric!r}")
-        # ties go to the newest checkpoint
-        pick = (
-            min(scored, key=lambda s: (s[0], -s[1]))
-            if mode == "min"
-            else max(scored, key=lambda s: (s[0], s[1]))
-        )
-        return pick[2]
+        return newest_first[order[0]][0]
     raise InvalidRef(
         ref, f"unknown selector {what!r} after '@' (use a step, latest, best:<metric>, or {{N}})"
     )

@@ -14,6 +14,10 @@ tagged checkpoints always survive; with no rule nothing is pruned):
 - ``LastN(n)``, ``BestN(metric, k, mode)``, ``EveryN(steps)`` (kept forever),
   ``MaxAge(seconds)`` (everything younger).
 
+The keep rules are the bank's retention engine (:mod:`weightbank.bank.retention`,
+re-exported here), so ``Bank.prune``, ``<run>@best:<metric>`` and the manager
+rank and break ties the same way (the newest checkpoint wins a tie).
+
 When to stop: ``EarlyStopping(metric, patience, min_delta, mode)``.
 
 Policies with memory (best value so far, evaluations without improvement)
@@ -28,11 +32,22 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
-from ..bank.results import CheckpointInfo
+from ..bank.retention import (
+    BestN,
+    EveryN,
+    KeepPolicy,
+    LastN,
+    MaxAge,
+    Mode,
+    check_mode,
+    metric_value,
+    positive,
+    to_keep,
+)
+from ..errors import InvalidArgument
 
 __all__ = [
     "BestN",
@@ -49,27 +64,11 @@ __all__ = [
     "to_keep",
 ]
 
-Mode = Literal["min", "max"]
 
-
-def _check_mode(mode: str) -> Mode:
-    if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
-    return "min" if mode == "min" else "max"
-
-
-def _positive(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, not {value!r}")
-    return value
-
-
-def metric_value(metrics: Mapping[str, Any], name: str) -> float | None:
-    """The finite number ``metrics[name]``, or None when absent, not a number, NaN or infinite."""
-    v = metrics.get(name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
+def _min_delta(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise InvalidArgument("min_delta", value, "must be a number >= 0")
+    return float(value)
 
 
 def improved(value: float, best: float | None, min_delta: float, mode: Mode) -> bool:
@@ -113,10 +112,12 @@ class Every:
 
     def __init__(self, *, steps: int | None = None, seconds: float | None = None) -> None:
         if (steps is None) == (seconds is None):
-            raise ValueError("Every needs exactly one of steps= or seconds=")
-        self.steps = None if steps is None else _positive("steps", steps)
-        if seconds is not None and (not isinstance(seconds, (int, float)) or not seconds > 0):
-            raise ValueError(f"seconds must be positive, not {seconds!r}")
+            raise InvalidArgument("steps", steps, "Every needs exactly one of steps= or seconds=")
+        self.steps = None if steps is None else positive("steps", steps)
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0
+        ):
+            raise InvalidArgument("seconds", seconds, "must be a positive number of seconds")
         self.seconds = None if seconds is None else float(seconds)
         self._last: float | None = None
 
@@ -151,8 +152,8 @@ class OnImprovement:
 
     def __init__(self, metric: str, *, min_delta: float = 0.0, mode: str = "min") -> None:
         self.metric = metric
-        self.min_delta = float(min_delta)
-        self.mode = _check_mode(mode)
+        self.min_delta = _min_delta(min_delta)
+        self.mode = check_mode(mode)
         self.best: float | None = None
 
     def __repr__(self) -> str:
@@ -176,122 +177,6 @@ class OnImprovement:
         self.best = None if best is None else float(best)
 
 
-@runtime_checkable
-class KeepPolicy(Protocol):
-    """Names the checkpoints of a run that must survive pruning.
-
-    ``keep`` gets the run's checkpoints newest first and the current time; it
-    returns the ids to keep. Rules are combined by union.
-    """
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[str]: ...
-
-
-class LastN:
-    """Keep the ``n`` newest checkpoints.
-
-    Example:
-        >>> LastN(3)
-        LastN(3)
-    """
-
-    def __init__(self, n: int) -> None:
-        self.n = _positive("n", n)
-
-    def __repr__(self) -> str:
-        return f"LastN({self.n})"
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[str]:
-        return {c.id for c in checkpoints[: self.n]}
-
-
-class BestN:
-    """Keep the ``k`` checkpoints with the best ``metric`` (lowest for ``mode="min"``).
-
-    Example:
-        >>> BestN("val_loss", 2)
-        BestN('val_loss', 2, mode='min')
-    """
-
-    def __init__(self, metric: str, k: int = 1, mode: str = "min") -> None:
-        self.metric = metric
-        self.k = _positive("k", k)
-        self.mode = _check_mode(mode)
-
-    def __repr__(self) -> str:
-        return f"BestN({self.metric!r}, {self.k}, mode={self.mode!r})"
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[str]:
-        scored = [
-            (v, i, c.id)
-            for i, c in enumerate(checkpoints)
-            if (v := metric_value(c.metrics, self.metric)) is not None
-        ]
-        # newest first on ties (i is 0 for the newest)
-        scored.sort(key=lambda s: (s[0] if self.mode == "min" else -s[0], s[1]))
-        return {cid for _, _, cid in scored[: self.k]}
-
-
-class EveryN:
-    """Keep forever every checkpoint whose step is a multiple of ``steps``.
-
-    Example:
-        >>> EveryN(10_000)
-        EveryN(10000)
-    """
-
-    def __init__(self, steps: int) -> None:
-        self.steps = _positive("steps", steps)
-
-    def __repr__(self) -> str:
-        return f"EveryN({self.steps})"
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[str]:
-        return {c.id for c in checkpoints if c.step is not None and c.step % self.steps == 0}
-
-
-class MaxAge:
-    """Keep every checkpoint younger than ``seconds`` (+ ``minutes``/``hours``/``days``); older ones may go.
-
-    Example:
-        >>> MaxAge(hours=6).seconds
-        21600.0
-    """
-
-    def __init__(
-        self, seconds: float = 0.0, *, minutes: float = 0.0, hours: float = 0.0, days: float = 0.0
-    ) -> None:
-        self.seconds = float(seconds + 60 * minutes + 3600 * hours + 86400 * days)
-        if not self.seconds > 0:
-            raise ValueError("MaxAge needs a positive age")
-
-    def __repr__(self) -> str:
-        return f"MaxAge(seconds={self.seconds})"
-
-    def keep(self, checkpoints: Sequence[CheckpointInfo], now: float) -> set[str]:
-        return {c.id for c in checkpoints if now - c.created < self.seconds}
-
-
-def to_keep(
-    checkpoints: Sequence[CheckpointInfo], rules: Sequence[KeepPolicy], now: float, protect: set[str]
-) -> set[str]:
-    """The ids that survive: kept by a rule, tagged, the newest, or in ``protect``; all with no rule.
-
-    Example:
-        >>> to_keep([], [LastN(1)], 0.0, set())
-        set()
-    """
-    if not rules:
-        return {c.id for c in checkpoints}
-    keep = set(protect)
-    if checkpoints:
-        keep.add(checkpoints[0].id)
-    keep |= {c.id for c in checkpoints if c.tags}
-    for rule in rules:
-        keep |= rule.keep(checkpoints, now)
-    return keep
-
-
 class EarlyStopping:
     """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations.
 
@@ -306,9 +191,9 @@ class EarlyStopping:
 
     def __init__(self, metric: str, patience: int, min_delta: float = 0.0, mode: str = "min") -> None:
         self.metric = metric
-        self.patience = _positive("patience", patience)
-        self.min_delta = float(min_delta)
-        self.mode = _check_mode(mode)
+        self.patience = positive("patience", patience)
+        self.min_delta = _min_delta(min_delta)
+        self.mode = check_mode(mode)
         self.best: float | None = None
         self.bad = 0
 
