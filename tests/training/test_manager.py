@@ -57,7 +57,7 @@ def test_snapshot_is_isolated_from_later_training(bank: wb.Bank) -> None:
     real_save = bank.save
 
     def slow_save(*a: Any, **k: Any) -> wb.CheckpointInfo:
-        gate.wait(10)
+        assert gate.wait(60), "the test never opened the gate"
         return real_save(*a, **k)
 
     bank.save = slow_save  # type: ignore[method-assign]
