@@ -22,14 +22,16 @@ def free_port() -> int:
         return port
 
 
-def start_server(service: ModelService, token: str, **app_options: int) -> tuple[str, Callable[[], None]]:
+def start_server(
+    service: ModelService, token: str, *, max_body: int = 16 << 20
+) -> tuple[str, Callable[[], None]]:
     """Serve ``service`` on a free loopback port; returns the base URL and a function that stops it.
 
     It waits for the server to be up (a condition, under a generous deadline), never for a time.
     """
     port = free_port()
     config = uvicorn.Config(
-        create_app(service, token=token, **app_options),
+        create_app(service, token=token, max_body=max_body),
         host="127.0.0.1",
         port=port,
         log_level="warning",

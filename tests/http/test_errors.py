@@ -4,8 +4,9 @@ Retry-After only where a retry may succeed."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 import torch
@@ -15,15 +16,30 @@ import weightbank as wb
 from weightbank.http import create_app
 from weightbank.serving import ModelService, TensorHandler
 
-from ..serving.family import Family, build, make_family
+from ..serving.family import Family, build, make_family, patch_load_tensors
 from .conftest import AUTH, TOKEN
 
 
-def error_of(r: object, status: int, error: str) -> dict[str, object]:
+class Reply(Protocol):
+    """What these tests read of a reply (TestClient's and httpx's responses both have it)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def json(self) -> Any: ...
+
+
+def error_of(r: Reply, status: int, error: str) -> dict[str, object]:
     """The reply's JSON, checked to be the common error shape with ``status`` and ``error``."""
-    assert r.status_code == status, r.text  # type: ignore[attr-defined]
-    assert r.headers["content-type"] == "application/json", r.text  # type: ignore[attr-defined]
-    body: dict[str, object] = r.json()  # type: ignore[attr-defined]
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json", r.text
+    body: dict[str, object] = r.json()
     assert set(body) <= {"detail", "error", "errors"} and isinstance(body["detail"], str) and body["detail"]
     assert body["error"] == error, body
     return body
@@ -140,11 +156,11 @@ def test_damage_is_a_500_without_retry_and_an_outage_a_503_with_it(tmp_path: Pat
         def outage(*a: object, **k: object) -> dict[str, torch.Tensor]:
             raise wb.StorageError("the object store timed out")
 
-        family.bank.load_tensors = outage  # type: ignore[method-assign]
+        patch_load_tensors(family.bank, outage)
         r = c.post("/v1/predict", json={**body, "ref": family.ids[3]})
         error_of(r, 503, "StorageError")
         assert r.headers["Retry-After"] == "1"
-        family.bank.load_tensors = real  # type: ignore[method-assign]
+        patch_load_tensors(family.bank, real)
         assert c.post("/v1/predict", json={**body, "ref": family.ids[3]}).status_code == 200
     service.close()
 

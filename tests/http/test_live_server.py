@@ -7,6 +7,7 @@ loaded machine only makes the test take longer.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import threading
@@ -17,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+import weightbank as wb
 from weightbank.serving import ModelService
 
 from ..serving.family import Family
@@ -100,13 +102,15 @@ def test_tag_flips_under_concurrent_requests(server: str, family: Family) -> Non
             t.start()
         try:
             replies.wait_for("canary replies", lambda: replies.count(family.ids[1]) >= per_target)
+
+            def enough(cid: str, since: int) -> bool:
+                return replies.count(cid, since) >= per_target
+
             for target in (family.ids[2], family.ids[3], family.ids[4]):
                 since = replies.mark()
                 r = admin.put("/v1/tags/prod", json={"ref": target})
                 assert r.status_code == 200 and r.json()["served"] == target
-                replies.wait_for(
-                    f"replies from {target[:12]}", lambda t=target, s=since: replies.count(t, s) >= per_target
-                )
+                replies.wait_for(f"replies from {target[:12]}", functools.partial(enough, target, since))
             since = replies.mark()
             assert admin.post("/v1/tags/prod:rollback").json()["served"] == family.ids[3]
             replies.wait_for(
@@ -133,7 +137,9 @@ def _post(
     return conn.getresponse()
 
 
-def test_errors_keep_the_connection_alive(server: str, family: Family, service: ModelService) -> None:
+def test_errors_keep_the_connection_alive(
+    server: str, family: Family, service: ModelService, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An input that overflows (OverflowError before) and an unexpected exception are JSON replies
     on a connection that stays open for the next request."""
     host, port = server.removeprefix("http://").split(":")
@@ -147,10 +153,10 @@ def test_errors_keep_the_connection_alive(server: str, family: Family, service: 
         assert r.status == 200 and json.loads(r.read())["checkpoint"] == family.ids[0]
         assert conn.sock is sock, "the server closed the keep-alive connection"
 
-        def broken() -> object:
+        def broken() -> list[wb.ModelStatus]:
             raise ZeroDivisionError("a bug")
 
-        service.cache.models = broken  # type: ignore[method-assign]
+        monkeypatch.setattr(service.cache, "models", broken)
         conn.request("GET", "/v1/models", headers=AUTH)
         r = conn.getresponse()
         body = json.loads(r.read())

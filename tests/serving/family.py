@@ -82,6 +82,11 @@ def make_family(bank: wb.Bank, n_variants: int = 4, tag_base: str | None = "prod
     return Family(bank=bank, ids=ids, states=states)
 
 
+def patch_load_tensors(bank: wb.Bank, fn: Callable[..., dict[str, torch.Tensor]]) -> None:
+    """Replace ``bank.load_tensors`` on this one bank with ``fn`` (a spy, a gate or a fault)."""
+    setattr(bank, "load_tensors", fn)  # noqa: B010 - an instance attribute shadowing the method, on purpose
+
+
 def counting(bank: wb.Bank) -> Callable[[], list[tuple[str, tuple[str, ...]]]]:
     """Wrap ``bank.load_tensors`` to record (id, names) per call; returns the log getter.
 
@@ -94,5 +99,5 @@ def counting(bank: wb.Bank) -> Callable[[], list[tuple[str, tuple[str, ...]]]]:
         calls.append((ref, tuple(names)))
         return real(ref, names, device=device)  # type: ignore[arg-type]
 
-    bank.load_tensors = spy  # type: ignore[method-assign]
+    patch_load_tensors(bank, spy)
     return lambda: list(calls)

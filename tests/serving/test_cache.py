@@ -14,7 +14,7 @@ import weightbank as wb
 from weightbank.serving import ModelCache
 
 from .conftest import FakeClock
-from .family import Family, build, counting, make_family
+from .family import MLP, Family, build, counting, make_family, patch_load_tensors
 
 DEADLINE = 60.0  # seconds; only ever reached when something is broken
 
@@ -65,7 +65,10 @@ def test_shared_tensors_are_held_once(family: Family) -> None:
     used = cache.stats().tiers["device"].used
     assert used == family.full_bytes + (len(family.ids) - 1) * family.head_bytes
     with cache.lease(family.ids[1]) as a, cache.lease(family.ids[2]) as b:
-        assert a.layers[0].weight.data_ptr() == b.layers[0].weight.data_ptr()
+        assert isinstance(a, MLP) and isinstance(b, MLP)
+        first_a, first_b = a.layers[0], b.layers[0]
+        assert isinstance(first_a, torch.nn.Linear) and isinstance(first_b, torch.nn.Linear)
+        assert first_a.weight.data_ptr() == first_b.weight.data_ptr()
         assert a.head.weight.data_ptr() != b.head.weight.data_ptr()
     status = {m.checkpoint: m for m in cache.models()}
     assert status[family.ids[1]].unique_bytes == family.head_bytes
@@ -146,7 +149,7 @@ def test_single_flight_under_a_burst(family: Family) -> None:
         wait_until("16 requests", lambda: cache.stats().misses["device"] == 16)
         return real(ref, names, device=device)  # type: ignore[arg-type]
 
-    family.bank.load_tensors = held  # type: ignore[method-assign]
+    patch_load_tensors(family.bank, held)
     barrier = threading.Barrier(16)
     seen: list[str] = []
     lock = threading.Lock()
@@ -180,7 +183,7 @@ def test_resident_checkpoints_keep_serving_while_another_loads(family: Family) -
         assert release.wait(DEADLINE)  # the load of 1 stays in flight until the lease below is done
         return real(ref, names, device=device)  # type: ignore[arg-type]
 
-    family.bank.load_tensors = stuck  # type: ignore[method-assign]
+    patch_load_tensors(family.bank, stuck)
     t = threading.Thread(target=cache.load, args=(family.ids[1],))
     t.start()
     try:
@@ -215,7 +218,7 @@ def test_concurrent_load_cap(family: Family) -> None:
             with lock:
                 active -= 1
 
-    family.bank.load_tensors = held  # type: ignore[method-assign]
+    patch_load_tensors(family.bank, held)
     cache = cache_for(family, max_concurrent_loads=2)
     threads = [threading.Thread(target=cache.load, args=(cid,)) for cid in family.ids]
     for t in threads:
@@ -336,7 +339,7 @@ def test_a_failed_read_leaves_nothing_behind(family: Family) -> None:
     def broken(ref: str, names: list[str], *, device: object = None) -> dict[str, torch.Tensor]:
         raise wb.CorruptObject("packs/x", detail="injected")
 
-    family.bank.load_tensors = broken  # type: ignore[method-assign]
+    patch_load_tensors(family.bank, broken)
     cache = cache_for(family)
     with pytest.raises(wb.CorruptObject):
         cache.load(family.ids[0])
@@ -373,7 +376,7 @@ def test_a_good_load_never_fails_with_a_corrupt_siblings_error(tmp_path: Path) -
             good_reading.set()  # good holds the pending body slots and reads its own head now
         return real(ref, names, device=device)  # type: ignore[arg-type]
 
-    family.bank.load_tensors = gated  # type: ignore[method-assign]
+    patch_load_tensors(family.bank, gated)
     cache = cache_for(family)
     outcome: dict[str, BaseException | wb.ModelStatus] = {}
 
@@ -410,7 +413,7 @@ def test_prefix_selects_the_model_in_a_training_checkpoint() -> None:
     cid = bank.save(state).id
     cache = ModelCache(bank, lambda info: torch.nn.Linear(2, 2), prefix="model.")
     with cache.lease(cid) as m:
-        assert torch.equal(m.weight, lin.weight)
+        assert isinstance(m, torch.nn.Linear) and torch.equal(m.weight, lin.weight)
     assert cache.stats().tiers["device"].used == 24
 
 

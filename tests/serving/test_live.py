@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,9 @@ def test_flip_under_concurrent_requests_never_gives_a_wrong_reply(family: Family
         with cond:
             return sum(1 for c, _ in replies[since:] if c == cid) if not errors else 1 << 30
 
+    def enough(cid: str, since: int) -> bool:
+        return replies_from(cid, since) >= 3
+
     threads = [threading.Thread(target=client) for _ in range(4)]
     for t in threads:
         t.start()
@@ -102,7 +106,7 @@ def test_flip_under_concurrent_requests_never_gives_a_wrong_reply(family: Family
         for target in [*family.ids[1:], family.ids[0]]:
             since = len(replies)
             svc.set_tag("prod", target)
-            wait_until(f"replies from {target[:12]}", lambda t=target, s=since: replies_from(t, s) >= 3, cond)
+            wait_until(f"replies from {target[:12]}", functools.partial(enough, target, since), cond)
         since = len(replies)
         event = svc.rollback_tag("prod")
         wait_until("replies after the rollback", lambda: replies_from(str(event.new), since) >= 3, cond)

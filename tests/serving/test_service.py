@@ -108,7 +108,7 @@ class Scripted:
 def test_what_a_handler_raises_is_typed(
     family: Family, stage: str, raised: BaseException, error: type[Exception], transient: bool | None
 ) -> None:
-    handler = Scripted(**{stage: raised})  # type: ignore[arg-type]
+    handler = Scripted(**{stage: raised})
     svc = ModelService(family.bank, handler, poll=0)
     with pytest.raises(error) as info:
         svc.predict(family.x.tolist(), ref="prod")
