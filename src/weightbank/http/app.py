@@ -70,6 +70,7 @@ from ..serving.service import ModelService
 from .auth import BodyLimit, TokenGuard
 from .metrics import ServingMetrics
 from .schemas import (
+    ID_PATTERN,
     NEW_TAG_PATTERN,
     REF_PATTERN,
     ROUTE_PATTERN,
@@ -389,7 +390,18 @@ def create_app(
         "/v1/predict",
         tags=["serving"],
         response_model=PredictReply,
-        responses=_errors(*_RESOLVE, *_BODY, *_LOAD, 500),
+        responses={
+            200: {
+                "description": "The output, and the checkpoint that produced it.",
+                "headers": {
+                    "X-Weightbank-Checkpoint": {
+                        "description": "The id of the checkpoint that answered.",
+                        "schema": {"type": "string", "pattern": ID_PATTERN},
+                    }
+                },
+            },
+            **_errors(*_RESOLVE, *_BODY, *_LOAD, 500),
+        },
     )
     def predict(
         body: PredictBody,
