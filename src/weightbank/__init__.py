@@ -76,6 +76,7 @@ from .storage.diskcache import DiskCache, DiskCacheStats
 from .training import (
     BestN,
     CheckpointManager,
+    DataPositionWarning,
     EarlyStopping,
     Every,
     EveryN,
@@ -107,6 +108,7 @@ __all__ = [
     "CheckpointNotFound",
     "ConcurrentUpdate",
     "CorruptObject",
+    "DataPositionWarning",
     "DeviceError",
     "DiffResult",
     "DiskCache",

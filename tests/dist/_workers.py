@@ -344,3 +344,43 @@ def train(
         "saved": saved,
         **_fingerprint(model, opt, loader),
     }
+
+
+def poisoned(rank: int, world: int, bank_dir: str) -> dict[str, Any]:
+    """FSDP2 under a guarded manager; rank 1 alone writes NaN into its shard at a save step (loss finite).
+
+    Issue 11, item 9 in a distributed job: every rank must refuse that save together (one DCP save,
+    no rank writing while another refuses) and every rank must roll back past it.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    fully_shard(model, mesh=_mesh(world))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    state = wb.TrainingState(model=model, optimizer=opt, rng=False)
+    bank = wb.open(bank_dir)
+    mgr = wb.CheckpointManager(
+        bank, run="dist", save=wb.Every(steps=2), guard=wb.Guard(), signals=(), collective_timeout=30
+    )
+    step, refused = 0, ""
+    while step < 6:
+        loss = model(torch.randn(4, 8)).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 3 and rank == 1 and not mgr.rollbacks:
+            with torch.no_grad():
+                model[0].weight.to_local()[0, 0] = math.nan
+        out = mgr.step(step, state, metrics={"loss": 1.0})
+        if out.saved is not None and out.saved.step == 4 and not refused:
+            err = out.saved.exception()
+            refused = "" if err is None else f"{type(err).__name__}: {err}"
+        step = out.next_step
+    mgr.close()
+    local = model[0].weight.to_local()
+    return {
+        "refused": refused,
+        "rollbacks": [(rb.step, rb.restored_step, rb.source) for rb in mgr.rollbacks],
+        "finite": bool(torch.isfinite(local).all()),
+    }

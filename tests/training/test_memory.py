@@ -75,7 +75,7 @@ def _run_saves(fast_dir: Path) -> None:
         mgr.wait()
         gc.collect()
         growth = proc.memory_info().rss - start
-        staged = mgr._pool.nbytes
+        staged = mgr._saves.staged_bytes
     assert len(bank.log("r")) == 2
     assert staged < 2 * 3 * 4 * (64 * 64 + 64 + 64 * 8 + 8) + (1 << 16)  # two slots of model + Adam state
     assert growth < BOUND, f"RSS grew by {growth / 2**20:.1f} MiB over {SAVES} saves"

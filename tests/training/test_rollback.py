@@ -107,3 +107,17 @@ def test_guard_watches_grad_norm_and_ignores_missing_metrics() -> None:
     assert g.check({"loss": 1.0, "grad_norm": 50.0}) == "grad_norm 50 > 3×median 1.1"
     assert list(g.history["loss"]) == [1.0, 1.0]  # the bad step's values never join the window
     assert wb.Guard(nan=False).check({"loss": float("nan")}) is None
+
+
+def test_after_a_rollback_run_at_step_is_the_original(tmp_path: Path) -> None:
+    """Issue 11, item 11: the rollback re-saves the restored state at its step; `r@8` stays the original."""
+    bank = wb.open(tmp_path / "bank")
+    _model, mgr, _seen, _done, _state = _run(bank, wb.Guard(), total=14, spike_at=-1)
+    (rb,) = mgr.rollbacks
+    assert rb.restored_step == 8
+    at_8 = [c for c in bank.log("r") if c.step == 8]
+    assert len(at_8) == 2, "the original and the rollback's copy"
+    original = bank.resolve("r@8")
+    assert original == rb.restored and "loss" in bank.show(original).info.metrics
+    copy = next(c for c in at_8 if c.id != original)
+    assert copy.meta["resave_of"] == original and copy.parent == original and copy.metrics == {}

@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-from .data import ResumableLoader
+from .data import DataPositionWarning, ResumableLoader
 from .determinism import deterministic
 from .guard import Guard
 from .manager import CheckpointManager
@@ -30,6 +30,7 @@ from .state import TrainingState
 __all__ = [
     "BestN",
     "CheckpointManager",
+    "DataPositionWarning",
     "EarlyStopping",
     "Every",
     "EveryN",

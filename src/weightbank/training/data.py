@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import random
 import struct
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -56,7 +57,27 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
-__all__ = ["ResumableLoader", "mix_seed"]
+from ..errors import InvalidArgument
+
+__all__ = ["DataPositionWarning", "ResumableLoader", "mix_seed", "warn_no_position"]
+
+
+class DataPositionWarning(UserWarning):
+    """A run resumed mid-way without a data position: it will not see the batches an uninterrupted run would."""
+
+
+def warn_no_position(run: str, done: int, stacklevel: int = 2) -> None:
+    """Warn (DataPositionWarning) that ``run`` resumes at step ``done`` with no data position to restore."""
+    warnings.warn(
+        DataPositionWarning(
+            f"run {run!r} resumes at step {done} without a data position: the TrainingState has no data="
+            " object, so the data starts over and, unless that step ended an epoch, the run trains on other"
+            " batches than an uninterrupted one would. Pass a weightbank.ResumableLoader (or any loader with"
+            " state_dict()/load_state_dict(), the Stateful protocol) as TrainingState(data=...) for an exact"
+            " resume."
+        ),
+        stacklevel=stacklevel + 1,
+    )
 
 
 def mix_seed(*parts: int) -> int:
@@ -144,12 +165,14 @@ class ResumableLoader:
         **loader_kwargs: Any,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
+            raise InvalidArgument("batch_size", batch_size, "must be a positive int")
         if not (isinstance(world_size, int) and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, not rank={rank!r} world_size={world_size!r}")
+            raise InvalidArgument("rank", rank, f"need 0 <= rank < world_size (world_size={world_size!r})")
         for bad in ("sampler", "batch_sampler", "shuffle", "generator", "worker_init_fn"):
             if bad in loader_kwargs:
-                raise ValueError(f"ResumableLoader decides {bad!r} itself (it owns the data order)")
+                raise InvalidArgument(
+                    bad, loader_kwargs[bad], "ResumableLoader decides it itself (it owns the data order)"
+                )
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -209,15 +232,26 @@ class ResumableLoader:
             "world_size": self.world_size,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Move to a saved position; a loop iterating right now continues from it."""
+    @staticmethod
+    def parse_position(state: Any) -> tuple[int, int, int, int]:
+        """(epoch, index, seed, saved world size) of a position; InvalidArgument if it is not one.
+
+        Example:
+            >>> ResumableLoader.parse_position({"epoch": 1, "index": 2, "seed": 3})
+            (1, 2, 3, 1)
+        """
         try:
             epoch, index, seed = int(state["epoch"]), int(state["index"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a ResumableLoader state ({e})") from None
+            world = int(state.get("world_size", 1))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InvalidArgument("state", state, f"not a ResumableLoader state ({e!r})") from None
         if epoch < 0 or index < 0:
-            raise ValueError(f"bad loader position epoch={epoch} index={index}")
-        saved_world = int(state.get("world_size", 1))
+            raise InvalidArgument("state", state, f"bad loader position epoch={epoch} index={index}")
+        return epoch, index, seed, world
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Move to a saved position; a loop iterating right now continues from it."""
+        epoch, index, seed, saved_world = self.parse_position(state)
         if saved_world != self.world_size and saved_world > 0:
             # Same samples consumed by the whole job, in this world size's batches (rounded down).
             index = index * saved_world // self.world_size

@@ -61,9 +61,11 @@ from ..bank.results import CheckpointInfo
 from ..errors import CheckpointNotFound, IncompatibleState, InvalidState, WeightbankError
 from ..format.jsonsafe import decode, encode
 from ..format.manifest import Manifest
+from .checks import CLASSES
+from .job import Decision
 from .state import TrainingState
 
-__all__ = ["PER_RANK", "Distributed", "capture", "pick", "restore", "save"]
+__all__ = ["PER_RANK", "Distributed", "DistributedJob", "capture", "pick", "restore", "save"]
 
 #: The top-level key of the per-rank sections (``ranks.<rank>.rng``, ``ranks.<rank>.data``...).
 PER_RANK = "ranks"
@@ -145,6 +147,21 @@ class Distributed:
         data = _sealed(obj, "broadcast") if self.rank == 0 else b""
         return _opened(json.loads(self._broadcast_bytes(data)))
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank: one all-reduce on the background writer's group.
+
+        Example:
+            >>> Distributed.alone().any_rank(True)
+            True
+        """
+        import torch.distributed as dist
+
+        if self.save_group is None:
+            return bool(flag)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.save_group)
+        return bool(t.item())
+
     # Bytes travel as uint8 tensors over the manager's gloo group: lengths first, then the payloads.
     def _all_gather_bytes(self, data: bytes) -> list[bytes]:
         import torch.distributed as dist
@@ -214,6 +231,9 @@ def capture(state: TrainingState, rank: int) -> dict[str, Any]:
     for kind in _SHARED:
         if kind in full:
             tree[kind] = full[kind]
+    record = state.classes()
+    if record:
+        tree[CLASSES] = record
     mine = {k: full[k] for k in _PER_RANK_SECTIONS if k in full}
     if mine:
         tree[PER_RANK] = {str(rank): mine}
@@ -289,6 +309,9 @@ def restore(
     models, optimizers = _sections(state)
     models = models if "model" in sections else {}
     optimizers = optimizers if "optimizer" in sections else {}
+    if CLASSES in top:
+        # A restore into an optimizer or scheduler of another class is refused before anything is loaded.
+        state.check_classes(tree_value(bank, cid, m, top[CLASSES]), sections)
     target: dict[str, Any] = {}
     if models:
         target["model"] = {n: get_model_state_dict(mod) for n, mod in models.items()}
@@ -361,3 +384,45 @@ def _per_rank(
             f" per-rank state (RNG, extras) of ranks {ctx.world}..{saved_world - 1} is not used"
         )
     return notes
+
+
+class DistributedJob:
+    """The :class:`~weightbank.training.job.Job` of one rank: rank 0 leads and decides, every rank writes.
+
+    Example:
+        >>> job = DistributedJob(Distributed.alone())
+        >>> job.leader, job.retains
+        (True, False)
+    """
+
+    retains = False  # a rollback restores from the bank: every rank must load the same checkpoint
+
+    def __init__(self, ctx: Distributed) -> None:
+        self.ctx = ctx
+        self.leader = ctx.rank == 0
+
+    def agree(self, decide: Callable[[], Decision], signalled: bool) -> tuple[Decision, bool]:
+        value, flag = self.ctx.agree(lambda: decide().to_json(), signalled)
+        return Decision.from_json(value), flag
+
+    def broadcast(self, value: Any) -> Any:
+        return self.ctx.broadcast(value)
+
+    def any_rank(self, flag: bool) -> bool:
+        return self.ctx.any_rank(flag)
+
+    def pick(
+        self, bank: Bank, ref: str | None, run: str, init_from: str | None
+    ) -> tuple[str | None, str | None]:
+        return pick(bank, self.ctx, ref, run, init_from)
+
+    def capture(self, state: TrainingState) -> dict[str, Any]:
+        return capture(state, self.ctx.rank)
+
+    def save(self, bank: Bank, tree: Any, options: Mapping[str, Any]) -> tuple[str, CheckpointInfo | None]:
+        return save(bank, tree, self.ctx.save_group, **options)
+
+    def restore(
+        self, state: TrainingState, bank: Bank, cid: str, parts: Sequence[str] | None = None
+    ) -> tuple[Any, list[str]]:
+        return restore(state, bank, cid, self.ctx, parts=parts)

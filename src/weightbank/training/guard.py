@@ -6,8 +6,20 @@ infinite, or — with ``spike=k`` — above ``k`` times the median of its last
 ``window`` healthy values (once ``min_history`` of them are known), makes
 ``check`` return the reason. Healthy values join the window; bad ones never do.
 
+With ``finite_state`` (the default) the guard also checks the state the
+manager is about to keep: before a save is written, the background thread
+scans the staged copy of the model section (every parameter and buffer —
+BatchNorm running statistics included) for NaN and infinities
+(:func:`nonfinite`). A state that is not finite is never written and never
+becomes the last good state: its handle's ``wait()`` raises
+TrainingDiverged, and the manager's next ``step()`` rolls back to the newest
+good checkpoint instead (when that comes from the bank, checkpoints whose
+model is not finite are passed over).
+
 The manager then restores the last good state, skips the batches that led
-there, scales the learning rate by ``lr_scale`` and records a ``rollback``
+there, scales the learning rate by ``lr_scale`` (see
+:mod:`weightbank.training.lr` for the schedulers that can be scaled; with
+another one the manager refuses ``lr_scale``) and records a ``rollback``
 event. ``max_rollbacks`` rollbacks within ``within`` steps are allowed; the
 divergence that would need one more raises TrainingDiverged.
 
@@ -26,9 +38,37 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..errors import TrainingDiverged
+import torch
 
-__all__ = ["Guard"]
+from ..bank.bank import Bank
+from ..errors import CheckpointNotFound, IncompatibleState, InvalidArgument, TrainingDiverged
+
+__all__ = ["Guard", "nonfinite"]
+
+
+def nonfinite(tree: Any, path: str = "") -> list[str]:
+    """Key paths of the floating-point tensors in ``tree`` holding NaN or an infinity.
+
+    A ``DTensor`` is checked on its local shard (no collective).
+
+    Example:
+        >>> nonfinite({"w": torch.ones(2), "bn": {"running_var": torch.tensor([1.0, float("nan")])}})
+        ['bn.running_var']
+    """
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        if (local.is_floating_point() or local.is_complex()) and not bool(torch.isfinite(local).all()):
+            return [path]
+        return []
+    items: Any = ()
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    out = []
+    for key, value in items:
+        out.extend(nonfinite(value, f"{path}.{key}" if path else str(key)))
+    return out
 
 
 class Guard:
@@ -50,13 +90,25 @@ class Guard:
         lr_scale: float = 1.0,
         max_rollbacks: int = 3,
         within: int = 1000,
+        finite_state: bool = True,
     ) -> None:
-        if spike is not None and not spike > 1:
-            raise ValueError(f"spike is a factor over the recent median and must be > 1, not {spike!r}")
-        if window < 1 or min_history < 1 or max_rollbacks < 0 or within < 1:
-            raise ValueError("window, min_history and within must be >= 1 and max_rollbacks >= 0")
-        if not lr_scale > 0:
-            raise ValueError(f"lr_scale must be positive, not {lr_scale!r}")
+        if spike is not None and not (isinstance(spike, (int, float)) and spike > 1):
+            raise InvalidArgument("spike", spike, "is a factor over the recent median and must be > 1")
+        for name, value, least in (
+            ("window", window, 1),
+            ("min_history", min_history, 1),
+            ("within", within, 1),
+            ("max_rollbacks", max_rollbacks, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise InvalidArgument(name, value, f"must be an int >= {least}")
+        if (
+            isinstance(lr_scale, bool)
+            or not isinstance(lr_scale, (int, float))
+            or not 0 < lr_scale < math.inf
+        ):
+            raise InvalidArgument("lr_scale", lr_scale, "must be a positive, finite factor")
+        self.finite_state = bool(finite_state)
         self.nan = nan
         self.spike = spike
         self.window = window
@@ -100,16 +152,64 @@ class Guard:
             self.history[name].append(v)
         return None
 
+    def state_problem(self, tree: Any) -> str:
+        """Why the model section of a staged state must not be kept (NaN/Inf in it), or ``""``.
+
+        Example:
+            >>> Guard().state_problem({"model": {"w": torch.tensor([float("inf")])}})
+            'model state is not finite (model.w)'
+        """
+        if not self.finite_state or not isinstance(tree, Mapping) or "model" not in tree:
+            return ""
+        bad = nonfinite(tree["model"], "model")
+        if not bad:
+            return ""
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"model state is not finite ({', '.join(bad[:3])}{more})"
+
+    def newest_good(self, bank: Bank, run: str) -> str | None:
+        """The newest checkpoint of ``run`` whose model this guard accepts (with ``finite_state``), or None.
+
+        Example:
+            >>> import weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> for v in (1.0, float("nan")): _ = bank.save({"model": {"w": torch.tensor([v])}}, run="r")
+            >>> bank.show(Guard().newest_good(bank, "r")).info.metrics, bank.load(Guard().newest_good(bank, "r"))["model"]["w"].item()
+            ({}, 1.0)
+        """
+        try:
+            infos = bank.log(run)
+        except CheckpointNotFound:
+            return None
+        for info in infos:
+            if not self.finite_state:
+                return info.id
+            try:
+                model = bank.load(info.id, select="model.*")
+            except IncompatibleState:  # no model tensors: nothing that could be non-finite
+                return info.id
+            if not self.state_problem(model):
+                return info.id
+        return None
+
+    def refusal(self, step: int) -> str:
+        """Why a rollback at ``step`` is not allowed (the budget is spent), or ``""`` when it is.
+
+        Example:
+            >>> Guard(max_rollbacks=0).refusal(5)
+            '0 automatic rollback(s) within 1000 steps already'
+        """
+        recent = [s for s in self.rollbacks if step - s < self.within]
+        if len(recent) < self.max_rollbacks:
+            return ""
+        return f"{len(recent)} automatic rollback(s) within {self.within} steps already"
+
     def allow_rollback(self, step: int, reason: str) -> None:
         """Count a rollback at ``step``; raise TrainingDiverged when the budget is spent."""
         recent = [s for s in self.rollbacks if step - s < self.within]
-        if len(recent) >= self.max_rollbacks:
-            raise TrainingDiverged(
-                step,
-                reason,
-                recent,
-                detail=f"{len(recent)} automatic rollback(s) within {self.within} steps already",
-            )
+        refused = self.refusal(step)
+        if refused:
+            raise TrainingDiverged(step, reason, recent, detail=refused)
         self.rollbacks = [*recent, step]
 
     def state_dict(self) -> dict[str, Any]:

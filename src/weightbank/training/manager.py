@@ -19,17 +19,22 @@ step just finished; its checkpoint records ``step + 1`` (the steps done), which
 is also what :meth:`restore` returns — the index to run next.
 
 What ``step()`` does, in order: re-raise a failed background save; ask the
-guard (divergence → rollback, no save); observe early stopping; ask the save
-policies; if a save is due, wait for room (``max_inflight``), snapshot into
-staging buffers and hand the write to the background thread. After a save
-commits, the background thread moves the ``<run>.best.<metric>`` tags and
-prunes what no keep rule keeps (never before the new checkpoint is
-committed). Every checkpoint carries the policies', guard's and early
-stopping's memory, so a resumed run takes the same decisions.
+guard (divergence, or a staged state it refused as not finite → rollback, no
+save); observe early stopping; ask the save policies; if a save is due, wait
+for room (``max_inflight``), snapshot into staging buffers and hand the write
+to the background thread (:mod:`~weightbank.training.pipeline`), which checks
+the staged state, writes it, then moves the ``<run>.best.<metric>`` tags and
+prunes (:mod:`~weightbank.training.keeping`). Every checkpoint carries the
+policies', guard's and early stopping's memory, so a resumed run takes the same
+decisions. A step's outcome is a :class:`~weightbank.training.job.Decision`
+taken by the :class:`~weightbank.training.job.Job`'s leader: the only process,
+or rank 0 of a ``torch.distributed`` job, where every rank runs the same loop
+and writes its shards (:mod:`weightbank.training.distributed`).
 
-In a ``torch.distributed`` job every rank runs the same loop: rank 0 decides,
-every rank writes its shards, rank 0 commits (see
-:mod:`weightbank.training.distributed`).
+Resuming a run into a state without a data position (a plain ``DataLoader``
+left out of the ``TrainingState``) warns once (:class:`DataPositionWarning`,
+naming ``ResumableLoader``); ``config=``/``meta=`` are checked when given
+(integer keys become strings: :mod:`weightbank.training.metadata`).
 
 Example:
     >>> import torch, weightbank as wb
@@ -44,69 +49,33 @@ Example:
 
 from __future__ import annotations
 
-import re
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..bank.bank import AUTO, Bank
+from ..bank.bank import AUTO, Auto, Bank
 from ..bank.environment import capture_env
 from ..bank.results import CheckpointInfo
-from ..errors import CheckpointNotFound, TrainingDiverged
-from .distributed import Distributed
-from .distributed import capture as dist_capture
-from .distributed import pick as dist_pick
-from .distributed import restore as dist_restore
-from .distributed import save as dist_save
+from ..bank.retention import BestN, KeepPolicy
+from ..errors import TrainingDiverged
+from .data import DataPositionWarning, warn_no_position
 from .guard import Guard
-from .policies import (
-    BestN,
-    EarlyStopping,
-    Every,
-    KeepPolicy,
-    OnImprovement,
-    SavePolicy,
-    improved,
-    metric_value,
-    to_keep,
-)
+from .job import Decision, choose_job
+from .keeping import Keeper
+from .metadata import clean_metrics, json_metadata
+from .pipeline import SavePipeline
+from .policies import EarlyStopping, Every, OnImprovement, SavePolicy
 from .results import Rollback, StepOutcome
-from .saver import AsyncSaver, SaveHandle
-from .staging import Snapshot, StagingPool
+from .saver import SaveHandle
 from .state import TrainingState
 
-__all__ = ["CheckpointManager"]
-
-_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=,-]")
-
-
-def _distributed(asked: bool | None, timeout: float | None) -> Distributed | None:
-    """The job this manager runs in: None for a single process."""
-    if asked is False:
-        return None
-    if asked is None:
-        dist = sys.modules.get("torch.distributed")
-        if dist is None or not (dist.is_available() and dist.is_initialized()):
-            return None
-    return Distributed(timeout)
-
-
-def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (metrics or {}).items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.detach().item()
-        elif hasattr(v, "item") and callable(v.item) and not isinstance(v, (list, dict, str)):
-            v = v.item()  # numpy scalars
-        out[str(k)] = v
-    return out
+__all__ = ["CheckpointManager", "DataPositionWarning"]
 
 
 class CheckpointManager:
@@ -122,7 +91,9 @@ class CheckpointManager:
         max_inflight: saves pending at once before ``step()`` waits.
         init_from: a ref in another run to start a fresh run from (its model
             weights, or ``init_parts``); the first checkpoint's parent is it.
-        config, meta: stored with every checkpoint (hyper-parameters, notes).
+        config, meta: stored with every checkpoint (hyper-parameters, notes);
+            checked here: InvalidState names a key JSON cannot hold, integer
+            keys are stored as strings (not a lossless round trip).
         data_fingerprint: recorded in every checkpoint's meta.
         codec: the bank codec for saves.
         best_tags: keep a ``<run>.best.<metric>`` tag on the best checkpoint
@@ -174,25 +145,25 @@ class CheckpointManager:
         self.early_stopping = early_stopping
         self.init_from = init_from
         self.init_parts = tuple(init_parts)
-        self.config = dict(config or {})
-        self.meta = dict(meta or {})
+        self.config = json_metadata(config, "config")
+        self.meta = json_metadata(meta, "meta")
         if data_fingerprint is not None:
             self.meta["data_fingerprint"] = data_fingerprint
         self.codec = codec
         self.rollbacks: list[Rollback] = []
-        self._monitored = self._monitored_metrics() if best_tags else {}
-        self._best: dict[str, float | None] = {}
-        self._saver = AsyncSaver(max_inflight)
-        # One slot per save in flight, plus the retained last good state when a guard may roll back.
-        self._pool = StagingPool(max_inflight + (1 if guard is not None else 0))
-        self._retained: Snapshot | None = None
-        self._parent: Any = AUTO
+        self._job = choose_job(distributed, collective_timeout)
+        self._saves = SavePipeline(bank, self._job, guard, max_inflight)
+        monitored = self._monitored_metrics() if best_tags else {}
+        self._keeper = Keeper(bank, run, keep=self.keep, monitored=monitored, protected=self._saves.protected)
+        self._saves.after_commit = self._keeper.after_commit
+        self._parent: str | Auto = AUTO
         self._closed = False
         self._signalled: int | None = None
         self._exit_on_signal = exit_on_signal
         self._previous_handlers: dict[int, Any] = {}
+        self._lr_checked: TrainingState | None = None
+        self._warned_data = False
         self.restore_notes: list[str] = []
-        self._dist = _distributed(distributed, collective_timeout)
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
@@ -215,14 +186,16 @@ class CheckpointManager:
             >>> wb.CheckpointManager(wb.open("memory://"), run="tts", signals=()).best_tag("val/loss")
             'tts.best.val_loss'
         """
-        return f"{self.run}.best.{_TAG_UNSAFE.sub('_', metric)}"
+        return self._keeper.tag(metric)
 
     # -- restore -----------------------------------------------------------------------
     def restore(self, state: TrainingState, ref: str | None = None) -> int:
         """Restore ``state`` from ``ref`` (default: the run's latest checkpoint) and return the steps done.
 
         A run without checkpoints starts fresh (0) — from ``init_from``'s
-        weights when given.
+        weights when given. Nothing of ``state`` changes when the checkpoint
+        does not fit it (IncompatibleState). Resuming a run (steps done > 0)
+        into a state without a data object warns once (DataPositionWarning).
 
         Example:
             >>> import torch, weightbank as wb
@@ -231,51 +204,30 @@ class CheckpointManager:
             0
         """
         self._raise_failures()
-        if self._dist is not None:
-            return self._restore_dist(state, ref)
-        if ref is None:
-            try:
-                cid = self.bank.resolve(f"{self.run}@latest")
-            except CheckpointNotFound:
-                if self.init_from is not None:
-                    init = self.bank.resolve(self.init_from)
-                    state.load(self.bank.load(init), parts=self.init_parts)
-                    self._parent = init
-                return 0
-        else:
-            cid = self.bank.resolve(ref)
-        if "dcp" in self.bank.show(cid).info.meta:
-            # Saved through DCP (a distributed job): load it the same way, as the only rank.
-            return self._restored(dist_restore(state, self.bank, cid, Distributed.alone()), cid)
-        tree = self.bank.load(cid)
-        state.load(tree)
-        manager = tree.get("manager") if isinstance(tree, Mapping) else None
-        self._load_manager_state(manager)
-        if isinstance(manager, Mapping) and isinstance(manager.get("step"), int):
-            return int(manager["step"])
-        step = self.bank.show(cid).info.step
-        return step or 0
-
-    def _restore_dist(self, state: TrainingState, ref: str | None) -> int:
-        """``restore`` on every rank: rank 0 picks the checkpoint, every rank loads its share."""
-        assert self._dist is not None
-        cid, init = dist_pick(self.bank, self._dist, ref, self.run, self.init_from)
+        self._check_lr(state)
+        cid, init = self._job.pick(self.bank, ref, self.run, self.init_from)
         if cid is None:
             if init is not None:
-                _, self.restore_notes = dist_restore(
-                    state, self.bank, init, self._dist, parts=self.init_parts
-                )
+                _, self.restore_notes = self._job.restore(state, self.bank, init, self.init_parts)
                 self._parent = init
             return 0
-        return self._restored(dist_restore(state, self.bank, cid, self._dist), cid)
-
-    def _restored(self, result: tuple[Any, list[str]], cid: str) -> int:
-        """Take a distributed restore's manager state and notes; the steps done."""
-        manager, self.restore_notes = result
+        manager, self.restore_notes = self._job.restore(state, self.bank, cid)
         self._load_manager_state(manager)
         if isinstance(manager, Mapping) and isinstance(manager.get("step"), int):
-            return int(manager["step"])
-        return self.bank.show(cid).info.step or 0
+            done = int(manager["step"])
+        else:
+            done = self.bank.show(cid).info.step or 0
+        if done > 0 and state.data is None and not self._warned_data:
+            self._warned_data = True
+            warn_no_position(self.run, done, stacklevel=3)
+        return done
+
+    def _check_lr(self, state: TrainingState) -> None:
+        """Refuse ``Guard(lr_scale=...)`` before training when a scheduler's rates cannot be scaled."""
+        if self.guard is None or self.guard.lr_scale == 1.0 or state is self._lr_checked:
+            return
+        state.check_scalable(self.guard.lr_scale)
+        self._lr_checked = state
 
     def _manager_state(self, done: int) -> dict[str, Any]:
         return {
@@ -303,7 +255,8 @@ class CheckpointManager:
 
         Blocks only to re-raise a failed save, for back-pressure, and for the
         snapshot copy when a save is due. Metrics are numbers (0-d tensors are
-        converted with ``.item()``) stored with the checkpoint.
+        converted with ``.item()``) stored with the checkpoint; one JSON
+        cannot hold raises InvalidState here, naming it.
 
         Example:
             >>> import torch, weightbank as wb
@@ -315,28 +268,19 @@ class CheckpointManager:
         """
         self._check_open()
         self._raise_failures()
+        self._check_lr(state)
         done = step + 1
-        m = _clean_metrics(metrics)
-        if self._dist is None:
-            (reason, stop, due, rollbacks), signalled = self._decide(done, m), self._signalled is not None
-        else:
-            (reason, stop, due, rollbacks), signalled = self._dist.agree(
-                partial(self._decide, done, m), self._signalled is not None
-            )
-        if reason is not None:
-            if rollbacks == []:  # rank 0's guard refused another rollback
-                raise TrainingDiverged(done, reason, list(self.guard.rollbacks) if self.guard else [])
-            if rollbacks is not None and self.guard is not None:
-                self.guard.rollbacks = rollbacks  # rank 0's guard allowed it
-            rb = self._rollback(done, state, reason)
-            return StepOutcome(step=done, next_step=rb.restored_step, rollback=rb, reason=reason)
-        handle = None
+        m = clean_metrics(metrics)
+        decision, signalled = self._job.agree(partial(self._decide, done, m), self._signalled is not None)
+        if decision.diverged:
+            if decision.refused:
+                raise TrainingDiverged(done, decision.diverged, decision.rollbacks, detail=decision.refused)
+            rb = self._rollback(done, state, decision)
+            return StepOutcome(step=done, next_step=rb.restored_step, rollback=rb, reason=decision.diverged)
         if signalled:
             return self._preempt(done, state, m)
-        if due:
-            handle = self._save(done, state, m, trigger="policy")
-        if stop:
-            assert self.early_stopping is not None
+        handle = self._save(done, state, m, trigger="policy") if decision.save else None
+        if decision.stop and self.early_stopping is not None:
             self._finish_early_stop()
             es = self.early_stopping
             return StepOutcome(
@@ -348,27 +292,27 @@ class CheckpointManager:
             )
         return StepOutcome(step=done, next_step=done, saved=handle)
 
-    def _decide(self, done: int, m: dict[str, Any]) -> tuple[str | None, bool, bool, list[int] | None]:
-        """(divergence reason, stop, save due, rollbacks) — on rank 0 only in a distributed job.
+    def _decide(self, done: int, m: dict[str, Any]) -> Decision:
+        """What this step does — on the leader only (every other process follows it).
 
-        In a distributed job the guard's permission for a rollback is asked
-        here too, so every rank learns it: ``rollbacks`` is then the guard's
-        list after allowing it, or ``[]`` when it refused (TrainingDiverged).
+        A rollback is counted against the guard's budget here, so every
+        process learns whether it is allowed and the guard's list after it.
         """
-        if self.guard is not None:
-            reason = self.guard.check(m)
-            if reason is not None:
-                if self._dist is None:
-                    return reason, False, False, None
-                try:
-                    self.guard.allow_rollback(done, reason)
-                except TrainingDiverged:
-                    return reason, False, False, []
-                return reason, False, False, list(self.guard.rollbacks)
+        guard = self.guard
+        if guard is not None:
+            rejected = self._saves.rejected
+            reason = rejected[1] if rejected is not None else guard.check(m)
+            if reason:
+                refused = guard.refusal(done)
+                if refused:
+                    recent = tuple(s for s in guard.rollbacks if done - s < guard.within)
+                    return Decision(diverged=reason, refused=refused, rollbacks=recent)
+                guard.allow_rollback(done, reason)
+                return Decision(diverged=reason, rollbacks=tuple(guard.rollbacks))
         stop = self.early_stopping is not None and self.early_stopping.observe(m)
         now = time.monotonic()
         due = [p.should_save(done, m, now) for p in self.save_policies]
-        return None, stop, any(due), None
+        return Decision(stop=stop, save=any(due))
 
     def save_now(
         self,
@@ -392,25 +336,31 @@ class CheckpointManager:
         self._check_open()
         self._raise_failures()
         return self._save(
-            step + 1, state, _clean_metrics(metrics), trigger="save_now", tags=tags, message=message
+            step + 1, state, clean_metrics(metrics), trigger="save_now", tags=tags, message=message
         )
 
     def wait(self) -> None:
-        """Block until every save in flight is committed; re-raise a failure."""
-        self._saver.wait_all()
-        self._raise_failures()
+        """Block until every save in flight is committed; re-raise a failure.
+
+        A save the guard refused (its state was not finite) is not a failure
+        here: the next ``step()`` rolls back.
+        """
+        self._saves.wait()
 
     def close(self) -> None:
-        """Wait for the last save, restore signal handlers, stop the background thread; re-raise a failure."""
+        """Wait for the last save, restore signal handlers, stop the background thread; re-raise a failure.
+
+        If the guard refused the last staged state and no step rolled back
+        since, that is raised too (TrainingDiverged): the run ended on a state
+        that was not saved.
+        """
         if self._closed:
             return
         self._closed = True
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
-        self._pool.retain(None)
-        self._retained = None
-        self._saver.close()
+        self._saves.close()
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -435,7 +385,7 @@ class CheckpointManager:
             raise ValueError("the checkpoint manager is closed")
 
     def _raise_failures(self) -> None:
-        self._saver.raise_failures()
+        self._saves.raise_failures()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signalled = signum
@@ -449,126 +399,51 @@ class CheckpointManager:
         trigger: str,
         tags: Iterable[str] = (),
         message: str = "",
+        resave_of: str | None = None,
     ) -> SaveHandle[CheckpointInfo]:
         t0 = time.perf_counter()
-        self._saver.wait_for_room()
-        while not self._pool.free():  # the retained slot plus max_inflight: only a failed save gets here
-            self._saver.wait_all()
+        self._saves.make_room()
         now = time.monotonic()
         for p in self.save_policies:
             p.saved(done, now)
-        if self._dist is None:
-            tree = state.capture()
+        tree = self._job.capture(state)
+        if self._job.leader:  # the leader's policies decide: only its memory is saved
             tree["manager"] = self._manager_state(done)
-        else:
-            tree = dist_capture(state, self._dist.rank)
-            if self._dist.rank == 0:  # rank 0's policies decide: only its memory is saved
-                tree["manager"] = self._manager_state(done)
-        snapshot = self._pool.stage(tree)
-        if self.guard is not None and self._dist is None:
-            self._pool.retain(snapshot)
-            self._retained = snapshot
         meta = {**self.meta, "trigger": trigger}
+        if resave_of is not None:  # `run@<step>` then names the original, not this copy
+            meta["resave_of"] = resave_of
         data = state.data
         if data is not None and isinstance(getattr(data, "seed", None), int):
             meta.setdefault("data_seed", data.seed)
         meta.setdefault("torch_seed", torch.initial_seed())
-        job = partial(self._write, snapshot, done, metrics, list(tags), message, self._parent, meta)
-        self._parent = AUTO
-        blocked = time.perf_counter() - t0
-        return self._saver.submit(job, step=done, blocked_seconds=blocked)
-
-    def _write(
-        self,
-        snapshot: Snapshot,
-        done: int,
-        metrics: dict[str, Any],
-        tags: list[str],
-        message: str,
-        parent: Any,
-        meta: dict[str, Any],
-    ) -> CheckpointInfo:
-        """The background job: write the snapshot, then tags and pruning (only after the commit).
-
-        In a distributed job every rank runs it at once (one DCP save); rank 0 commits, tags and prunes.
-        """
         options: dict[str, Any] = {"run": self.run, "step": done, "metrics": metrics, "config": self.config}
-        options.update(meta=meta, tags=tags, message=message, parent=parent, codec=self.codec)
-        try:
-            snapshot.ready()
-            if self._dist is None:
-                info: CheckpointInfo | None = self.bank.save(snapshot.tree, **options)
-                assert info is not None
-                cid = info.id
-            else:
-                cid, info = dist_save(self.bank, snapshot.tree, self._dist.save_group, **options)
-        finally:
-            self._pool.release(snapshot.slot)
-        snapshot.checkpoint = cid
-        if info is None:  # not rank 0: the commit, its tags and the pruning are rank 0's
-            return self.bank.show(cid).info
-        self._update_best_tags(info)
-        if self.keep:
-            self._prune(protect={info.id})
-        return info
+        options.update(meta=meta, tags=list(tags), message=message, parent=self._parent, codec=self.codec)
+        self._parent = AUTO
+        return self._saves.submit(tree, done, options, started=t0)
 
-    def _update_best_tags(self, info: CheckpointInfo) -> None:
-        for metric, mode in self._monitored.items():
-            value = metric_value(info.metrics, metric)
-            if value is None:
-                continue
-            tag = self.best_tag(metric)
-            if metric not in self._best:
-                self._best[metric] = self._tagged_value(tag, metric)
-            if improved(value, self._best[metric], 0.0, "min" if mode == "min" else "max"):
-                self.bank.tag(tag, info.id, why=f"best {metric}={value:g} at step {info.step}")
-                self._best[metric] = value
-
-    def _tagged_value(self, tag: str, metric: str) -> float | None:
-        try:
-            return metric_value(self.bank.show(tag).info.metrics, metric)
-        except CheckpointNotFound:
-            return None
-
-    def _prune(self, protect: set[str]) -> None:
-        infos = self.bank.log(self.run)
-        if self._retained is not None and self._retained.checkpoint:
-            protect = protect | {self._retained.checkpoint}
-        keep = to_keep(infos, self.keep, time.time(), protect)
-        for c in infos:
-            if c.id not in keep and not c.tags:
-                self.bank.delete(c.id, why=f"retention of run {self.run}")
-
-    def _rollback(self, done: int, state: TrainingState, reason: str) -> Rollback:
-        assert self.guard is not None
-        guard = self.guard
-        if self._dist is None:
-            guard.allow_rollback(done, reason)  # in a distributed job rank 0 asked it already
-        rollbacks = list(guard.rollbacks)
-        self.wait()  # the snapshot to restore may still be on its way to the bank
+    def _rollback(self, done: int, state: TrainingState, decision: Decision) -> Rollback:
+        guard, reason = self.guard, decision.diverged
+        if guard is None:  # only a guard decides to roll back
+            raise TrainingDiverged(done, reason, detail="no guard to roll back with")
+        rollbacks = list(decision.rollbacks)
+        self._saves.wait()  # the snapshot to restore may still be on its way to the bank
+        self._saves.rejected = None
         data_to = state.data_position()
-        snapshot = self._retained
+        snapshot = self._saves.retained
+        source: Literal["memory", "bank"]
         if snapshot is not None and snapshot.checkpoint is not None:
-            cid, tree, source = snapshot.checkpoint, snapshot.tree, "memory"
-            state.load(tree)  # copies out of the snapshot: the retained buffers stay intact
-            manager = tree.get("manager", {}) if isinstance(tree, Mapping) else {}
+            cid, source = snapshot.checkpoint, "memory"
+            state.load(snapshot.tree)  # copies out of the snapshot: the retained buffers stay intact
+            manager: Any = snapshot.tree.get("manager") if isinstance(snapshot.tree, Mapping) else None
         else:
-            try:
-                latest = self.bank.resolve(f"{self.run}@latest")
-            except CheckpointNotFound:
-                latest = None
-            if self._dist is not None:
-                latest = self._dist.broadcast(latest)
-            if latest is None:
-                raise TrainingDiverged(done, reason, rollbacks, detail="no checkpoint to roll back to")
-            cid, source = latest, "bank"
-            if self._dist is None:
-                tree = self.bank.load(cid)
-                state.load(tree)
-                manager = tree.get("manager", {}) if isinstance(tree, Mapping) else {}
-            else:
-                manager, self.restore_notes = dist_restore(state, self.bank, cid, self._dist)
-                manager = manager if isinstance(manager, Mapping) else {}
+            found = self._job.broadcast(guard.newest_good(self.bank, self.run) if self._job.leader else None)
+            if found is None:
+                raise TrainingDiverged(
+                    done, reason, rollbacks, detail="no checkpoint to roll back to (none the guard accepts)"
+                )
+            cid, source = str(found), "bank"
+            manager, self.restore_notes = self._job.restore(state, self.bank, cid)
+        manager = manager if isinstance(manager, Mapping) else {}
         restored_step = int(manager.get("step", 0))
         self._load_manager_state(manager)
         guard.rollbacks = rollbacks
@@ -576,71 +451,41 @@ class CheckpointManager:
         state.set_data_position(data_to)  # skip the batches that led here
         if guard.lr_scale != 1.0:
             state.scale_lr(guard.lr_scale)
-        rb = Rollback(
-            step=done,
-            reason=reason,
-            restored=cid,
-            restored_step=restored_step,
-            source="memory" if source == "memory" else "bank",
-            data_from=data_from,
-            data_to=data_to,
-            lr_scale=guard.lr_scale,
-        )
-        self._event(
-            "rollback",
-            step=done,
-            checkpoint=cid,
-            data={
-                "reason": reason,
-                "restored_step": restored_step,
-                "skipped_steps": rb.skipped_steps,
-                "source": source,
-                "data_from": data_from,
-                "data_to": data_to,
-                "lr_scale": guard.lr_scale,
-            },
-        )
+        rb = Rollback(done, reason, cid, restored_step, source, data_from, data_to, guard.lr_scale)
+        data = {"reason": reason, "restored_step": restored_step, "skipped_steps": rb.skipped_steps}
+        data.update(source=source, data_from=data_from, data_to=data_to, lr_scale=guard.lr_scale)
+        self._event("rollback", step=done, checkpoint=cid, data=data)
         self.rollbacks.append(rb)
         # Persist the rolled-back state (data skipped, LR scaled, rollback counted) so that a crash
-        # from here resumes exactly where this process goes on.
-        self._save(
-            restored_step,
-            state,
-            {},
-            trigger="rollback",
-            message=f"rollback at step {done} ({reason}) to step {restored_step}",
-        )
+        # from here resumes exactly where this process goes on. It re-saves what it restored (its
+        # parent), at that step: `run@<step>` passes over it for the original.
+        self._parent = cid
+        message = f"rollback at step {done} ({reason}) to step {restored_step}"
+        self._save(restored_step, state, {}, trigger="rollback", message=message, resave_of=cid)
         return rb
 
     def _preempt(self, done: int, state: TrainingState, metrics: dict[str, Any]) -> StepOutcome:
         signum = self._signalled
         name = signal.Signals(signum).name if signum is not None else "signal"
         handle = self._save(done, state, metrics, trigger="signal", message=f"preempted by {name}")
-        info = handle.wait()
-        self._event("preempted", step=done, checkpoint=info.id, data={"signal": name})
+        data: dict[str, Any] = {"signal": name}
+        try:
+            checkpoint: str | None = handle.wait().id
+        except TrainingDiverged as e:  # the guard refused the state: the newest good checkpoint stands
+            checkpoint, self._saves.rejected = None, None
+            data["not_saved"] = e.reason
+        self._event("preempted", step=done, checkpoint=checkpoint, data=data)
         self.close()
         if self._exit_on_signal:
             raise SystemExit(0)
         return StepOutcome(step=done, next_step=done, saved=handle, stop=True, reason=f"preempted by {name}")
 
     def _event(self, kind: str, **kw: Any) -> None:
-        if self._dist is None or self._dist.rank == 0:  # one record per event, not one per rank
+        if self._job.leader:  # one record per event, not one per rank
             self.bank.record_event(self.run, kind, **kw)
 
     def _finish_early_stop(self) -> None:
         self.wait()
         es = self.early_stopping
-        assert es is not None
-        if self._dist is not None and self._dist.rank != 0:
-            return  # rank 0 moves the tag
-        try:
-            best = self.bank.resolve(f"{self.run}@best:{es.metric}:{es.mode}")
-        except CheckpointNotFound:
-            return  # no checkpoint recorded the metric: nothing to tag
-        tag = self.best_tag(es.metric)
-        try:
-            current = self.bank.resolve(tag)
-        except CheckpointNotFound:
-            current = None
-        if current != best:
-            self.bank.tag(tag, best, why=f"early stopping on {es.metric}")
+        if es is not None and self._job.leader:  # the leader moves the tag
+            self._keeper.tag_best(es.metric, es.mode, why=f"early stopping on {es.metric}")

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import IncompatibleState
 
-__all__ = ["capture_rng", "restore_rng"]
+__all__ = ["capture_rng", "check_rng", "restore_rng"]
 
 
 def capture_rng() -> dict[str, Any]:
@@ -57,9 +57,40 @@ def capture_rng() -> dict[str, Any]:
     }
 
 
+def _parsed(state: Mapping[str, Any]) -> tuple[Any, Any, torch.Tensor, list[torch.Tensor]]:
+    """Every generator's state from ``state``, checked; IncompatibleState if any part is malformed."""
+    try:
+        py = state["python"]
+        words = tuple(int(w) for w in torch.as_tensor(py["state"]).tolist())
+        gauss = py["gauss"]
+        py_state = (int(py["version"]), words, None if gauss is None else float(gauss))
+        npy = state["numpy"]
+        keys = np.asarray(npy["keys"], dtype=np.uint32)
+        np_state = (str(npy["kind"]), keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached"]))
+        cpu = torch.as_tensor(state["torch"], dtype=torch.uint8).clone()
+        if cpu.shape != torch.get_rng_state().shape:
+            raise ValueError(f"torch generator state of {cpu.numel()} bytes")
+        cuda = [torch.as_tensor(c, dtype=torch.uint8).clone() for c in list(state.get("cuda") or [])]
+        if len(words) != len(random.getstate()[1]) or keys.shape != (624,):
+            raise ValueError("python or numpy generator state of the wrong size")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise IncompatibleState(f"the checkpoint's RNG state is malformed ({e})", ["rng"]) from None
+    return py_state, np_state, cpu, cuda
+
+
+def check_rng(state: Mapping[str, Any]) -> None:
+    """Raise IncompatibleState if :func:`restore_rng` would fail on ``state``; change nothing.
+
+    Example:
+        >>> check_rng(capture_rng())
+    """
+    _parsed(state)
+
+
 def restore_rng(state: Mapping[str, Any]) -> None:
     """Put every global generator back to ``state`` (from :func:`capture_rng`).
 
+    The whole state is checked first, so a malformed one changes no generator.
     CUDA states are restored for the devices both the checkpoint and this
     process have (a GPU checkpoint can be inspected on a CPU-only machine).
 
@@ -68,20 +99,10 @@ def restore_rng(state: Mapping[str, Any]) -> None:
         >>> s = capture_rng(); x = np.random.rand(); restore_rng(s); np.random.rand() == x
         True
     """
-    try:
-        py = state["python"]
-        words = tuple(int(w) for w in torch.as_tensor(py["state"]).tolist())
-        gauss = py["gauss"]
-        random.setstate((int(py["version"]), words, None if gauss is None else float(gauss)))
-        npy = state["numpy"]
-        keys = np.asarray(npy["keys"], dtype=np.uint32)
-        np.random.set_state(
-            (str(npy["kind"]), keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached"]))
-        )
-        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).clone())
-        cuda = list(state.get("cuda") or [])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise IncompatibleState(f"the checkpoint's RNG state is malformed ({e})", ["rng"]) from None
+    py_state, np_state, cpu, cuda = _parsed(state)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    torch.set_rng_state(cpu)
     if cuda and torch.cuda.is_available():
         for i in range(min(len(cuda), torch.cuda.device_count())):
-            torch.cuda.set_rng_state(torch.as_tensor(cuda[i], dtype=torch.uint8).clone(), i)
+            torch.cuda.set_rng_state(cuda[i], i)

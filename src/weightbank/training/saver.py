@@ -23,6 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
+from ..errors import InvalidArgument
+
 __all__ = ["AsyncSaver", "SaveHandle"]
 
 T = TypeVar("T")
@@ -71,7 +73,7 @@ class AsyncSaver:
 
     def __init__(self, max_inflight: int = 1) -> None:
         if isinstance(max_inflight, bool) or not isinstance(max_inflight, int) or max_inflight < 1:
-            raise ValueError(f"max_inflight must be a positive int, not {max_inflight!r}")
+            raise InvalidArgument("max_inflight", max_inflight, "must be a positive int")
         self.max_inflight = max_inflight
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wb-ckpt")
         self._handles: list[SaveHandle[Any]] = []
@@ -109,19 +111,25 @@ class AsyncSaver:
         for h in self.pending():
             h.exception()
 
-    def raise_failures(self) -> None:
-        """Re-raise the first failure not reported yet (each failure is raised once)."""
+    def raise_failures(self, divert: Callable[[BaseException], bool] | None = None) -> None:
+        """Re-raise the first failure not reported yet (each failure is raised once).
+
+        A failure for which ``divert(error)`` is true counts as reported and is
+        not raised (the caller handles it another way).
+        """
         with self._lock:
             for h in self._handles:
                 if h.done() and not h.reported:
                     err = h.exception()
                     if err is not None:
                         h.reported = True
+                        if divert is not None and divert(err):
+                            continue
                         raise err
 
-    def close(self) -> None:
-        """Wait for every save, stop the thread, then re-raise an unreported failure."""
+    def close(self, divert: Callable[[BaseException], bool] | None = None) -> None:
+        """Wait for every save, stop the thread, then re-raise an unreported failure (see :meth:`raise_failures`)."""
         if not self._closed:
             self._closed = True
             self._pool.shutdown(wait=True)
-        self.raise_failures()
+        self.raise_failures(divert)

@@ -20,7 +20,7 @@ Example:
     >>> model = torch.nn.Linear(2, 2); opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> state = wb.TrainingState(model=model, optimizer=opt, extra={"tokens_seen": 0})
     >>> sorted(state.capture())
-    ['extra', 'model', 'optimizer', 'rng']
+    ['classes', 'extra', 'model', 'optimizer', 'rng']
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from ..errors import IncompatibleState, InvalidState
+from ..errors import IncompatibleState, InvalidArgument, InvalidState
+from . import lr
+from .checks import CLASSES, class_problem, classes, problems
 from .rng import capture_rng, restore_rng
 
 __all__ = ["SECTIONS", "Stateful", "TrainingState", "clone_tree"]
@@ -168,6 +170,9 @@ class TrainingState:
             tree["extra"] = {name: self._extra_state(name, v) for name, v in self.extra.items()}
         if self.rng and "rng" in wanted:
             tree["rng"] = capture_rng()
+        record = {k: v for k, v in self.classes().items() if k in wanted}
+        if record:
+            tree[CLASSES] = record
         return tree
 
     @staticmethod
@@ -177,6 +182,49 @@ class TrainingState:
         if isinstance(value, Stateful) and not isinstance(value, torch.Tensor):
             return value.state_dict()
         return value
+
+    def classes(self) -> dict[str, Any]:
+        """The classes of the optimizers and schedulers, as a checkpoint records them (``classes``).
+
+        Example:
+            >>> import torch
+            >>> opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())
+            >>> TrainingState(optimizer=opt).classes()
+            {'optimizer': 'torch.optim.adamw.AdamW'}
+        """
+        return classes(self._groups)
+
+    def check_classes(self, record: Any, sections: Sequence[str]) -> None:
+        """IncompatibleState if the checkpoint's ``classes`` record names another class for ``sections``.
+
+        Example:
+            >>> import torch
+            >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+            >>> TrainingState(optimizer=opt).check_classes({"optimizer": "torch.optim.adamw.AdamW"}, ["optimizer"])
+            Traceback (most recent call last):
+            weightbank.errors.IncompatibleState: cannot restore optimizer: the checkpoint holds a torch.optim.adamw.AdamW, this state a torch.optim.sgd.SGD; build the same optimizer and scheduler classes, or restore fewer parts= (e.g. ("model",)) and start the rest fresh
+        """
+        found = []
+        for kind in (k for k in sections if k in self._groups):
+            for name, obj in self._groups[kind][1].items():
+                mismatch = class_problem(kind, name, obj, record)
+                if mismatch:
+                    found.append((f"{kind}.{name}" if name else kind, mismatch))
+        self._refuse(found, classes_differ=bool(found))
+
+    @staticmethod
+    def _refuse(found: list[tuple[str, str]], *, classes_differ: bool = False) -> None:
+        """Raise IncompatibleState listing ``found`` ((where, problem) pairs), if any."""
+        if not found:
+            return
+        detail = "; ".join(f"cannot restore {where}: {problem}" for where, problem in found[:8])
+        hint = (
+            '; build the same optimizer and scheduler classes, or restore fewer parts= (e.g. ("model",))'
+            " and start the rest fresh"
+            if classes_differ
+            else " (nothing was restored)"
+        )
+        raise IncompatibleState(detail + hint, list(dict.fromkeys(where for where, _ in found)))
 
     def load(
         self, tree: Mapping[str, Any], *, parts: Sequence[str] | None = None, strict: bool = True
@@ -197,7 +245,9 @@ class TrainingState:
         wanted = tuple(self.sections() if parts is None else parts)
         unknown = [p for p in wanted if p not in SECTIONS]
         if unknown:
-            raise ValueError(f"unknown state section(s) {unknown}; choose from {list(SECTIONS)}")
+            raise InvalidArgument(
+                "parts", list(wanted), f"unknown state section(s) {unknown}; choose from {list(SECTIONS)}"
+            )
         if not isinstance(tree, Mapping):
             raise IncompatibleState(f"a training checkpoint is a mapping, not {type(tree).__name__}")
         if wanted == ("model",) and "model" not in tree and "model" in self._groups:
@@ -209,38 +259,63 @@ class TrainingState:
                 " pass parts= to restore less",
                 missing,
             )
-        for kind in (k for k in SECTIONS if k in wanted and k in tree):
+        kinds = [k for k in SECTIONS if k in wanted and k in tree]
+        # Everything is checked before anything is copied: a checkpoint that does not fit leaves
+        # every model, optimizer, scheduler, scaler, data position and generator as it was.
+        record = tree.get(CLASSES)
+        self.check_classes(record, kinds)
+        found: list[tuple[str, str]] = []
+        for kind in kinds:
+            found += self._problems(kind, tree[kind], record, strict)
+        self._refuse(found)
+        for kind in kinds:
             if kind == "extra":
-                self._load_extra(tree["extra"], strict)
+                self._load_extra(tree["extra"])
             elif kind == "rng":
                 if self.rng:
                     restore_rng(tree["rng"])
             elif kind in self._groups:
                 self._load_group(kind, tree[kind])
 
-    def _load_group(self, kind: str, value: Any) -> None:
+    def _problems(self, kind: str, value: Any, record: Any, strict: bool) -> list[tuple[str, str]]:
+        """(where, problem) for everything in section ``kind`` of a checkpoint that would not restore."""
+        if kind == "rng":
+            return [("rng", p) for p in problems("rng", "", None, value)] if self.rng else []
+        if kind == "extra":
+            if not isinstance(value, Mapping):
+                return [("extra", "the checkpoint's extra section is not a mapping")]
+            absent = [n for n in self.extra if n not in value]
+            out = [("extra", f"the checkpoint has no extra {absent}")] if absent and strict else []
+            for name, saved in value.items():
+                if name in self.extra:
+                    out += [(f"extra.{name}", p) for p in problems("extra", name, self.extra[name], saved)]
+            return out
+        if kind not in self._groups:
+            return []
         several, objs = self._groups[kind]
         states = value if several else {"": value}
         if not isinstance(states, Mapping) or set(states) != set(objs):
-            raise IncompatibleState(
-                f"the checkpoint's {kind} section holds {sorted(states) if isinstance(states, Mapping) else type(states).__name__},"
-                f" this state has {sorted(objs)}",
-                [kind],
-            )
+            held = sorted(states) if isinstance(states, Mapping) else type(states).__name__
+            return [(kind, f"the checkpoint's {kind} section holds {held}, this state has {sorted(objs)}")]
+        out = []
+        for name, obj in objs.items():
+            where = f"{kind}.{name}" if name else kind
+            out += [(where, p) for p in problems(kind, name, obj, states[name], record)]
+        return out
+
+    def _load_group(self, kind: str, value: Any) -> None:
+        several, objs = self._groups[kind]
+        states = value if several else {"": value}
         for name, obj in objs.items():
             where = f"{kind}.{name}" if name else kind
             try:
                 # Optimizers and schedulers keep references to what they are given: hand them copies.
                 obj.load_state_dict(states[name] if kind == "model" else clone_tree(states[name]))
             except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                # Only what the checks above cannot foresee (a custom load_state_dict) gets here.
                 raise IncompatibleState(f"cannot restore {where}: {e}", [where]) from None
 
-    def _load_extra(self, saved: Any, strict: bool) -> None:
-        if not isinstance(saved, Mapping):
-            raise IncompatibleState("the checkpoint's extra section is not a mapping", ["extra"])
-        missing = [n for n in self.extra if n not in saved]
-        if missing and strict:
-            raise IncompatibleState(f"the checkpoint has no extra {missing}", missing)
+    def _load_extra(self, saved: Mapping[str, Any]) -> None:
         for name, value in saved.items():
             current = self.extra.get(name)
             if isinstance(current, torch.Generator):
@@ -262,7 +337,12 @@ class TrainingState:
             self.data.load_state_dict(position)
 
     def scale_lr(self, factor: float) -> None:
-        """Multiply every optimizer's learning rates by ``factor``, and the schedulers' base rates with them.
+        """Multiply every learning rate by ``factor``: the optimizers' groups and what the schedulers derive rates from.
+
+        Every later rate is ``factor`` times the one the unscaled run would have
+        had, for the schedulers :mod:`weightbank.training.lr` lists; with
+        another one (see :meth:`unscalable_schedulers`) InvalidArgument, and
+        nothing is changed.
 
         Example:
             >>> import torch
@@ -270,12 +350,41 @@ class TrainingState:
             >>> TrainingState(optimizer=opt).scale_lr(0.5); opt.param_groups[0]["lr"]
             0.05
         """
-        for opt in self.objects("optimizer").values():
-            for group in getattr(opt, "param_groups", []):
-                for key in ("lr", "initial_lr"):
-                    if isinstance(group.get(key), float):
-                        group[key] *= factor
-        for sched in self.objects("scheduler").values():
-            base = getattr(sched, "base_lrs", None)
-            if isinstance(base, list):
-                sched.base_lrs = [b * factor if isinstance(b, float) else b for b in base]
+        self.check_scalable(factor)
+        lr.scale_lr(
+            list(self.objects("optimizer").values()), list(self.objects("scheduler").values()), factor
+        )
+
+    def check_scalable(self, factor: float) -> None:
+        """InvalidArgument (naming ``lr_scale``) if :meth:`scale_lr` cannot scale this state by ``factor``.
+
+        Example:
+            >>> class Flat:  # a scheduler of its own, without scale_lr()
+            ...     def state_dict(self): return {}
+            ...     def load_state_dict(self, state): pass
+            >>> TrainingState(scheduler=Flat()).check_scalable(0.5)
+            Traceback (most recent call last):
+            weightbank.errors.InvalidArgument: lr_scale=0.5: cannot scale the learning rate of ...Flat: ...
+        """
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < float("inf"):
+            raise InvalidArgument("lr_scale", factor, "must be a positive, finite factor")
+        bad = self.unscalable_schedulers()
+        if bad:
+            raise InvalidArgument(
+                "lr_scale",
+                factor,
+                f"cannot scale the learning rate of {', '.join(bad)}: its rates would not follow the factor;"
+                " give it a scale_lr(factor) method, use a torch.optim.lr_scheduler scheduler, or use"
+                " Guard(lr_scale=1.0)",
+            )
+
+    def unscalable_schedulers(self) -> list[str]:
+        """Names of this state's schedulers whose rates :meth:`scale_lr` cannot scale ([]: it can scale them all).
+
+        Example:
+            >>> import torch
+            >>> opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+            >>> TrainingState(scheduler=torch.optim.lr_scheduler.OneCycleLR(opt, 1.0, total_steps=9)).unscalable_schedulers()
+            []
+        """
+        return lr.unscalable(self.objects("scheduler").values())
