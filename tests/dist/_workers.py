@@ -346,6 +346,13 @@ def train(
     }
 
 
+def _shard(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's local shard of the first layer's weight (an FSDP2 DTensor)."""
+    weight = model.get_parameter("0.weight")
+    assert isinstance(weight, DTensor)
+    return weight.to_local()
+
+
 def poisoned(rank: int, world: int, bank_dir: str) -> dict[str, Any]:
     """FSDP2 under a guarded manager; rank 1 alone writes NaN into its shard at a save step (loss finite).
 
@@ -371,14 +378,14 @@ def poisoned(rank: int, world: int, bank_dir: str) -> dict[str, Any]:
         opt.zero_grad()
         if step == 3 and rank == 1 and not mgr.rollbacks:
             with torch.no_grad():
-                model[0].weight.to_local()[0, 0] = math.nan
+                _shard(model)[0, 0] = math.nan
         out = mgr.step(step, state, metrics={"loss": 1.0})
         if out.saved is not None and out.saved.step == 4 and not refused:
             err = out.saved.exception()
             refused = "" if err is None else f"{type(err).__name__}: {err}"
         step = out.next_step
     mgr.close()
-    local = model[0].weight.to_local()
+    local = _shard(model)
     return {
         "refused": refused,
         "rollbacks": [(rb.step, rb.restored_step, rb.source) for rb in mgr.rollbacks],

@@ -16,7 +16,7 @@ from weightbank.training.guard import nonfinite
 SAVE_EVERY = 3
 
 
-def _setup() -> tuple[nn.Module, wb.TrainingState]:
+def _setup() -> tuple[nn.Sequential, wb.TrainingState]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
@@ -32,12 +32,12 @@ def _train_step(model: nn.Module, state: wb.TrainingState) -> float:
     return float(loss.detach())
 
 
-def _poison(model: nn.Module, where: str) -> None:
+def _poison(model: nn.Sequential, where: str) -> None:
     with torch.no_grad():
         if where == "buffer":
-            model[1].running_var[0] = math.nan  # train-mode losses stay finite: only the state shows it
+            model.get_buffer("1.running_var")[0] = math.nan  # train-mode losses stay finite: only the state shows it
         else:
-            model[2].weight[0, 0] = math.inf
+            model.get_parameter("2.weight")[0, 0] = math.inf
 
 
 def _finite(model: nn.Module) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -42,7 +42,11 @@ def _everything(state: wb.TrainingState) -> Any:
     """A copy of every piece of ``state`` a restore could change, and the global generators."""
     tree = clone_tree(state.capture())
     tree.pop("rng")
-    return tree, (random.getstate(), np.random.get_state(legacy=True)[1].copy(), torch.get_rng_state())
+    return tree, (
+        random.getstate(),
+        cast(tuple[Any, ...], np.random.get_state(legacy=True))[1].copy(),
+        torch.get_rng_state(),
+    )
 
 
 def _same(a: Any, b: Any) -> bool:
