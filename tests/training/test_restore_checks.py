@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import weightbank as wb
+from tests.training.test_lr_scale import SCHEDULERS, _advance, _pair
 from weightbank.training.state import clone_tree
 
 
@@ -172,3 +173,17 @@ def test_the_manager_refuses_another_optimizer_on_resume(bank: wb.Bank) -> None:
     ):
         mgr.restore(sgd)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", sorted(SCHEDULERS))
+def test_every_torch_scheduler_round_trips_through_the_checks(kind: str) -> None:
+    """The checks refuse only what does not fit: each scheduler restores into one like it."""
+    bank = wb.open("memory://")
+    opt, sched = _pair(kind)
+    for _ in range(3):
+        _advance(opt, sched)
+    cid = bank.save(wb.TrainingState(optimizer=opt, scheduler=sched, rng=False).capture()).id
+    opt2, sched2 = _pair(kind)
+    wb.TrainingState(optimizer=opt2, scheduler=sched2, rng=False).load(bank.load(cid))
+    assert sched2.state_dict().get("last_epoch") == sched.state_dict().get("last_epoch")
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
