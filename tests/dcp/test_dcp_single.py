@@ -87,7 +87,7 @@ def test_save_through_dcp_then_load_through_dcp_and_through_the_bank() -> None:
     # again, unchanged: nothing new is written, and the parent is the previous save
     again = wb.dcp.Writer(bank)
     dcp.save(state, storage_writer=again, checkpoint_id="r@6")
-    assert again.info is not None and again.info.step == 6 and again.info.parent == cid
+    assert isinstance(again.info, wb.SaveResult) and again.info.step == 6 and again.info.parent == cid
     assert again.info.save_stats is not None and again.info.save_stats.written_bytes == 0
 
 
@@ -95,7 +95,7 @@ def test_a_checkpoint_saved_with_bank_save_loads_through_dcp() -> None:
     bank = wb.open("memory://")
     lin = torch.nn.Linear(3, 2)
     bank.save({"model": lin.state_dict(), "step": 9}, tags=["v1"])
-    target = {"model": torch.nn.Linear(3, 2).state_dict(), "step": 0}
+    target: dict[str, Any] = {"model": torch.nn.Linear(3, 2).state_dict(), "step": 0}
     dcp.load(target, checkpoint_id="v1", storage_reader=wb.dcp.Reader(bank))
     assert torch.equal(target["model"]["weight"], lin.weight) and target["step"] == 9
 
@@ -137,7 +137,7 @@ def test_metadata_the_manifest_cannot_reproduce_is_stored_as_json() -> None:
     info = bank.show(wb.dcp.saved_id(md)).info
     assert "metadata" in info.meta["dcp"]
     assert same_metadata(metadata_of(bank._manifest(info.id)[1])[0], md)
-    target = {"model": None, "step": 0}
+    target: dict[str, Any] = {"model": None, "step": 0}
     dcp.load(
         target,
         storage_reader=wb.dcp.Reader(bank, info.id),
@@ -238,6 +238,7 @@ def test_async_save_commits_through_the_writer_too() -> None:
     bank = wb.open("memory://")
     fut = dcp.async_save({"w": torch.ones(3), "step": 2}, storage_writer=wb.dcp.Writer(bank, run="a", step=2))
     md = fut.result() if hasattr(fut, "result") else fut.upload_completion.result()
+    assert isinstance(md, Metadata)  # torch types upload_completion as Future[None]; it holds the Metadata
     assert bank.load(wb.dcp.saved_id(md))["step"] == 2 and bank.log("a")[0].step == 2
 
 

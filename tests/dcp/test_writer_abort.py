@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import pytest
@@ -67,7 +68,9 @@ def test_a_rank_that_never_heard_the_coordinator_keeps_its_part() -> None:
     assert writer.abort(RuntimeError("gloo: timed out waiting for rank 0")) is False
     assert writer.part is part and len(leases(bank)) == 1 and packs(bank) == set(part.own_packs())
     # The verdict came (DCP's CheckpointException: nothing was committed): the part goes.
-    assert writer.abort(CheckpointException("write", {0: ValueError("no")})) is True
+    assert (
+        writer.abort(CheckpointException("write", {0: (ValueError("no"), traceback.StackSummary())})) is True
+    )
     assert writer.part is None and leases(bank) == [] and packs(bank) == set()
     assert writer.abort() is False  # nothing left to give up
 

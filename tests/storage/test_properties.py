@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,15 @@ import weightbank as wb
 from weightbank.bank.caching import is_remote
 from weightbank.bank.marker import init_storage
 from weightbank.errors import NotABank, StorageError
-from weightbank.storage import LocalStorage, MemoryStorage, Storage, StorageProperties
+from weightbank.storage import (
+    LocalStorage,
+    MemoryStorage,
+    ObjectInfo,
+    ObjectWriter,
+    RefValue,
+    Storage,
+    StorageProperties,
+)
 
 
 class Wrapper:
@@ -33,8 +42,45 @@ class Wrapper:
         self.writes.append(key)
         self.inner.write(key, data)
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
+    # Everything else goes straight to ``inner``, spelled out so mypy checks Wrapper against Storage.
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.inner.read(key, offset, length)
+
+    def read_into(self, key: str, offset: int, buf: memoryview) -> int:
+        return self.inner.read_into(key, offset, buf)
+
+    def open_writer(self, key: str) -> ObjectWriter:
+        return self.inner.open_writer(key)
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def get_ref(self, key: str) -> RefValue | None:
+        return self.inner.get_ref(key)
+
+    def put_ref(self, key: str, data: bytes, expect: str | None) -> str:
+        return self.inner.put_ref(key, data, expect)
+
+    def list_refs(self, prefix: str) -> Iterator[str]:
+        return self.inner.list_refs(prefix)
+
+    def local_path(self, key: str) -> str | None:
+        return self.inner.local_path(key)
+
+    def sweep_incomplete(self, older_than: float) -> int:
+        return self.inner.sweep_incomplete(older_than)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 def test_remote_is_read_from_properties_not_guessed_from_the_class() -> None:
