@@ -61,6 +61,7 @@ from ..bank.results import CheckpointInfo
 from ..errors import CheckpointNotFound, IncompatibleState, InvalidState, WeightbankError
 from ..format.jsonsafe import decode, encode
 from ..format.manifest import Manifest
+from ..format.tree import dict_items
 from .checks import CLASSES
 from .job import Decision
 from .state import TrainingState
@@ -298,7 +299,7 @@ def restore(
     from ..dcp import LoadPlanner, Reader
 
     cid, m = checkpoint(bank, cid)
-    top = {str(k): node for k, node in m.tree.get("d", [])}
+    top = {str(k): node for k, node in dict_items(m.tree) or []}
     sections = [s for s in state.sections() if parts is None or s in parts]
     bare = list(sections) == ["model"] and "model" not in top and not state.is_named("model")
     missing = [s for s in sections if s not in _PER_RANK_SECTIONS and s not in top and not bare]
@@ -361,7 +362,7 @@ def _per_rank(
 
     if not wanted:
         return []
-    ranks = {str(k): node for k, node in top[PER_RANK].get("d", [])} if PER_RANK in top else {}
+    ranks = {str(k): node for k, node in dict_items(top[PER_RANK]) or []} if PER_RANK in top else {}
     dcp_meta = m.decoded_meta().get("dcp")
     saved_world = int(dcp_meta.get("world_size", len(ranks))) if isinstance(dcp_meta, dict) else len(ranks)
     notes = []
