@@ -34,6 +34,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,13 @@ def slow_save(
 def main() -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     mode, args = sys.argv[1], sys.argv[2:]
-    modes = {"sweep": sweep, "loop": loop, "saver": saver, "tagger": tagger, "slow-save": slow_save}
+    modes: dict[str, Callable[..., None]] = {
+        "sweep": sweep,
+        "loop": loop,
+        "saver": saver,
+        "tagger": tagger,
+        "slow-save": slow_save,
+    }
     if mode == "loop":
         loop(args[0], int(args[1]))
     else:

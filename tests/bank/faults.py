@@ -290,7 +290,8 @@ def check_tag_history(bank: wb.Bank, name: str) -> list[dict[str, Any]]:
     ref = bank.storage.get_ref(f"{TAGS}{name}.json")
     assert ref is not None, f"tag {name} has no ref"
     rec = json.loads(ref.data)
-    history, stack = rec["history"], []
+    history = rec["history"]
+    stack: list[str | None] = []
     assert history, f"tag {name} exists with an empty history"
     for i, ev in enumerate(history):
         assert ev["action"] in ("set", "untag", "rollback"), ev

@@ -64,8 +64,8 @@ def test_processes_saving_into_one_bank_lose_nothing(where: str, children: Child
     for proc in children.procs:
         for line in finish(proc):
             if line.startswith("saved"):
-                _, cid, run, step = line.split()
-                reported[cid] = (run, int(step))
+                _, cid, run, step_text = line.split()
+                reported[cid] = (run, int(step_text))
     assert len(reported) == sum(len(steps) for _, steps in plan), "every save returned its own id"
 
     log = check_bank(path, must_have=set(reported))
@@ -78,10 +78,11 @@ def test_processes_saving_into_one_bank_lose_nothing(where: str, children: Child
         for run in ("a", "b"):
             roots = [c for c in bank.log(run) if c.parent is None]
             assert len(roots) >= 1
-            chain, cid = 0, bank.resolve(f"{run}@latest")
-            while cid is not None:
+            chain = 0
+            node: str | None = bank.resolve(f"{run}@latest")
+            while node is not None:
                 chain += 1
-                cid = log[cid].parent
+                node = log[node].parent
             assert chain >= 2, "the newest checkpoint should descend from earlier ones"
         du = bank.du()
         assert du.unique_bytes < du.logical_bytes / 3, "concurrent saves should still dedup each other"

@@ -69,7 +69,7 @@ def test_delta_chains_reload_bit_exact_across_keyframes(
         got = bank.load(info.id)
         assert all(same_bytes(got[k], v) for k, v in state.items())
     assert bank.verify().ok
-    delta_bytes = sum(i.save_stats.per_codec.get("delta", 0) for i in infos if i.save_stats)
+    delta_bytes = sum(i.save_stats.per_codec.get("delta", 0) for i in infos if i.save_stats is not None)
     assert delta_bytes > 0
     # The frozen table is deduplicated, never re-stored as a delta.
     assert all(i.save_stats is not None and i.save_stats.new_chunks > 0 for i in infos)

@@ -52,7 +52,8 @@ def test_gc_keeps_chunks_an_inflight_save_reuses_while_their_checkpoints_are_del
     bank.delete(a0.id)
     assert bank.prune(run="r", keep_last=0).deleted == (a1.id,)
     assert bank.log() == []
-    rounds, deleted = 0, set()
+    rounds = 0
+    deleted: set[str] = set()
     while child.poll() is None:
         report = bank.gc(grace=0)
         deleted.update(report.packs_deleted)
@@ -169,8 +170,8 @@ def test_stale_lease_of_a_killed_save_is_dropped_with_its_orphan_pack(
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)  # reaped: its pid is gone, not a zombie
     assert len(list(bank.storage.list(LEASES))) == 1, "the killed save leaves its lease behind"
-    report = bank.verify()
-    assert report.ok and [p.key for p in report.problems if p.kind == "orphan"] == [inflight]
+    verified = bank.verify()
+    assert verified.ok and [p.key for p in verified.problems if p.kind == "orphan"] == [inflight]
     report = bank.gc(grace=0)
     assert report.leases_dropped == 1 and report.packs_deleted == (inflight,)
     assert list(bank.storage.list(LEASES)) == []

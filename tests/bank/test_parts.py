@@ -164,11 +164,11 @@ def test_any_grid_of_shards_round_trips_and_regions_read_exactly(
     bank = wb.open("memory://")
     full = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(shape)
     # a grid: dimension d cut into cuts[d] blocks (some may be empty)
-    bounds = []
+    bounds: list[list[tuple[int, int]]] = []
     for d, n in enumerate(shape):
         edges = sorted(data.draw(st.lists(st.integers(0, n), min_size=cuts[d] - 1, max_size=cuts[d] - 1)))
         bounds.append(list(zip([0, *edges], [*edges, n], strict=True)))
-    boxes = [()]
+    boxes: list[tuple[tuple[int, int], ...]] = [()]
     for b in bounds:
         boxes = [(*x, y) for x in boxes for y in b]
     shards = [

@@ -87,11 +87,13 @@ def test_nested_state_with_optimizer_and_values(bank: wb.Bank) -> None:
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     sched = torch.optim.lr_scheduler.StepLR(opt, 10)
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the legacy form: ("MT19937", keys, pos, has_gauss, cached_gaussian)
     state = {
         "model": model.state_dict(),
         "optim": opt.state_dict(),
         "sched": sched.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "np": np.random.get_state()[1]},
+        "rng": {"torch": torch.get_rng_state(), "np": np_state[1]},
         "values": {"inf": float("inf"), "none": None, "t": (1, "two", [3.0, True])},
     }
     out = bank.load(bank.save(state, run="train", step=1).id)
@@ -105,13 +107,19 @@ def test_nested_state_with_optimizer_and_values(bank: wb.Bank) -> None:
     sched2.load_state_dict(out["sched"])
 
 
-def tied_model() -> torch.nn.Module:
-    m = torch.nn.Module()
-    m.embed = torch.nn.Embedding(50, 8)
-    m.decoder = torch.nn.Linear(8, 50)
-    m.decoder.weight = m.embed.weight
-    m.norm = torch.nn.LayerNorm(8)
-    return m
+class Tied(torch.nn.Module):
+    """An embedding and a decoder that share one weight, and a norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 8)
+        self.decoder = torch.nn.Linear(8, 50)
+        self.decoder.weight = self.embed.weight
+        self.norm = torch.nn.LayerNorm(8)
+
+
+def tied_model() -> Tied:
+    return Tied()
 
 
 def test_tied_weights_stored_once_and_come_back_tied(bank: wb.Bank) -> None:

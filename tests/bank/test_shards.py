@@ -28,7 +28,7 @@ def legacy_part(
     """A part cut into ``chunk_size`` chunks, as a weightbank without the alignment rule wrote them."""
     options = SaveOptions(codec=codec)
     object.__setattr__(options, "chunk_size", chunk_size)
-    return write_part(bank.storage, bank._catalog, pieces_of(tensors), options)  # type: ignore[arg-type]
+    return write_part(bank.storage, bank._catalog, pieces_of(tensors), options)
 
 
 @pytest.mark.parametrize("where", ["memory", "local"])

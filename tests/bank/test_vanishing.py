@@ -46,7 +46,7 @@ def _bank(tmp_path: Path) -> tuple[str, str, str]:
 def test_gc_runs_when_a_listed_manifest_vanishes(tmp_path: Path) -> None:
     root, a, b = _bank(tmp_path)
     storage = PruneDuringRead(open_storage(root), root, a)
-    bank = wb.Bank(storage)  # type: ignore[arg-type]
+    bank = wb.Bank(storage)
     report = bank.gc(grace=0)
     assert storage.fired
     assert report.dry_run is False
@@ -57,7 +57,7 @@ def test_gc_runs_when_a_listed_manifest_vanishes(tmp_path: Path) -> None:
 def test_verify_is_clean_when_a_listed_manifest_vanishes(tmp_path: Path) -> None:
     root, a, _ = _bank(tmp_path)
     storage = PruneDuringRead(open_storage(root), root, a)
-    bank = wb.Bank(storage)  # type: ignore[arg-type]
+    bank = wb.Bank(storage)
     report = bank.verify()
     assert storage.fired
     assert report.ok, report.problems
