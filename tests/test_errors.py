@@ -10,6 +10,7 @@ import pytest
 from weightbank import errors
 
 SAMPLES: dict[str, errors.WeightbankError] = {
+    "AlreadyClosed": errors.AlreadyClosed("checkpoint manager"),
     "AmbiguousRef": errors.AmbiguousRef("ab", ["abc", "abd"]),
     "BudgetExceeded": errors.BudgetExceeded("device", needed=1, used=2, budget=3, transient=True),
     "CheckpointNotFound": errors.CheckpointNotFound("r@1", ["r@2"], detail="gone"),

@@ -32,6 +32,7 @@ from .bank.results import (
     VerifyReport,
 )
 from .errors import (
+    AlreadyClosed,
     AmbiguousRef,
     BudgetExceeded,
     CheckpointNotFound,
@@ -96,6 +97,7 @@ from .training import (
 
 __all__ = [
     "AUTO",
+    "AlreadyClosed",
     "AmbiguousRef",
     "Bank",
     "BestN",

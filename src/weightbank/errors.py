@@ -17,6 +17,7 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     │   ├── ExternalFileNotFound (FileNotFoundError) the file to import does not exist
     │   └── TargetExists        (FileExistsError)   export would overwrite a file
     ├── NoHistory               (LookupError)  rollback past a tag's first target
+    ├── AlreadyClosed           (ValueError)   a manager or saver used after close()
     ├── ConcurrentUpdate        (RuntimeError) a compare-and-swap lost a race
     ├── DeviceError             (RuntimeError) requested device not available
     ├── TrainingDiverged        (RuntimeError) training kept diverging after automatic rollbacks
@@ -47,6 +48,7 @@ from collections.abc import Sequence
 from typing import Any
 
 __all__ = [
+    "AlreadyClosed",
     "AmbiguousRef",
     "BudgetExceeded",
     "CheckpointNotFound",
@@ -231,6 +233,18 @@ class NoHistory(WeightbankError, LookupError):
             f"tag {tag!r} has {available} earlier target(s); cannot go back {steps}"
             " (see `weightbank tags --history`)"
         )
+
+
+class AlreadyClosed(WeightbankError, ValueError):
+    """An object was used after its ``close()`` (a checkpoint manager, its saver).
+
+    Attributes:
+        what: the object, in words.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"the {what} is closed; make a new one to go on")
 
 
 class ConcurrentUpdate(WeightbankError, RuntimeError):

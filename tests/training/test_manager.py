@@ -221,13 +221,15 @@ def test_signal_without_exit_stops_the_loop(bank: wb.Bank) -> None:
     os.kill(os.getpid(), signal.SIGUSR1)
     out = mgr.step(4, state, {})
     assert out.stop and out.saved is not None and out.saved.wait().step == 5
-    with pytest.raises(ValueError, match="closed"):
+    with pytest.raises(wb.AlreadyClosed, match="closed"):
         mgr.step(5, state, {})
 
 
 def test_bad_arguments_fail_early(bank: wb.Bank) -> None:
     with pytest.raises(wb.InvalidName):
         wb.CheckpointManager(bank, run="bad/run", signals=())
+    with pytest.raises(wb.InvalidName, match="id prefix"):
+        wb.CheckpointManager(bank, run="c0ffee", signals=())
     with pytest.raises(ValueError):
         wb.CheckpointManager(bank, run="r", max_inflight=0, signals=())
     with pytest.raises(ValueError):

@@ -5,9 +5,11 @@
     <id> | <id prefix, >= 6 hex chars>   a checkpoint by content hash
     <tag>                                a tag's current target
     <tag>@{N}                            the tag's N-th previous target (what rollback N restores)
-    <run>@<step>                         the newest checkpoint of run at that step
+    <run>@<step>                         the run's checkpoint at that step, never a re-save marked
+                                         resave_of (saved twice otherwise: the newer)
     <run>@latest                         the run's newest checkpoint
-    <run>@best:<metric>[:min|:max]       the run's checkpoint with the lowest (or highest) metric
+    <run>@best:<metric>[:min|:max]       the run's checkpoint with the lowest (or highest) finite
+                                         metric, the newest on ties
     <ref>~N, <ref>~                      the N-th (first) parent of ref; suffixes add up
 
 A full id always names its checkpoint. Tag and run names that read as an id
@@ -26,13 +28,11 @@ Example:
 from __future__ import annotations
 
 import difflib
-import math
 import re
 
 from ..errors import AmbiguousRef, CheckpointNotFound, CorruptObject, InvalidRef, TagNotFound
 from ..format.hashing import MIN_PREFIX, is_digest
 from ..format.jsonsafe import decode
-from ..format.manifest import Manifest
 from .catalog import Catalog
 from .layout import check_name
 from .retention import best_first, metric_value
@@ -62,13 +62,6 @@ def parse(ref: str) -> tuple[str, int]:
     if not base:
         raise InvalidRef(ref, "nothing before '~'")
     return base, up
-
-
-def _metric(m: Manifest, name: str) -> float | None:
-    value = decode(m.metrics).get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        return None
-    return float(value)
 
 
 def _suggest(word: str, catalog: Catalog, tags: TagStore) -> list[str]:

@@ -60,10 +60,11 @@ from typing import Any, Literal
 import torch
 
 from ..bank.bank import AUTO, Auto, Bank
-from ..bank.environment import capture_env
+from ..bank.environment import warm_up
+from ..bank.layout import check_new_name
 from ..bank.results import CheckpointInfo
 from ..bank.retention import BestN, KeepPolicy
-from ..errors import TrainingDiverged
+from ..errors import AlreadyClosed, TrainingDiverged
 from .data import DataPositionWarning, warn_no_position
 from .guard import Guard
 from .job import Decision, choose_job
@@ -130,11 +131,8 @@ class CheckpointManager:
         distributed: bool | None = None,
         collective_timeout: float | None = None,
     ) -> None:
-        bank.events(run)  # validates the run name before any training happens
-        # The bank probes git (subprocesses) once per working directory for checkpoint metadata. Do it
-        # here, in the caller's thread: a DataLoader worker forked while the background thread is
-        # inside subprocess creation inherits the pipe that thread then waits on forever.
-        capture_env()
+        check_new_name("run", run)  # before any training happens
+        warm_up()  # git is probed here, in the caller's thread, never first from the save thread
         self.bank = bank
         self.run = run
         if save is None:
@@ -382,7 +380,7 @@ class CheckpointManager:
     # -- internals -------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("the checkpoint manager is closed")
+            raise AlreadyClosed("checkpoint manager")
 
     def _raise_failures(self) -> None:
         self._saves.raise_failures()

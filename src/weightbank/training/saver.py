@@ -23,7 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from ..errors import InvalidArgument
+from ..errors import AlreadyClosed, InvalidArgument
 
 __all__ = ["AsyncSaver", "SaveHandle"]
 
@@ -88,7 +88,7 @@ class AsyncSaver:
     def submit(self, job: Callable[[], T], *, step: int, blocked_seconds: float = 0.0) -> SaveHandle[T]:
         """Queue ``job``; the caller must have made room with :meth:`wait_for_room`."""
         if self._closed:
-            raise ValueError("the saver is closed")
+            raise AlreadyClosed("saver")
         handle = SaveHandle(self._pool.submit(job), step=step, blocked_seconds=blocked_seconds)
         with self._lock:
             # Finished handles are forgotten unless they hold a failure nobody has seen yet.
