@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given, settings
@@ -247,7 +248,7 @@ def test_layouts_with_too_many_corners_are_refused(monkeypatch: pytest.MonkeyPat
     check_tiling("w", shape, slabs)  # split in one dimension: 2 boxes x 2 corners
 
 
-def many_shards(shape: tuple[int, int], boxes: list[Box]) -> Manifest:
+def many_shards(shape: tuple[int, int], boxes: Sequence[Box]) -> Manifest:
     """A uint8 tensor of ``shape`` in ``boxes``, each box with one chunk of its size."""
     sizes = sorted({ext[0] * ext[1] for _, ext in boxes})
     index = {n: i for i, n in enumerate(sizes)}
