@@ -67,8 +67,8 @@ def test_no_pickle_in_the_package() -> None:
                 and isinstance(node.func.value, ast.Name)
                 and node.func.value.id == "torch"
             ):
-                kw = {k.arg: k.value for k in node.keywords}
-                safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+                weights_only = {k.arg: k.value for k in node.keywords}.get("weights_only")
+                safe = isinstance(weights_only, ast.Constant) and weights_only.value is True
                 if not safe:
                     offenders.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
     assert not offenders, offenders

@@ -467,6 +467,7 @@ def test_safetensors_export_of_tied_weights(bank: wb.Bank, out_dir: Path, tmp_pa
     again = import_file(bank, out, run="again")
     rows = {t.name: t for t in bank.show(again.id).tensors}
     assert rows["lm_head.weight"].alias_of == "embed.weight"
+    assert isinstance(again, wb.SaveResult)  # import_file returns bank.save's result
     assert again.save_stats is not None and again.save_stats.written_bytes == 0  # all chunks deduplicated
 
 

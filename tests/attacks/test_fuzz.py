@@ -9,6 +9,7 @@ than a bound proportional to what it was asked to produce.
 
 from __future__ import annotations
 
+import functools
 import json
 import tracemalloc
 from collections.abc import Callable
@@ -23,8 +24,8 @@ from hypothesis import strategies as st
 import weightbank as wb
 from weightbank.bank.events import EventLog
 from weightbank.bank.layout import EVENTS
-from weightbank.bank.leases import all_leases
-from weightbank.bank.maintenance import read_trash
+from weightbank.bank.leases import Lease, all_leases
+from weightbank.bank.maintenance import TrashEntry, read_trash
 from weightbank.bank.tags import TagRecord
 from weightbank.format.codecs import CODECS
 from weightbank.format.delta import decode_chain
@@ -106,7 +107,7 @@ def test_flipped_plane_payloads_raise_only_corrupt_object(flips: list[int]) -> N
 def _good_manifest() -> dict[str, Any]:
     bank = wb.open("memory://")
     info = bank.save({"w": torch.ones(4, 4), "opt": {"step": 3, "lr": float("nan")}}, metrics={"v": 1.0})
-    obj: dict[str, Any] = bank.show(info.id).info and json.loads(bank._catalog.get(info.id).to_bytes())
+    obj: dict[str, Any] = json.loads(bank._catalog.get(info.id).to_bytes())
     return obj
 
 
@@ -143,12 +144,16 @@ def test_manifest_parser_raises_only_typed_errors(data: bytes) -> None:
     _bounded(parse, 64 * len(data) + SLACK)
 
 
+def _tag_events(data: bytes) -> object:
+    return TagRecord.from_bytes("prod", data).events()
+
+
 @FUZZ
 @given(obj=st.dictionaries(st.sampled_from(["name", "target", "stack", "history", "digest"]), json_values))
 def test_tag_record_parser_raises_only_typed_errors(obj: dict[str, Any]) -> None:
     body = {k: v for k, v in obj.items() if k != "digest"}
     for data in (json.dumps(obj).encode(), seal(body)):
-        _bounded(lambda data=data: TagRecord.from_bytes("prod", data).events(), 64 * len(data) + SLACK)
+        _bounded(functools.partial(_tag_events, data), 64 * len(data) + SLACK)
 
 
 @FUZZ
@@ -169,7 +174,7 @@ def test_trash_and_lease_parsers_never_raise(body: Any, where: str) -> None:
     sealable = isinstance(body, dict) and "digest" not in body
     data = seal(body) if sealable else json.dumps(body).encode()
     storage.write(f"{where}{'a' * 64}.json", data)
-    entries = [*read_trash(storage), *all_leases(storage)]
+    entries: list[TrashEntry | Lease] = [*read_trash(storage), *all_leases(storage)]
     assert len(entries) == 1 and entries[0].problem
 
 
