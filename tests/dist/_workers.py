@@ -134,11 +134,13 @@ def save(rank: int, world: int, bank_dir: str, run: str, step: int, codec: str) 
     writer = wb.dcp.Writer(bank, run=run, step=step, codec=codec, chunk_size=CHUNK, tags=[f"{run}-tag"])
     md = dcp.save(state, storage_writer=writer, planner=wb.dcp.SavePlanner())
     stats = writer.part.stats if writer.part is not None else None
+    committed = writer.info if isinstance(writer.info, wb.SaveResult) else None  # the coordinator's commit
     return {
         "id": wb.dcp.saved_id(md),
         "written": stats.written_bytes if stats else 0,
         "reused": stats.reused_bytes if stats else 0,
-        "committed": writer.info.id if writer.info is not None else None,
+        "committed": committed.id if committed is not None else None,
+        "committed_written": committed.save_stats.written_bytes if committed is not None else None,
     }
 
 
@@ -220,8 +222,8 @@ def manager_messages(rank: int, world: int) -> dict[str, Any]:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the manager must not use a pickling collective")
 
-    dist.all_gather_object = refuse  # type: ignore[assignment]
-    dist.broadcast_object_list = refuse  # type: ignore[assignment]
+    dist.all_gather_object = refuse
+    dist.broadcast_object_list = refuse
     ctx = Distributed(timeout=60)
     long = {"reason": "x" * 5000, "rollbacks": [1, 2, 3], "loss": math.inf}
     decision, flagged = ctx.agree(lambda: long if rank == 0 else None, flag=rank == world - 1)
@@ -263,8 +265,15 @@ def _fingerprint(model: torch.nn.Module, opt: torch.optim.Optimizer, loader: Any
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, opt)
-    out = {f"model.{k}": _digest(v) for k, v in msd.items()}
-    for pk, st in osd["state"].items():
+    out: dict[str, Any] = {}
+    for k, v in msd.items():
+        assert isinstance(v, torch.Tensor), k  # a model's state dict holds tensors (DTensors here) only
+        out[f"model.{k}"] = _digest(v)
+    assert isinstance(osd, dict)  # one optimizer: one state dict, not a list of them
+    opt_state = osd["state"]
+    assert isinstance(opt_state, dict)
+    for pk, st in opt_state.items():
+        assert isinstance(st, dict), pk
         out.update({f"optim.{pk}.{k}": _digest(v) for k, v in st.items() if isinstance(v, torch.Tensor)})
     out["rng"] = _digest(torch.get_rng_state())
     out["data"] = loader.state_dict()
