@@ -38,7 +38,7 @@ from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file as safetensors_save_file
 
 from .bank.bank import AUTO, Auto, Bank
-from .bank.results import CheckpointInfo
+from .bank.results import CheckpointInfo, SaveResult
 from .errors import ExternalFileError, ExternalFileNotFound, IncompatibleState, InvalidState, TargetExists
 from .format.lossy import LOSSY_CODECS, quantizable, quantize_tensor
 from .format.tree import flatten
@@ -74,7 +74,7 @@ def import_file(
     metrics: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
     parent: str | Auto | None = AUTO,
-) -> CheckpointInfo:
+) -> SaveResult:
     """Save the weights in ``path`` as a new checkpoint of ``run`` and return its info.
 
     ``path`` is a ``.safetensors`` file (its ``__metadata__`` goes to

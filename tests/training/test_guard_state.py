@@ -35,7 +35,9 @@ def _train_step(model: nn.Module, state: wb.TrainingState) -> float:
 def _poison(model: nn.Sequential, where: str) -> None:
     with torch.no_grad():
         if where == "buffer":
-            model.get_buffer("1.running_var")[0] = math.nan  # train-mode losses stay finite: only the state shows it
+            model.get_buffer("1.running_var")[0] = (
+                math.nan
+            )  # train-mode losses stay finite: only the state shows it
         else:
             model.get_parameter("2.weight")[0, 0] = math.inf
 

@@ -17,7 +17,7 @@ import weightbank as wb
 from tests.training.common import build, train
 
 
-def _simple() -> tuple[nn.Module, wb.TrainingState]:
+def _simple() -> tuple[nn.Linear, wb.TrainingState]:
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -56,7 +56,7 @@ def test_snapshot_is_isolated_from_later_training(bank: wb.Bank) -> None:
     gate = threading.Event()
     real_save = bank.save
 
-    def slow_save(*a: Any, **k: Any) -> wb.CheckpointInfo:
+    def slow_save(*a: Any, **k: Any) -> wb.SaveResult:
         assert gate.wait(60), "the test never opened the gate"
         return real_save(*a, **k)
 
@@ -78,7 +78,7 @@ def test_back_pressure_limits_saves_in_flight(bank: wb.Bank) -> None:
     lock = threading.Lock()
     real_save = bank.save
 
-    def counting_save(*a: Any, **k: Any) -> wb.CheckpointInfo:
+    def counting_save(*a: Any, **k: Any) -> wb.SaveResult:
         with lock:
             active.append(1)
         time.sleep(0.05)
@@ -98,7 +98,7 @@ def test_failed_background_save_is_raised_on_next_step_and_close(bank: wb.Bank) 
     real_save = bank.save
     calls = []
 
-    def failing(*a: Any, **k: Any) -> wb.CheckpointInfo:
+    def failing(*a: Any, **k: Any) -> wb.SaveResult:
         calls.append(1)
         if len(calls) == 2:
             raise wb.StorageError("disk full")
@@ -124,7 +124,7 @@ def test_failed_background_save_is_raised_on_next_step_and_close(bank: wb.Bank) 
 
 def test_retention_keeps_last_best_every_and_tagged(bank: wb.Bank) -> None:
     _model, state = _simple()
-    keep = [wb.LastN(2), wb.BestN("val", 1), wb.EveryN(5)]
+    keep: list[wb.KeepPolicy] = [wb.LastN(2), wb.BestN("val", 1), wb.EveryN(5)]
     vals = {2: 0.5, 4: 0.1, 6: 0.9, 8: 0.7}
     with wb.CheckpointManager(bank, run="r", save=wb.Every(steps=1), keep=keep, signals=()) as mgr:
         for step in range(10):

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -53,7 +54,7 @@ def _run_saves(fast_dir: Path) -> None:
     state = wb.TrainingState(model=model, optimizer=opt, data=loader)
     bank = wb.open(fast_dir / "bank")
     proc = psutil.Process()
-    batches = iter(())
+    batches: Iterator[Any] = iter(())
     with wb.CheckpointManager(
         bank, run="r", save=wb.Every(steps=1), keep=[wb.LastN(2)], guard=wb.Guard(), signals=()
     ) as mgr:
@@ -62,7 +63,7 @@ def _run_saves(fast_dir: Path) -> None:
                 mgr.wait()
                 gc.collect()
                 start = proc.memory_info().rss
-            batch = next(batches, None)
+            batch: Any = next(batches, None)
             if batch is None:
                 batches = iter(loader)
                 batch = next(batches)

@@ -13,7 +13,7 @@ from tests.training.common import build, train
 NAN_AT, SPIKE_AT = 10, 21
 
 
-def _run(bank: wb.Bank, guard: wb.Guard, total: int = 32, nan_at: int = NAN_AT, spike_at: int = SPIKE_AT):  # type: ignore[no-untyped-def]
+def _run(bank: wb.Bank, guard: wb.Guard, total: int = 32, nan_at: int = NAN_AT, spike_at: int = SPIKE_AT):
     model, state, loader = build()
     seen: list[tuple[int, int]] = []  # (step index, global batch number)
     mgr = wb.CheckpointManager(bank, run="r", save=wb.Every(steps=4), guard=guard, signals=())

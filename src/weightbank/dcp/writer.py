@@ -70,7 +70,7 @@ from torch.futures import Future
 
 from ..bank.bank import AUTO, Auto, Bank
 from ..bank.parts import SavePart, TensorShard, mark_numpy
-from ..bank.results import CheckpointInfo
+from ..bank.results import SaveResult
 from ..errors import CheckpointNotFound, CorruptObject, IncompatibleState, InvalidRef, InvalidState
 from ..format.tree import TensorRef, check_tree, flatten, flatten_refs, map_tensors, tensor_indices, unflatten
 from .metadata import Path, dcp_entries, metadata_to_json
@@ -191,7 +191,7 @@ class Writer(StorageWriter):
         if "dcp" in self.meta:
             raise InvalidState("meta.dcp", "the key 'dcp' of meta is weightbank's own")
         self.message, self.parent, self.codec, self.chunk_size = message, parent, codec, chunk_size
-        self.info: CheckpointInfo | None = None
+        self.info: SaveResult | None = None
         self.part: SavePart | None = None
         self._parent_id: str | None = None
         self.rank = 0
