@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import functools
+import logging
+import pathlib
 import threading
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 
 import weightbank as wb
 from weightbank.serving import LiveTags, ModelCache, ModelService, TensorHandler
 
-from .family import Family, build
+from .family import Family, build, make_family
 
 DEADLINE = 60.0  # seconds; only ever reached when something is broken
 
@@ -123,3 +126,59 @@ def test_flip_under_concurrent_requests_never_gives_a_wrong_reply(family: Family
         assert torch.equal(torch.tensor(out), expected[cid]), cid[:12]
     assert svc.served_tags().get("prod") == family.bank.resolve("prod")
     assert isinstance(svc.cache.stats(), wb.CacheStats)
+
+
+def _flip_a_byte(path: pathlib.Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_tag_record_keeps_its_last_good_target_and_is_reported(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    family = make_family(wb.open(str(tmp_path)), n_variants=1)
+    handler = TensorHandler(build, input_shape=(None, 32))
+    svc = ModelService(family.bank, handler, poll=0.02)
+    try:
+        assert svc.predict(family.x.tolist(), ref="prod").checkpoint == family.ids[0]
+        with caplog.at_level(logging.WARNING, logger="weightbank.serving"):
+            _flip_a_byte(tmp_path / "refs" / "tags" / "prod.json")
+            assert family.bank.tags()[0].problem  # the bank sees the damage
+            wait_until("the watcher to report prod", lambda: "prod" in svc.live.errors)
+        assert "CorruptObject" in svc.live.errors["prod"] and family.ids[0] in svc.live.errors["prod"]
+        assert svc.served_tags() == {"prod": family.ids[0]}
+        p = svc.predict(family.x.tolist(), ref="prod")
+        assert p.checkpoint == family.ids[0]
+        assert torch.equal(torch.tensor(p.output), family.expected(p.checkpoint))
+        assert [r.getMessage() for r in caplog.records if r.name == "weightbank.serving"] == [
+            f"tag 'prod': {svc.live.errors['prod']}"
+        ]  # logged once, not at every poll
+        # repaired (a move rewrites the record): the error goes and the tag follows again
+        (tmp_path / "refs" / "tags" / "prod.json").unlink()
+        family.bank.tag("prod", family.ids[1])
+        wait_until("prod to flip after the repair", lambda: svc.live.resolve("prod") == family.ids[1])
+        wait_until("the error to clear", lambda: "prod" not in svc.live.errors)
+    finally:
+        svc.close()
+
+
+def test_a_tag_damaged_at_start_up_is_not_served_but_reported(tmp_path: pathlib.Path) -> None:
+    family = make_family(wb.open(str(tmp_path)), n_variants=1)
+    family.bank.tag("canary", family.ids[1])
+    _flip_a_byte(tmp_path / "refs" / "tags" / "prod.json")
+    live = LiveTags(family.bank, ModelCache(family.bank, build), poll=0)
+    assert live.snapshot() == {"canary": family.ids[1]}
+    assert "CorruptObject" in live.errors["prod"] and "not served" in live.errors["prod"]
+    with pytest.raises(wb.CorruptObject):
+        live.resolve("prod")
+    assert live.refresh() == {} and "prod" in live.errors and "prod" not in live.snapshot()
+
+
+def test_a_move_undone_before_the_poll_clears_its_warm_error(family: Family) -> None:
+    live = LiveTags(family.bank, ModelCache(family.bank, build), poll=0)
+    bad = family.bank.save({"w": torch.ones(3)}, run="broken").id
+    family.bank.tag("prod", bad)
+    assert live.refresh() == {} and "prod" in live.errors
+    family.bank.tag("prod", family.ids[0])  # back where it is served from
+    assert live.refresh() == {} and "prod" not in live.errors

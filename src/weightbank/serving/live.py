@@ -8,7 +8,10 @@ assignment, so a request resolves either the old or the new target, never a
 cold one. Requests already running hold leases on the old checkpoint and
 finish on it. If the new target cannot be loaded the tag keeps serving its old
 target and the failure is kept in :attr:`LiveTags.errors` (tried again at the
-next poll).
+next poll). A tag whose record is damaged (``TagInfo.problem``) is a poll
+failure too: it keeps serving its last good target, and one damaged at
+start-up is not served; either way the problem is in :attr:`LiveTags.errors`
+and logged (``weightbank.serving``) when it first appears.
 
 Example:
     >>> import torch, weightbank as wb
@@ -23,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 
@@ -32,6 +36,8 @@ from ..bank.bank import Bank
 from .cache import ModelCache
 
 __all__ = ["LiveTags"]
+
+log = logging.getLogger("weightbank.serving")
 
 Warmup = Callable[[nn.Module], None]
 
@@ -46,7 +52,9 @@ class LiveTags:
         self.cache = cache
         self.warmup = warmup
         self.errors: dict[str, str] = {}
-        self._snapshot: dict[str, str] = {t.name: t.target for t in bank.tags() if t.target}
+        self._snapshot, damaged = self._poll()
+        for name, problem in damaged.items():
+            self._fail(name, f"CorruptObject: {problem}; not served until the record is repaired")
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,23 +90,46 @@ class LiveTags:
             {}
         """
         with self._refresh_lock:
-            current = {t.name: t.target for t in self.bank.tags() if t.target}
+            current, damaged = self._poll()
             flipped: dict[str, str] = {}
-            for name in [n for n in self._snapshot if n not in current]:
+            # a damaged record says nothing about where the tag points: it is no removal
+            for name in [n for n in self._snapshot if n not in current and n not in damaged]:
                 self._snapshot.pop(name, None)
                 self.errors.pop(name, None)
+            for name, problem in damaged.items():
+                served = self._snapshot.get(name)
+                still = f"still serving {served}" if served else "not served"
+                self._fail(name, f"CorruptObject: {problem}; {still} until the record is repaired")
             for name, target in current.items():
                 if self._snapshot.get(name) == target:
+                    self.errors.pop(name, None)  # e.g. a repaired record, or a move undone
                     continue
                 try:
                     self._warm(target)
                 except Exception as e:  # keep serving the old target; retried at the next poll
-                    self.errors[name] = f"{type(e).__name__}: {e}"
+                    self._fail(name, f"{type(e).__name__}: {e}")
                     continue
                 self._snapshot[name] = target  # the flip: one atomic assignment
                 self.errors.pop(name, None)
                 flipped[name] = target
             return flipped
+
+    def _poll(self) -> tuple[dict[str, str], dict[str, str]]:
+        """The bank's tags now: (name → target for the sound records, name → problem for the damaged)."""
+        targets: dict[str, str] = {}
+        damaged: dict[str, str] = {}
+        for t in self.bank.tags():
+            if t.problem:
+                damaged[t.name] = t.problem
+            elif t.target:
+                targets[t.name] = t.target
+        return targets, damaged
+
+    def _fail(self, name: str, message: str) -> None:
+        """Record a tag's poll failure; logged once per new message, not at every poll."""
+        if self.errors.get(name) != message:
+            log.warning("tag %r: %s", name, message)
+        self.errors[name] = message
 
     def _warm(self, cid: str) -> None:
         with self.cache.lease(cid) as model:
