@@ -79,9 +79,13 @@ def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
     at the same step) — the training manager's rollback writes one: the
     restored state again, metric-less, at the step it restored. So after a
     rollback ``run@step`` is the original (the one with the step's metrics);
-    the copy stays reachable by id, ``run@latest`` and ``log``. Checkpoints
-    saved twice at one step without that mark resolve to the newer one; if
-    only re-saves are left (the original deleted), to the newest of them.
+    the copy stays reachable by id, ``run@latest`` and ``log``. A rollback
+    copy written before that mark existed (meta ``"trigger": "rollback"``
+    and no ``resave_of``) counts as a re-save of its parent when the parent
+    is a checkpoint of the run at the same step — what the older manager
+    recorded. Checkpoints saved twice at one step without either mark
+    resolve to the newer one; if only re-saves are left (the original
+    deleted), to the newest of them.
 
     ``<run>@best:<metric>`` ranks with the retention engine
     (:func:`weightbank.bank.retention.best_first`): finite values only, the
@@ -106,9 +110,14 @@ def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
                 ref, [f"{run}@{s}" for s in near], detail=f"run {run!r} has no step {step}"
             )
         here = {cid for cid, _ in at}
-        resaves = {
-            cid for cid, m in at if isinstance(of := decode(m.meta).get("resave_of"), str) and of in here
-        }
+        resaves: set[str] = set()
+        for cid, m in at:
+            meta = decode(m.meta)
+            of = meta.get("resave_of")
+            if of is None and meta.get("trigger") == "rollback":
+                of = m.parent  # an older manager's rollback copy: its parent is what it re-saved
+            if isinstance(of, str) and of in here:
+                resaves.add(cid)
         return ([cid for cid, _ in at if cid not in resaves] or [cid for cid, _ in at])[-1]
     best = _BEST.match(what)
     if best:
