@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 import weightbank as wb
 from weightbank.http import create_app
 from weightbank.serving import ModelService, TensorHandler
+from weightbank.serving.tiers import OutOfMemoryError
 
 from ..serving.family import Family, build, make_family, patch_load_tensors
 from .conftest import AUTH, TOKEN
@@ -81,7 +82,7 @@ def test_input_that_overflows_is_a_422(client: TestClient) -> None:
         (ValueError("bad value"), 422, "InvalidRequest", False),
         (KeyError("a bug in the handler"), 500, "HandlerError", False),
         (RuntimeError("a bug in the model"), 500, "HandlerError", False),
-        (torch.OutOfMemoryError("CUDA out of memory"), 503, "HandlerError", True),
+        (OutOfMemoryError("CUDA out of memory"), 503, "HandlerError", True),
     ],
 )
 def test_what_a_model_raises_is_json_and_logged(

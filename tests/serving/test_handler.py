@@ -8,6 +8,7 @@ import torch
 import weightbank as wb
 from weightbank.serving import TensorHandler, load_handler
 from weightbank.serving.handler import Handler, count_nonfinite, load_object
+from weightbank.serving.tiers import OutOfMemoryError
 
 
 def handler() -> TensorHandler:
@@ -56,13 +57,21 @@ def test_integer_inputs_must_fit_the_dtype() -> None:
         h.predict(torch.nn.Embedding(8, 2), h.decode([[1, 9]]))
 
 
-def test_out_of_memory_is_not_the_requests_fault() -> None:
-    class Hungry(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+class Hungry(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise OutOfMemoryError("CUDA out of memory (simulated)")
 
+
+def test_out_of_memory_is_not_the_requests_fault() -> None:
     h = handler()
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(OutOfMemoryError):
+        h.predict(Hungry(), h.decode([[1, 2]]))
+
+
+def test_out_of_memory_on_a_torch_without_torch_out_of_memory_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch, "OutOfMemoryError")  # as before torch 2.5, which the package supports
+    h = handler()
+    with pytest.raises(OutOfMemoryError):  # not an AttributeError from the except clause
         h.predict(Hungry(), h.decode([[1, 2]]))
 
 

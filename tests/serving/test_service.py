@@ -7,6 +7,7 @@ import torch
 
 import weightbank as wb
 from weightbank.serving import ModelService, TensorHandler
+from weightbank.serving.tiers import OutOfMemoryError
 
 from .family import Family, build
 
@@ -101,7 +102,7 @@ class Scripted:
         ("predict", OverflowError("value too large"), wb.InvalidRequest, None),
         ("predict", KeyError("missing_config"), wb.HandlerError, False),
         ("predict", RuntimeError("a model bug"), wb.HandlerError, False),
-        ("predict", torch.OutOfMemoryError("CUDA out of memory"), wb.HandlerError, True),
+        ("predict", OutOfMemoryError("CUDA out of memory"), wb.HandlerError, True),
         ("predict", wb.InvalidRequest("the handler's own check", "input"), wb.InvalidRequest, None),
     ],
 )
@@ -116,6 +117,17 @@ def test_what_a_handler_raises_is_typed(
         assert isinstance(info.value, wb.HandlerError) and info.value.transient is transient
         assert info.value.stage == stage and info.value.cause == type(raised).__name__
     assert svc.cache.stats().leases == 0  # the lease was released however the request failed
+    svc.close()
+
+
+def test_out_of_memory_is_transient_on_a_torch_without_torch_out_of_memory_error(
+    family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(torch, "OutOfMemoryError")  # as before torch 2.5, which the package supports
+    svc = ModelService(family.bank, Scripted(predict=OutOfMemoryError("CUDA out of memory")), poll=0)
+    with pytest.raises(wb.HandlerError) as info:  # not an AttributeError from the except clause
+        svc.predict(family.x.tolist(), ref="prod")
+    assert info.value.transient and info.value.cause == "OutOfMemoryError"
     svc.close()
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..bank.results import CheckpointInfo
 from ..errors import InvalidName, InvalidRequest
+from .tiers import OutOfMemoryError
 
 __all__ = ["Handler", "TensorHandler", "count_nonfinite", "load_handler", "load_object"]
 
@@ -161,7 +162,7 @@ class TensorHandler:
         try:
             with torch.inference_mode():
                 return model(inputs)
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise
         except (RuntimeError, ValueError, IndexError, OverflowError) as e:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else "?"

@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..bank.bank import Bank
@@ -41,6 +40,7 @@ from .handler import Handler, count_nonfinite
 from .live import LiveTags
 from .results import Prediction
 from .router import Router
+from .tiers import OutOfMemoryError
 
 __all__ = ["ModelService"]
 
@@ -142,7 +142,7 @@ class ModelService:
             return self.handler.predict(model, inputs)
         except WeightbankError:
             raise
-        except torch.OutOfMemoryError as e:
+        except OutOfMemoryError as e:
             raise HandlerError("predict", type(e).__name__, _short(e), checkpoint=cid, transient=True) from e
         except _REJECTED_INPUT as e:
             raise InvalidRequest(f"the model rejected the input: {_short(e)}", "input") from None

@@ -4,7 +4,8 @@ Demotion copies a device tensor into host memory (page-locked on CUDA, so a
 later promotion is one fast DMA copy, never a decode or a hash); promotion
 copies it back. When the device *is* the CPU both tiers live in the same
 memory and moving between them is free: the same tensor object changes tier
-and nothing is copied.
+and nothing is copied. :data:`OutOfMemoryError` is the class a device raises
+when it runs out of memory, on every torch the package supports.
 
 Example:
     >>> import torch
@@ -16,11 +17,42 @@ Example:
 
 from __future__ import annotations
 
+from typing import Final
+
 import torch
 
 from ..errors import DeviceError
 
-__all__ = ["parse_device", "release_device_memory", "to_device", "to_host"]
+__all__ = [
+    "OutOfMemoryError",
+    "out_of_memory_error",
+    "parse_device",
+    "release_device_memory",
+    "to_device",
+    "to_host",
+]
+
+
+def out_of_memory_error() -> type[RuntimeError]:
+    """The class torch raises when a device runs out of memory, whatever the torch version.
+
+    ``torch.OutOfMemoryError`` exists from torch 2.5 (raised by every device, and
+    ``torch.cuda.OutOfMemoryError`` is then the same class); older releases the
+    package supports have only ``torch.cuda.OutOfMemoryError``. Naming
+    ``torch.OutOfMemoryError`` in an ``except`` clause there raises AttributeError.
+
+    Example:
+        >>> issubclass(out_of_memory_error(), RuntimeError)
+        True
+    """
+    cls = getattr(torch, "OutOfMemoryError", None)
+    if isinstance(cls, type) and issubclass(cls, RuntimeError):
+        return cls
+    return torch.cuda.OutOfMemoryError
+
+
+OutOfMemoryError: Final[type[RuntimeError]] = out_of_memory_error()
+"""What a device raises when out of memory (``torch.OutOfMemoryError``, or torch.cuda's before torch 2.5)."""
 
 
 def parse_device(device: str | torch.device) -> torch.device:
