@@ -627,7 +627,7 @@ class Bank(TwoPhase):
         """
         if keep_last is None and keep_best is None and keep_every is None and older_than is None:
             raise InvalidArgument(
-                "keep_last",
+                "rules",
                 None,
                 "prune needs at least one rule (keep_last, keep_best, keep_every, older_than)",
             )
