@@ -63,7 +63,7 @@ ATTACKS: dict[str, tuple[Mutation | bytes, type[Exception]]] = {
         _splice(("config", "x"), "[" * 100_000 + "]" * 100_000),
         wb.CorruptObject,
     ),
-    "metrics nested past the limit": (_splice(("metrics", "x"), "[" * 80 + "]" * 80), wb.CorruptObject),
+    "metrics nested past the limit": (_splice(("metrics", "x"), "[" * 220 + "]" * 220), wb.CorruptObject),
     "config with a bad encoded float": (_set(("config", "x"), {"$f": "nan", "y": 1}), wb.CorruptObject),
     "env that is a list": (_set(("env",), []), wb.CorruptObject),
     # issue 11, item 3

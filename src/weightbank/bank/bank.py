@@ -25,7 +25,6 @@ from ..errors import (
     ConcurrentUpdate,
     IncompatibleState,
     InvalidArgument,
-    TagNotFound,
 )
 from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
@@ -52,15 +51,13 @@ from .results import (
     LoadResult,
     PrefetchReport,
     PruneReport,
-    RunEvent,
     SaveResult,
-    TagEvent,
-    TagInfo,
     TensorInfo,
     VerifyReport,
 )
 from .shards import read_assembled
-from .tags import UNSET, TagStore, Unset
+from .tagging import Tagging
+from .tags import TagStore
 from .twophase import AUTO, Auto, TwoPhase, checkpoint_header
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 
@@ -113,7 +110,7 @@ def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[in
     return [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-class Bank(TwoPhase):
+class Bank(Tagging, TwoPhase):
     """A checkpoint bank on one storage backend. Create with :func:`weightbank.open`.
 
     Thread-safe: several threads may save and load at once; several processes
@@ -218,9 +215,9 @@ class Bank(TwoPhase):
             lossy={name: summary.to_json() for name, summary in m.lossy.items()},
         )
 
-    def _tags_by_target(self) -> dict[str, list[str]]:
+    def _tags_by_target(self, *, strict: bool = False) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
-        for name, target in self._tags.live().items():
+        for name, target in self._tags.live(strict=strict).items():
             out.setdefault(target, []).append(name)
         return out
 
@@ -268,7 +265,7 @@ class Bank(TwoPhase):
             >>> b.parent == a.id, b.save_stats.written_bytes
             (True, 0)
         """
-        check_new_name("run", run)
+        self._check_run(run)
         tag_names = [check_new_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
         if tag_names:
             self._tags.check_writable()  # a store that cannot move tags fails before any data is written
@@ -496,99 +493,12 @@ class Bank(TwoPhase):
         b_id, mb = self._manifest(b)
         return diff_manifests(a_id, ma, b_id, mb, self._read)
 
-    # -- tags ---------------------------------------------------------------------
-    def tag(self, name: str, ref: str, *, why: str = "", expect: str | Unset | None = UNSET) -> TagEvent:
-        """Point tag ``name`` at ``ref``'s checkpoint (compare-and-swap; history recorded).
-
-        ``expect`` (an id, or None for "no tag yet") makes the move conditional
-        on the tag's current target; a concurrent change raises ConcurrentUpdate.
-
-        Example:
-            >>> import torch, weightbank as wb
-            >>> bank = wb.open("memory://"); cid = bank.save({"w": torch.ones(1)}).id
-            >>> bank.tag("prod", cid).new == cid
-            True
-        """
-        check_new_name("tag", name)
-        cid = self.resolve(ref)
-        if isinstance(expect, str):
-            expect = self.resolve(expect)
-        return self._tags.update(name, "set", cid, by=who(), why=why, expect=expect)
-
-    def untag(self, name: str, *, why: str = "") -> TagEvent:
-        """Remove a tag (its history stays; ``rollback`` restores it)."""
-        return self._tags.update(name, "untag", None, by=who(), why=why)
-
-    def rollback(self, name: str, steps: int = 1, *, why: str = "") -> TagEvent:
-        """Move tag ``name`` back ``steps`` targets (undoing the last moves).
-
-        Example:
-            >>> import torch, weightbank as wb
-            >>> bank = wb.open("memory://")
-            >>> a = bank.save({"w": torch.zeros(1)}, tags=["prod"]).id
-            >>> b = bank.save({"w": torch.ones(1)}, tags=["prod"]).id
-            >>> bank.rollback("prod").new == a
-            True
-        """
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise InvalidArgument("steps", steps, "must be a positive int")
-        check_name("tag", name)
-        current = self._tags.target(name)
-        target = self._tags.previous(name, steps)
-        self._catalog.refresh()
-        if target not in self._catalog.ids():
-            raise CheckpointNotFound(
-                f"{name}@{{{steps}}}",
-                detail=f"its target {target[:12]} was deleted; tag a checkpoint explicitly",
-            )
-        # expect=current: a tag moved since we looked is a conflict, not a silent double rollback.
-        return self._tags.update(name, "rollback", None, by=who(), why=why, steps=steps, expect=current)
-
-    def tags(self, *, include_removed: bool = False) -> list[TagInfo]:
-        """Every live tag and its target (and, with ``include_removed``, removed ones with target None)."""
-        infos = [self._tags.info(n) for n in self._tags.names()]
-        return infos if include_removed else [t for t in infos if t.target is not None or t.problem]
-
-    def tag_history(self, name: str) -> list[TagEvent]:
-        """Every change ever made to tag ``name``, oldest first."""
-        check_name("tag", name)
-        rec, _ = self._tags.read(name)
-        if rec is None:
-            raise TagNotFound(name, self._tags.names())
-        return rec.events()
-
-    # -- run events ---------------------------------------------------------------
-    def record_event(
-        self,
-        run: str,
-        kind: str,
-        *,
-        step: int | None = None,
-        checkpoint: str | None = None,
-        data: Mapping[str, Any] | None = None,
-    ) -> RunEvent:
-        """Append an event (e.g. ``"rollback"``) to a run's log; ``log`` shows it beside the checkpoints.
-
-        Example:
-            >>> import weightbank as wb
-            >>> bank = wb.open("memory://")
-            >>> bank.record_event("tts", "rollback", step=5, data={"reason": "nan"}).kind
-            'rollback'
-        """
-        if checkpoint is not None:
-            checkpoint = self.resolve(checkpoint)
-        return self._events.append(run, kind, by=who(), step=step, checkpoint=checkpoint, data=data)
-
-    def events(self, run: str) -> list[RunEvent]:
-        """A run's events, oldest first (empty for a run without any)."""
-        return self._events.read(run)
-
     # -- maintenance --------------------------------------------------------------
     def delete(self, ref: str, *, force: bool = False, why: str = "") -> str:
         """Delete one checkpoint (its data goes at the next ``gc``). Tagged ones need ``force``."""
         cid, m = self._manifest(ref)
-        tagged = self._tags_by_target().get(cid, [])
-        if tagged and not force:
+        tagged = [] if force else self._tags_by_target(strict=True).get(cid, [])
+        if tagged:
             raise IncompatibleState(
                 f"checkpoint {cid[:12]} is tagged {', '.join(tagged)}; untag it or pass force=True"
             )
@@ -643,7 +553,7 @@ class Bank(TwoPhase):
             runs = {run: runs[run]}
         by_target = self._tags_by_target()
         now = time.time()
-        keep: set[str] = set(self._tags.live().values()) if keep_tagged else set()
+        keep: set[str] = set(self._tags.live(strict=True).values()) if keep_tagged else set()
         candidates: list[str] = []
         for members in runs.values():
             newest_first = [self._info(cid, m, by_target) for cid, m in reversed(members)]

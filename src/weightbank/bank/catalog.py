@@ -52,8 +52,6 @@ def read_manifest(storage: Storage, cid: str) -> Manifest:
         raise CorruptObject(
             key, checkpoint=cid, detail=f"manifest names {bad[:80]!r}, which is not a pack key"
         )
-    if m.parent is not None and m.parent == cid:
-        raise CorruptObject(key, checkpoint=cid, detail="manifest names itself as its parent")
     return m
 
 

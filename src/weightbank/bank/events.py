@@ -6,7 +6,9 @@ the checkpoints. Each run's log is one ref updated by compare-and-swap, and an
 append that loses a race is simply retried on the fresh log, so concurrent
 appends from several processes are all kept. The log is sealed with a digest
 (:mod:`weightbank.format.sealed`) and every entry is checked when read: a
-damaged log is a CorruptObject for that run only.
+damaged log is a CorruptObject for that run only; the next append sets it
+aside under ``quarantine/`` and starts a new log with a ``log-reset`` event
+saying so.
 
 Example:
     >>> from weightbank.storage import open_storage
@@ -28,15 +30,13 @@ from ..format.jsonsafe import check, decode, encode
 from ..format.schema import finite, hex_digest, typed
 from ..format.sealed import seal, unseal
 from ..storage.base import Storage
-from .layout import EVENTS, check_name
+from .layout import EVENTS, check_name, quarantine_key
 from .results import RunEvent
 
 __all__ = ["EventLog"]
 
 _RETRIES = 20
 _LEGACY_KEYS = ("run", "events")
-#: More events than this in one run's log is refused as malformed.
-MAX_EVENTS = 1 << 20
 
 
 def _key(run: str) -> str:
@@ -59,8 +59,6 @@ class EventLog:
             if body.get("run") != run:
                 raise ValueError(f"the log names run {str(body.get('run'))[:40]!r}")
             events = typed(body.get("events"), list, "events")
-            if len(events) > MAX_EVENTS:
-                raise ValueError("more events than any run's")
             for e in events:
                 _check_entry(e)
         except (ValueError, TypeError) as e:
@@ -88,7 +86,10 @@ class EventLog:
             "data": encode(dict(data or {}), "data"),
         }
         for attempt in range(_RETRIES):
-            events, token = self._load(run)
+            try:
+                events, token = self._load(run)
+            except CorruptObject as e:
+                events, token = self._reset(run, e, by)
             body = seal({"run": run, "events": [*events, entry]})
             try:
                 self._storage.put_ref(_key(run), body, token)
@@ -98,6 +99,29 @@ class EventLog:
                     raise
                 time.sleep(0.005 * (attempt + 1))
         raise ConcurrentUpdate(_key(run))  # pragma: no cover - loop always returns or raises
+
+    def _reset(self, run: str, damage: CorruptObject, by: str) -> tuple[list[dict[str, Any]], str | None]:
+        """A damaged log is set aside under ``quarantine/`` and a new one starts with a ``log-reset`` event.
+
+        An append must not fail forever on damage it did not cause (a guard's
+        rollback records one); the reset event says where the old bytes are.
+        """
+        key = _key(run)
+        ref = self._storage.get_ref(key)
+        if ref is None:
+            return [], None
+        kept = quarantine_key(key)
+        self._storage.write(kept, ref.data)
+        note = {"quarantined": kept, "problem": damage.detail or str(damage)}
+        reset = {
+            "kind": "log-reset",
+            "at": time.time(),
+            "by": by,
+            "step": None,
+            "checkpoint": None,
+            "data": note,
+        }
+        return [reset], ref.token
 
     def runs(self) -> list[str]:
         """Every run with an event log (refs whose key is no run name are skipped)."""

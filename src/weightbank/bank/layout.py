@@ -9,6 +9,7 @@
     refs/events/<run>.json            the run's event log (rollbacks, preemptions...)
     leases/<save-id>.json             a save in flight (gc keeps its data)
     trash/<checkpoint-id>.json        deleted manifests, kept until gc may drop their data
+    quarantine/<key>.<ns>             damaged records set aside when replaced (untag --force, a reset event log)
     tmp/                              local backend scratch
 
 Example:
@@ -22,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import re
+import time
 
 from ..errors import InvalidName
 
@@ -31,6 +33,7 @@ __all__ = [
     "LEASES",
     "MANIFESTS",
     "PACKS",
+    "QUARANTINE",
     "TAGS",
     "TRASH",
     "check_name",
@@ -40,6 +43,7 @@ __all__ = [
     "manifest_id_from_key",
     "manifest_key",
     "pack_key",
+    "quarantine_key",
     "save_id_from_pack",
     "tag_key",
     "trash_key",
@@ -52,6 +56,7 @@ TAGS = "refs/tags/"
 EVENTS = "refs/events/"
 LEASES = "leases/"
 TRASH = "trash/"
+QUARANTINE = "quarantine/"
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=,-]*$")
 _MAX_NAME = 128
@@ -154,6 +159,11 @@ def tag_key(name: str) -> str:
 
 def lease_key(save_id: str) -> str:
     return f"{LEASES}{save_id}.json"
+
+
+def quarantine_key(key: str) -> str:
+    """Where the damaged bytes of record ``key`` are kept when the record is replaced."""
+    return f"{QUARANTINE}{key}.{time.time_ns()}"
 
 
 def trash_key(cid: str) -> str:

@@ -44,7 +44,7 @@ from typing import Any
 
 from ..errors import CorruptObject, MissingObject, UnsupportedFormat
 from ..format.manifest import Manifest
-from ..format.schema import finite, hex_digest, typed
+from ..format.schema import finite, hex_digest
 from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from . import leases
@@ -95,7 +95,7 @@ def _read_entry(storage: Storage, key: str, mtime: float) -> tuple[TrashEntry, d
         if key != trash_key(cid):
             raise ValueError(f"the entry names checkpoint {cid[:12]}")
         when = body.get("deleted_at")
-        m = Manifest._parse(typed(body.get("manifest"), dict, "manifest"))
+        m = Manifest.from_json(body.get("manifest"), key)
         return TrashEntry(cid, None if when is None else finite(when, "deleted_at"), m, key), body
     except (
         CorruptObject,

@@ -169,9 +169,10 @@ class SavePart:
         """
         try:
             packs = tuple(typed(p, str) for p in typed(obj["packs"], list))
-            probe = Manifest._parse(
+            probe = Manifest.from_json(
                 {"format": SHARDED_FORMAT, "run": "", "created": 0.0, "tree": {"d": []}, "tensors": [],
-                 "chunk_size": obj["chunk_size"], "packs": list(packs), "chunks": obj["chunks"]}
+                 "chunk_size": obj["chunk_size"], "packs": list(packs), "chunks": obj["chunks"]},
+                "<save part>",
             )  # fmt: skip
             tensors = []
             for t in typed(obj["tensors"], list):

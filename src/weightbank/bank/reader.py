@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptObject, DeviceError, MissingObject
+from ..errors import BudgetExceeded, CorruptObject, DeviceError, MissingObject
 from ..format.chunking import byte_view
 from ..format.delta import DELTA, Link, decode_chain
 from ..format.dtypes import dtype_from_name
@@ -56,7 +56,7 @@ from ..storage.base import Storage
 from ..storage.diskcache import DiskCache
 from .chunks import chain_of, decode_record, read_chain, records_by_hash
 
-__all__ = ["check_device", "prefetch_chunks", "read_tensors"]
+__all__ = ["allocate", "check_device", "check_fits", "physical_memory", "prefetch_chunks", "read_tensors"]
 
 _SCRATCH_GROUP = 256 << 20
 #: Tensors at least this big are mapped from local packs instead of copied.
@@ -207,13 +207,47 @@ def prefetch_chunks(
     return sum(r[0] for r in results), sum(r[1] for r in results), sum(r[2] for r in results)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.complex32:
-        with warnings.catch_warnings():
-            # torch flags complex32 as experimental on allocation; the bytes are all we need.
-            warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
-            return torch.empty(shape, dtype=dtype)
-    return torch.empty(shape, dtype=dtype)
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has, where the OS says (None elsewhere)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(cid: str, manifest: Manifest, indices: Sequence[int]) -> None:
+    """BudgetExceeded before anything is allocated when the tensors to load outgrow this machine's RAM.
+
+    A manifest says how big its tensors are; a damaged or crafted one can say
+    anything (all-zero chunks compress to nothing, so the packs' sizes do not
+    bound it), and allocating it would fail untyped, or worse, overcommit.
+    """
+    ram = physical_memory()
+    needed = sum(manifest.tensors[i].nbytes for i in {_base(manifest, i) for i in indices})
+    if ram is not None and needed > ram:
+        raise BudgetExceeded(
+            "host", needed=needed, used=0, budget=ram, ref=cid, transient=False,
+            detail="the tensors asked for are larger than this machine's memory",
+        )  # fmt: skip
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor; BudgetExceeded (not the allocator's RuntimeError) when it cannot be had."""
+    try:
+        if dtype == torch.complex32:
+            with warnings.catch_warnings():
+                # torch flags complex32 as experimental on allocation; the bytes are all we need.
+                warnings.filterwarnings("ignore", message="ComplexHalf support is experimental")
+                return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype)
+    except RuntimeError as e:  # the allocator's failure is a RuntimeError
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        raise BudgetExceeded(
+            "host", needed=nbytes, used=0, budget=physical_memory() or 0, transient=True,
+            detail=f"allocating a {list(shape)} {dtype} tensor failed ({str(e).splitlines()[0][:120]})",
+        ) from None  # fmt: skip
 
 
 def _map_tensor(storage: Storage, manifest: Manifest, rec: TensorRecord) -> torch.Tensor | None:
@@ -278,7 +312,7 @@ def _load_fresh(
     for i in indices:
         rec = manifest.tensors[i]
         mapped = _map_tensor(storage, manifest, rec) if allow_mmap else None
-        t = mapped if mapped is not None else _empty(rec.shape, dtype_from_name(rec.dtype))
+        t = mapped if mapped is not None else allocate(rec.shape, dtype_from_name(rec.dtype))
         out[i] = t
         if rec.numel == 0:
             continue
@@ -322,6 +356,7 @@ def read_tensors(
     ``cache``: the bank's local disk cache, read first and filled as chunks arrive.
     """
     bases = sorted({_base(manifest, i) for i in indices})
+    check_fits(cid, manifest, bases)
     with contextlib.ExitStack() as stack:
         if pool is None:
             pool = stack.enter_context(

@@ -30,7 +30,7 @@ from ..format.dtypes import dtype_from_name, itemsize
 from ..format.manifest import Manifest, ShardRecord, TensorRecord
 from ..format.tree import tensor_indices, unflatten
 from ..storage.base import Storage
-from .reader import read_tensors
+from .reader import allocate, read_tensors
 
 if TYPE_CHECKING:
     from .bank import Bank
@@ -99,7 +99,7 @@ def read_assembled(
     out.update({i: loaded[i] for i in plain})
     for i in sharded:
         rec = manifest.tensors[i]
-        out[i] = torch.empty(rec.shape, dtype=dtype_from_name(rec.dtype))
+        out[i] = allocate(rec.shape, dtype_from_name(rec.dtype))
     for k, (i, s) in enumerate(owner):
         if s.numel:
             out[i][_box_slices(s.offsets, s.shape)] = loaded[first + k]

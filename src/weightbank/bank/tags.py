@@ -30,7 +30,7 @@ from ..errors import ConcurrentUpdate, CorruptObject, InvalidName, NoHistory, Ta
 from ..format.schema import finite, hex_digest, typed
 from ..format.sealed import seal, unseal
 from ..storage.base import Storage
-from .layout import TAGS, check_name, check_new_name, tag_key
+from .layout import TAGS, check_name, check_new_name, quarantine_key, tag_key
 from .results import TagEvent, TagInfo
 
 __all__ = ["UNSET", "TagRecord", "TagStore", "Unset"]
@@ -59,8 +59,6 @@ def _valid_name(name: str) -> bool:
 
 
 _LEGACY_KEYS = ("name", "target", "stack", "history")
-#: More entries than this in a tag's undo stack or history is refused as malformed.
-MAX_HISTORY = 1 << 20
 
 
 def _id_or_none(value: Any, what: str) -> str | None:
@@ -113,8 +111,6 @@ class TagRecord:
         try:
             stack = typed(obj.get("stack"), list, "stack")
             history = typed(obj.get("history"), list, "history")
-            if len(stack) > MAX_HISTORY or len(history) > MAX_HISTORY:
-                raise ValueError("tag history is longer than any tag's")
             stack = [_id_or_none(s, "stack entry") for s in stack]
             history = [_history_entry(h) for h in history]
             if obj.get("name") != name:
@@ -175,14 +171,25 @@ class TagStore:
                 out.append(leaf[:-5])
         return sorted(out)
 
-    def live(self) -> dict[str, str]:
-        """Every tag that currently points somewhere: name → checkpoint id (damaged records left out)."""
+    def live(self, *, strict: bool = False) -> dict[str, str]:
+        """Every tag that currently points somewhere: name → checkpoint id.
+
+        A damaged record is left out (verify reports it), unless ``strict``: then
+        it raises CorruptObject, since it may protect any checkpoint — deletes
+        and prunes ask strictly, displays leniently.
+        """
         out = {}
         for name in self.names():
             try:
                 target = self.target(name)
-            except CorruptObject:
-                continue  # verify reports it; it points nowhere we can trust
+            except CorruptObject as e:
+                if strict:
+                    raise CorruptObject(
+                        e.key,
+                        detail=f"{e.detail}; a damaged tag may protect any checkpoint, so nothing is"
+                        f" deleted until it is repaired (`weightbank untag --force {name}`)",
+                    ) from None
+                continue
             if target is not None:
                 out[name] = target
         return out
@@ -209,6 +216,30 @@ class TagStore:
         if target is None:
             raise TagNotFound(f"{name}@{{{n}}}")
         return target
+
+    def replace_damaged(self, name: str, *, by: str, why: str = "") -> TagEvent | None:
+        """Replace ``name``'s damaged record by a removed tag, keeping the damaged bytes under ``quarantine/``.
+
+        Returns None (and changes nothing) when the record is sound. The new
+        record's one history entry says what was replaced and where its bytes are.
+        """
+        key = tag_key(name)
+        ref = self._storage.get_ref(key)
+        if ref is None:
+            raise TagNotFound(name, self.names())
+        try:
+            TagRecord.from_bytes(name, ref.data)
+            return None
+        except CorruptObject as e:
+            problem = e.detail or str(e)
+        kept = quarantine_key(key)
+        self._storage.write(kept, ref.data)  # durable before the record is replaced
+        note = f"replaced a damaged record ({problem}); its bytes are kept at {kept}"
+        reason = f"{why} ({note})" if why else note
+        event = {"action": "untag", "old": None, "new": None, "at": time.time(), "by": by, "why": reason}
+        rec = TagRecord(name=name, stack=[None], history=[event])
+        self._storage.put_ref(key, rec.to_bytes(), ref.token)
+        return rec.events()[-1]
 
     def update(
         self,

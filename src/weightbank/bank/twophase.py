@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import torch
 
-from ..errors import InvalidState
+from ..errors import InvalidName, InvalidState
 from ..format.jsonsafe import encode
 from . import leases
 from .catalog import Catalog
 from .environment import capture_env
-from .layout import check_new_name
+from .layout import check_name, check_new_name
 from .parts import SavePart, TensorShard, abandon_part, commit_parts, load_parts, pieces_of
 from .results import CheckpointInfo, SaveResult
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_part
@@ -68,7 +68,7 @@ def checkpoint_header(
     meta: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
     """The manifest's metadata fields for a new checkpoint, validated (parent and created not set)."""
-    check_new_name("run", run)
+    check_name("run", run)
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise InvalidState("step", f"step must be a non-negative int or None, not {step!r}")
     if not isinstance(message, str):
@@ -96,6 +96,18 @@ class TwoPhase:
         def resolve(self, ref: str) -> str: ...
         def _info(self, cid: str, m: Manifest) -> CheckpointInfo: ...
         def _move_tag_retrying(self, name: str, cid: str, why: str) -> None: ...
+
+    def _check_run(self, run: str) -> str:
+        """``run`` if a save may add to it: a valid name, and one that cannot read as an id unless the
+        run already exists (made before such names were refused, it goes on)."""
+        check_name("run", run)
+        try:
+            return check_new_name("run", run)
+        except InvalidName:
+            self._catalog.refresh()  # only for a name that reads as an id: is it an existing run?
+            if run in self._catalog.runs():
+                return run
+            raise
 
     def _parent_of(self, run: str, parent: str | Auto | None) -> str | None:
         """The id a new checkpoint of ``run`` records as its parent (``AUTO``: the run's newest)."""
@@ -174,6 +186,7 @@ class TwoPhase:
             >>> bank.load(info.id)["epoch"], info.n_tensors
             (3, 1)
         """
+        self._check_run(run)
         tag_names = [check_new_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
         header = checkpoint_header(
             run=run, step=step, metrics=metrics, config=config, message=message, meta=meta

@@ -61,6 +61,19 @@ def _check_chunk(
     return None if actual == rec.hash else f"hash mismatch: expected {rec.hash[:16]}…, got {actual[:16]}…"
 
 
+def _read_plan(m: Manifest, rec: ChunkRecord, index: dict[str, ChunkRecord]) -> tuple[object, ...]:
+    """What reading ``rec`` through manifest ``m`` does: every link's pack, place and coding.
+
+    Two manifests that read a chunk the same way need it checked once; one that
+    records the same hash elsewhere or coded otherwise is checked on its own.
+    """
+    try:
+        chain = chain_of(rec, index)
+    except CorruptObject:
+        chain = [rec]
+    return tuple((m.packs[c.pack], c.hash, c.raw_len, c.codec, c.offset, c.stored_len, c.args) for c in chain)
+
+
 def verify(
     storage: Storage,
     catalog: Catalog,
@@ -81,7 +94,7 @@ def verify(
     else:
         targets = [(cid, catalog.get(cid)) for cid in ids or []]
     sizes = {info.key: info.size for info in storage.list(PACKS)}
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[object, ...]] = set()
     work: list[tuple[str, str, ChunkRecord]] = []
     indexes: dict[str, dict[str, ChunkRecord]] = {}
     for cid, m in targets:
@@ -99,7 +112,7 @@ def verify(
                 for link in chain[:-1]:
                     names.setdefault(link.hash, f"{t.name} (delta base)")
         for rec in m.chunks:
-            where = (m.packs[rec.pack], rec.hash)
+            where = _read_plan(m, rec, index)
             if where not in seen:
                 seen.add(where)
                 work.append((cid, names.get(rec.hash, ""), rec))

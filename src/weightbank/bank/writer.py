@@ -61,7 +61,7 @@ from ..format.lossy import LOSSY_CODECS, LOSSY_DTYPES, LossyStats, quantize
 from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..format.planes import layout_for
 from ..format.planner import Base, plan_chunk
-from ..format.schema import DeltaArgs, LossySums
+from ..format.schema import MAX_CHUNK_SIZE, DeltaArgs, LossySums
 from ..format.tree import Leaf
 from ..storage.base import ObjectWriter, Storage
 from . import leases
@@ -120,9 +120,16 @@ class SaveOptions:
             raise InvalidState("keyframe_every", f"keyframe_every must be an int >= 1, not {k!r}")
         c = self.chunk_size
         # A multiple of CHUNK_ALIGN keeps every chunk boundary on an element boundary for every dtype.
-        if isinstance(c, bool) or not isinstance(c, int) or c < CHUNK_ALIGN or c % CHUNK_ALIGN:
+        if (
+            isinstance(c, bool)
+            or not isinstance(c, int)
+            or not CHUNK_ALIGN <= c <= MAX_CHUNK_SIZE
+            or c % CHUNK_ALIGN
+        ):
             raise InvalidState(
-                "chunk_size", f"chunk_size must be a positive multiple of {CHUNK_ALIGN} bytes, not {c!r}"
+                "chunk_size",
+                f"chunk_size must be a multiple of {CHUNK_ALIGN} bytes from {CHUNK_ALIGN} to"
+                f" {MAX_CHUNK_SIZE}, not {c!r}",
             )
 
 

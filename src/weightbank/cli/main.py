@@ -423,12 +423,18 @@ def tag(
 def untag(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Tag to remove.")],
     why: WhyOpt = "",
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Also remove a tag whose record is damaged (its bytes go to quarantine/)."
+        ),
+    ] = False,
     bank: BankOpt = DEFAULT_BANK,
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a tag (its history stays; `rollback` brings it back)."""
     with _open(bank) as b:
-        event = b.untag(name, why=why)
+        event = b.untag(name, why=why, force=force)
     if as_json:
         _json(event)
     else:

@@ -21,11 +21,12 @@ from typing import Any
 
 from ..errors import InvalidState
 
-__all__ = ["MAX_DEPTH", "check", "decode", "encode"]
+__all__ = ["MAX_DEPTH", "NON_FINITE", "check", "decode", "encode"]
 
 #: Deepest nesting of lists and dicts a metadata value may have.
-MAX_DEPTH = 64
-_NON_FINITE = frozenset(("nan", "inf", "-inf"))
+MAX_DEPTH = 200
+#: The encodings of the non-finite floats (``{"$f": ...}`` here, ``{"f": ...}`` in a state's tree).
+NON_FINITE = frozenset(("nan", "inf", "-inf"))
 
 
 def encode(value: object, path: str, _depth: int = 0) -> Any:
@@ -82,7 +83,7 @@ def check(value: Any, what: str, _depth: int = 0) -> Any:
         return value
     if isinstance(value, dict):
         if "$f" in value:
-            if len(value) != 1 or value["$f"] not in _NON_FINITE:
+            if len(value) != 1 or value["$f"] not in NON_FINITE:
                 raise ValueError(f"{what}: {{'$f': ...}} must be 'nan', 'inf' or '-inf'")
             return value
         for k, v in value.items():

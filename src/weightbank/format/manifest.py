@@ -54,7 +54,7 @@ from .codecs import CODECS
 from .delta import DELTA
 from .dtypes import itemsize
 from .jsonsafe import check, decode
-from .schema import MAX_CHUNK_SIZE, DeltaArgs, LossySummary, hex_digest, int_tuple, max_stored_len, typed
+from .schema import MAX_READ_CHUNK_SIZE, DeltaArgs, LossySummary, hex_digest, int_tuple, max_stored_len, typed
 from .tree import check_tree
 
 __all__ = [
@@ -316,6 +316,12 @@ class Manifest:
             raise CorruptObject(key, detail=f"manifest is not valid JSON ({e})") from None
         except RecursionError:
             raise CorruptObject(key, detail="manifest is nested too deeply to be one") from None
+        return cls.from_json(obj, key)
+
+    @classmethod
+    def from_json(cls, obj: Any, key: str) -> Manifest:
+        """A manifest from its parsed JSON (as stored, or embedded in a trash entry), checked whole like
+        :meth:`from_bytes`; ``key`` names it in errors."""
         if not isinstance(obj, dict):
             raise CorruptObject(key, detail="manifest is not a JSON object")
         fmt = obj.get("format")
@@ -334,7 +340,7 @@ class Manifest:
         if not 1 <= fmt <= NEWEST_FORMAT:
             raise ValueError(f"format {fmt} is not one this reader knows")
         chunk_size = typed(obj["chunk_size"], int, "chunk_size")
-        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        if not 1 <= chunk_size <= MAX_READ_CHUNK_SIZE:
             raise ValueError(f"chunk_size {chunk_size} is out of range")
         packs = tuple(typed(p, str, "pack") for p in typed(obj["packs"], list, "packs"))
         chunks = [

@@ -28,12 +28,14 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
+from .hashing import is_digest
+
 __all__ = [
     "MAX_CHUNK_SIZE",
+    "MAX_READ_CHUNK_SIZE",
     "DeltaArgs",
     "LossySummary",
     "LossySums",
@@ -44,9 +46,11 @@ __all__ = [
     "typed",
 ]
 
-#: The largest chunk size a record may declare (a chunk is read into one buffer).
+#: The largest chunk size a save may use (a chunk is coded and hashed as one buffer).
 MAX_CHUNK_SIZE = 1 << 30
-_HASH = re.compile(r"[0-9a-f]{64}")
+#: The largest chunk size a manifest may declare: above what saves use now, for banks that
+#: older releases (which had no cap) wrote; reads are bounded by the packs' real sizes anyway.
+MAX_READ_CHUNK_SIZE = 1 << 40
 
 
 def typed(value: Any, kind: type | tuple[type, ...], what: str = "value") -> Any:
@@ -80,7 +84,7 @@ def finite(value: Any, what: str) -> float:
 
 def hex_digest(value: Any, what: str) -> str:
     """A full lowercase hex digest (a chunk hash or checkpoint id); ValueError otherwise."""
-    if not isinstance(value, str) or not _HASH.fullmatch(value):
+    if not isinstance(value, str) or not is_digest(value):
         raise ValueError(f"{what} is not a chunk hash")
     return value
 

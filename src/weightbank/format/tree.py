@@ -45,6 +45,7 @@ import torch
 
 from ..errors import InvalidState
 from .dtypes import dtype_name
+from .jsonsafe import NON_FINITE
 
 __all__ = [
     "MAX_DEPTH",
@@ -67,7 +68,6 @@ __all__ = [
 #: Deepest nesting of containers a state may have (and a stored tree is checked against).
 MAX_DEPTH = 64
 _KINDS = frozenset("dluTNvf")
-_NON_FINITE = frozenset(("nan", "inf", "-inf"))
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,7 @@ def check_tree(spec: Any, n_tensors: int) -> None:
             if body is not None and not isinstance(body, (bool, int, float, str)):
                 raise ValueError("tree value is not a JSON scalar")
         elif kind == "f":
-            if body not in _NON_FINITE:
+            if body not in NON_FINITE:
                 raise ValueError("tree float is not nan, inf or -inf")
         elif kind == "d":
             if not isinstance(body, list):

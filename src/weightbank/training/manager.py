@@ -131,7 +131,8 @@ class CheckpointManager:
         distributed: bool | None = None,
         collective_timeout: float | None = None,
     ) -> None:
-        check_new_name("run", run)  # before any training happens
+        if run not in bank.runs():  # before any training happens (a run made before id-like names
+            check_new_name("run", run)  # were refused goes on)
         warm_up()  # git is probed here, in the caller's thread, never first from the save thread
         self.bank = bank
         self.run = run
