@@ -14,6 +14,7 @@ from torch import nn
 
 import weightbank as wb
 from tests.training.test_lr_scale import SCHEDULERS, _advance, _pair
+from weightbank.training.checks import same_kind
 from weightbank.training.state import clone_tree
 
 
@@ -187,3 +188,79 @@ def test_every_torch_scheduler_round_trips_through_the_checks(kind: str) -> None
     wb.TrainingState(optimizer=opt2, scheduler=sched2, rng=False).load(bank.load(cid))
     assert sched2.state_dict().get("last_epoch") == sched.state_dict().get("last_epoch")
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+class Lion(torch.optim.SGD):
+    """A custom optimizer, as a training script or the module it moved to defines it."""
+
+
+# The same class as a script run as ``python train.py`` defined it: only the module differs.
+MainLion = type("Lion", (torch.optim.SGD,), {"__module__": "__main__", "__qualname__": "Lion"})
+# A class of another library with a torch class's name, deriving from no torch SGD.
+OtherSGD = type("SGD", (torch.optim.Optimizer,), {"__module__": "mylib.optim", "__qualname__": "SGD"})
+# ... and one that derives from torch's SGD (its state is an SGD's).
+DerivedSGD = type("SGD", (torch.optim.SGD,), {"__module__": "mylib.optim", "__qualname__": "SGD"})
+
+
+def test_a_class_saved_from_main_restores_from_its_module() -> None:
+    """Review of item 8: the kind is the class's qualname, not the module it was saved from."""
+    bank = wb.open("memory://")
+    model = nn.Linear(2, 2)
+    saved = wb.TrainingState(
+        model=model, optimizer=MainLion(model.parameters(), lr=0.1, momentum=0.9), rng=False
+    )
+    tree = bank.load(bank.save(saved.capture()).id)
+    assert tree["classes"] == {"optimizer": "__main__.Lion"}
+    target = wb.TrainingState(
+        model=model, optimizer=Lion(model.parameters(), lr=0.5, momentum=0.9), rng=False
+    )
+    target.load(tree)
+    assert target.objects("optimizer")[""].param_groups[0]["lr"] == 0.1
+
+
+def test_a_torch_class_that_moved_module_restores() -> None:
+    bank = wb.open("memory://")
+    _model, state = _build(opt_kind="sgd")
+    tree = clone_tree(state.capture())
+    # what a torch that kept SGD and StepLR in other modules recorded
+    tree["classes"] = {"optimizer": "torch.optim._sgd_old.SGD", "scheduler": "torch.optim.schedulers.StepLR"}
+    cid = bank.save(tree).id
+    _other, fresh = _build(opt_kind="sgd")
+    fresh.load(bank.load(cid))
+    assert fresh.objects("scheduler")[""].state_dict()["last_epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    ("recorded", "cls", "same"),
+    [
+        ("torch.optim.sgd.SGD", torch.optim.SGD, True),
+        ("torch.optim.sgd.SGD", Lion, False),  # another qualname, whatever it derives from
+        ("torch.optim.adamw.AdamW", torch.optim.SGD, False),
+        ("torch.optim.adam.Adam", torch.optim.AdamW, False),  # AdamW derives from Adam in newer torch
+        ("torch.optim.adamw.AdamW", torch.optim.Adam, False),
+        ("torch.optim.lr_scheduler.StepLR", torch.optim.lr_scheduler.CosineAnnealingLR, False),
+        ("torch.optim.sgd.SGD", OtherSGD, False),  # a name is not torch's class
+        ("mylib.optim.SGD", torch.optim.SGD, False),
+        ("torch.optim.sgd.SGD", DerivedSGD, True),
+        ("mylib.optim.SGD", OtherSGD, True),
+        ("__main__.Lion", Lion, True),
+        ("tests.training.test_restore_checks.Lion", MainLion, True),
+        ("tests.training.test_restore_checks.Lion", torch.optim.SGD, False),
+        ("__main__.make.<locals>.Lion", Lion, False),
+    ],
+)
+def test_same_kind_compares_qualnames_and_keeps_torch_classes_apart(
+    recorded: str, cls: type, same: bool
+) -> None:
+    assert same_kind(recorded, cls) is same
+
+
+def test_a_torch_named_class_of_another_library_is_refused() -> None:
+    bank = wb.open("memory://")
+    _model, state = _build(opt_kind="sgd")
+    cid = bank.save(state.capture()).id
+    model, _other = _build(opt_kind="sgd")
+    fake = OtherSGD(model.parameters(), {"lr": 0.1})
+    target = wb.TrainingState(model=model, optimizer=fake, rng=False)
+    with pytest.raises(wb.IncompatibleState, match=r"torch\.optim\.sgd\.SGD, this state a mylib\.optim\.SGD"):
+        target.load(bank.load(cid), parts=["model", "optimizer"])

@@ -18,12 +18,19 @@ rng         every global generator's state parses
 ==========  ====================================================================
 
 Classes: a checkpoint records the class of every optimizer and scheduler
-(:func:`classes`, under the tree's ``classes`` key), and a restore into an
-object of another class is refused — an ``SGD`` must not silently take an
-``AdamW``'s parameter groups. Checkpoints written before that record load as
-they did. Objects of other types (a custom ``Stateful``) are checked for what
-they are given only where torch requires a mapping: their own
-``load_state_dict`` may still fail late.
+(:func:`classes`, under the tree's ``classes`` key, as ``module.qualname``),
+and a restore into an object of another kind is refused — an ``SGD`` must not
+silently take an ``AdamW``'s parameter groups, nor a ``CosineAnnealingLR`` a
+``StepLR``'s state. What identifies the kind is the class's ``__qualname__``,
+not its module (:func:`same_kind`): a class saved from ``__main__`` and
+restored from the module that defines it, or a torch class that moved module
+between torch versions, restores. One guard keeps a name from standing in for
+torch: a checkpoint recording a torch class restores only into a torch class
+of that qualname or a class of that qualname deriving from one, and a torch
+object only from a recorded torch class. Checkpoints written before the
+record load as they did. Objects of other types (a custom ``Stateful``) are checked for what they
+are given only where torch requires a mapping: their own ``load_state_dict``
+may still fail late.
 
 Example:
     >>> import torch
@@ -44,7 +51,7 @@ import torch
 from ..errors import WeightbankError
 from .rng import check_rng
 
-__all__ = ["CLASSES", "class_name", "class_problem", "classes", "module_problems", "problems"]
+__all__ = ["CLASSES", "class_name", "class_problem", "classes", "module_problems", "problems", "same_kind"]
 
 #: The top-level key of a training checkpoint recording its optimizers' and schedulers' classes.
 CLASSES = "classes"
@@ -61,6 +68,36 @@ def class_name(obj: object) -> str:
     """
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _in_torch(module: str) -> bool:
+    return module == "torch" or module.startswith("torch.")
+
+
+def same_kind(recorded: str, cls: type) -> bool:
+    """Whether ``recorded`` (a ``module.qualname`` from a checkpoint) names the kind of class ``cls`` is.
+
+    The qualnames must agree — the recorded name is ``cls.__qualname__``
+    with any module path before it, so the module a class was saved from
+    does not matter. When the recorded class is torch's, ``cls`` must be torch's
+    class of that qualname or derive from one; when ``cls`` is torch's, the
+    recorded class must be torch's too (a class of another library named
+    ``SGD`` is not ``torch.optim.SGD``).
+
+    Example:
+        >>> sgd = torch.optim.SGD
+        >>> same_kind("torch.optim.sgd.SGD", sgd), same_kind("torch.optim._moved.SGD", sgd)
+        (True, True)
+        >>> same_kind("torch.optim.adamw.AdamW", sgd), same_kind("mylib.SGD", sgd)
+        (False, False)
+    """
+    qualname = cls.__qualname__
+    module = recorded[: -len(qualname) - 1] if recorded.endswith(f".{qualname}") else None
+    if recorded != qualname and not (module and all(p.isidentifier() for p in module.split("."))):
+        return False  # another qualname (``f.<locals>.X`` is no module path before ``X``)
+    if _in_torch(recorded):
+        return any(_in_torch(c.__module__) and c.__qualname__ == qualname for c in cls.__mro__)
+    return not _in_torch(cls.__module__)
 
 
 def classes(groups: Mapping[str, tuple[bool, Mapping[str, Any]]]) -> dict[str, Any]:
@@ -183,7 +220,7 @@ def _generator_problems(gen: torch.Generator, saved: Any) -> list[str]:
 
 
 def class_problem(kind: str, name: str, obj: Any, record: Any) -> str:
-    """How the class ``record`` names for ``kind``/``name`` differs from ``obj``'s, or ``""``.
+    """How the class ``record`` names for ``kind``/``name`` is not ``obj``'s kind (:func:`same_kind`), or ``""``.
 
     Example:
         >>> class_problem("scheduler", "", object(), {"scheduler": "builtins.object"})
@@ -192,7 +229,7 @@ def class_problem(kind: str, name: str, obj: Any, record: Any) -> str:
     if kind not in _CLASSED:
         return ""
     recorded = _saved_class(record, kind, name)
-    if recorded is None or recorded == class_name(obj):
+    if recorded is None or same_kind(recorded, type(obj)):
         return ""
     return f"the checkpoint holds a {recorded}, this state a {class_name(obj)}"
 
