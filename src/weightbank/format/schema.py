@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .hashing import is_digest
@@ -148,16 +148,11 @@ class LossySummary:
     rel_err: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"codec": self.codec, "max_abs": self.max_abs, "rel_err": self.rel_err}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, obj: Any) -> LossySummary:
-        typed(obj, dict, "lossy summary")
-        return cls(
-            codec=typed(obj.get("codec"), str, "lossy codec"),
-            max_abs=finite(obj.get("max_abs"), "max_abs"),
-            rel_err=finite(obj.get("rel_err"), "rel_err"),
-        )
+        return cls(**_lossy_fields(cls, obj))
 
 
 @dataclass(frozen=True)
@@ -188,14 +183,19 @@ class LossySums:
         return LossySummary(self.codec, self.max_abs, rel)
 
     def to_json(self) -> dict[str, Any]:
-        return {"codec": self.codec, "max_abs": self.max_abs, "sq_err": self.sq_err, "sq_ref": self.sq_ref}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, obj: Any) -> LossySums:
-        typed(obj, dict, "lossy sums")
-        return cls(
-            codec=typed(obj.get("codec"), str, "lossy codec"),
-            max_abs=finite(obj.get("max_abs"), "max_abs"),
-            sq_err=finite(obj.get("sq_err"), "sq_err"),
-            sq_ref=finite(obj.get("sq_ref"), "sq_ref"),
-        )
+        return cls(**_lossy_fields(cls, obj))
+
+
+def _lossy_fields(cls: type, obj: Any) -> dict[str, Any]:
+    """The fields of a lossy record read back: a codec name, then finite non-negative numbers."""
+    typed(obj, dict, cls.__name__)
+    return {
+        f.name: typed(obj.get(f.name), str, "lossy codec")
+        if f.name == "codec"
+        else finite(obj.get(f.name), f.name)
+        for f in fields(cls)
+    }
