@@ -169,11 +169,14 @@ class SavePart:
         """
         try:
             packs = tuple(typed(p, str) for p in typed(obj["packs"], list))
-            probe = Manifest.from_json(
-                {"format": SHARDED_FORMAT, "run": "", "created": 0.0, "tree": {"d": []}, "tensors": [],
-                 "chunk_size": obj["chunk_size"], "packs": list(packs), "chunks": obj["chunks"]},
-                "<save part>",
-            )  # fmt: skip
+            try:
+                probe = Manifest.from_json(
+                    {"format": SHARDED_FORMAT, "run": "", "created": 0.0, "tree": {"d": []}, "tensors": [],
+                     "chunk_size": obj["chunk_size"], "packs": list(packs), "chunks": obj["chunks"]},
+                    "<save part>",
+                )  # fmt: skip
+            except CorruptObject as e:
+                raise CorruptObject("<save part>", detail=f"malformed part ({e.detail})") from None
             tensors = []
             for t in typed(obj["tensors"], list):
                 has_box = "offsets" in typed(t, dict)
