@@ -28,6 +28,11 @@ unused for ``ttl`` seconds is released without pressure. A device victim is
 demoted to the host tier when the host budget allows, so bringing it back is a
 copy, not a read.
 
+This module owns residency over time (leases, single flight, pins, sweeps,
+statistics); filling one load (making room, reading or promoting its tensors,
+sharing slots with concurrent loads, building the module) is
+:class:`~weightbank.serving.loading.Loader`'s.
+
 Below the memory tiers, a remote bank's local disk cache (``Bank.cache``) is
 the disk tier: every chunk a load fetches stays there, so a checkpoint evicted
 from memory comes back with local reads. ``budget={"disk": "100GiB"}`` sets
@@ -60,19 +65,18 @@ import torch
 from torch import nn
 
 from ..bank.bank import Bank
-from ..bank.results import CheckpointInfo, PrefetchReport
-from ..errors import BudgetExceeded, CheckpointNotFound, InvalidRequest
+from ..bank.results import PrefetchReport
+from ..errors import CheckpointNotFound, InvalidRequest
 from .budget import DISK, TIERS, TierLedger, parse_budget
 from .lease import Lease, Prefetch
-from .modules import build_module
-from .pool import Slot, TensorPool
+from .loading import Factory, Loader
+from .pool import TensorPool
 from .residency import Entry, Flight, LoadPlan, Residency, make_plan
 from .results import CacheEvent, CacheStats, ModelStatus
-from .tiers import parse_device, release_device_memory, to_device
+from .tiers import parse_device, release_device_memory
 
 __all__ = ["ModelCache"]
 
-Factory = Callable[[CheckpointInfo], nn.Module]
 Listener = Callable[[CacheEvent], None]
 _HEX = frozenset("0123456789abcdef")
 _PLAN_CACHE = 4096
@@ -125,8 +129,6 @@ class ModelCache:
         self.min_residency = min_residency
         self.wait_timeout = wait_timeout
         self.prefix = prefix
-        self._build = build
-        self._build_on = build_on
         self._clock = clock
         budgets = parse_budget(budget)
         disk = budgets.pop(DISK, None)
@@ -148,6 +150,16 @@ class ModelCache:
         self._entries = self._res.entries
         self._pins = self._res.pins
         self._plans: OrderedDict[str, LoadPlan] = OrderedDict()
+        self._loader = Loader(
+            bank,
+            self._pools,
+            self._res,
+            self._cond,
+            device=self.device,
+            build=build,
+            build_on=build_on,
+            clock=clock,
+        )
         self._listeners: list[Listener] = []
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads)
         self._max_loads = max_concurrent_loads
@@ -158,7 +170,6 @@ class ModelCache:
         self._loads = 0
         self._load_seconds = 0.0
         self._bytes_loaded = {"host": 0, "bank": 0}
-        self._bytes_reused = 0
         self._queue_wait = 0.0
         self._stop = threading.Event()
         self._sweeper: threading.Thread | None = None
@@ -336,7 +347,7 @@ class ModelCache:
                 loads=self._loads,
                 load_seconds=self._load_seconds,
                 bytes_loaded=dict(self._bytes_loaded),
-                bytes_reused=self._bytes_reused,
+                bytes_reused=self._loader.bytes_reused,
                 evictions=dict(self._res.evictions),
                 leases=sum(e.leases for e in self._entries.values()),
                 loads_in_flight=len(self._flights),
@@ -485,7 +496,9 @@ class ModelCache:
             plan = self._plan(flight.cid)
             self._load_slots.acquire()
             try:
-                module, source_bytes = self._load(flight, plan)
+                module, source_bytes = self._loader.load(
+                    flight, plan, deadline=self._clock() + self.wait_timeout
+                )
             finally:
                 self._load_slots.release()
             with self._cond:
@@ -511,112 +524,6 @@ class ModelCache:
         finally:
             flight.done.set()
             self._release_freed()
-
-    def _load(self, flight: Flight, plan: LoadPlan) -> tuple[nn.Module, dict[str, int]]:
-        dev, host = self._pools["device"], self._pools["host"]
-        held: dict[str, Slot] = {}
-        mine: dict[str, int] = {}
-        promote: dict[str, torch.Tensor] = {}
-        deadline = self._clock() + self.wait_timeout
-        with self._cond:
-            while True:
-                now = self._clock()
-                self._res.check_fits_with_pins(plan)
-                missing: dict[str, int] = {}
-                for key, n in plan.sizes.items():
-                    if key in dev:
-                        held[key] = dev.hold(key, flight)
-                    else:
-                        missing[key] = n
-                needed = sum(missing.values())
-                victims = self._res.victims("device", needed, now, exclude=flight.cid)
-                if victims is not None:
-                    break
-                if now >= deadline:
-                    led = dev.ledger
-                    raise BudgetExceeded(
-                        "device",
-                        needed=needed,
-                        used=led.used,
-                        budget=led.budget,
-                        ref=plan.cid,
-                        transient=True,
-                        detail="every resident checkpoint is leased, pinned, loading or younger than min_residency",
-                    )
-                self._cond.wait(timeout=self._res.retry_in(now, deadline))
-            for v in victims:
-                self._res.evict(v, "pressure", now=now, demote=True)
-            for key, n in missing.items():
-                held[key] = dev.reserve(key, n, flight, ref=plan.cid)
-                mine[key] = n
-                src = host.get(key)
-                if src is not None and src.tensor is not None:
-                    host.hold(key, flight)
-                    promote[key] = src.tensor
-            self._bytes_reused += plan.nbytes - needed
-        source_bytes = {"host": 0, "bank": 0}
-        try:
-            fresh = {k: to_device(t, self.device) for k, t in promote.items()}
-            source_bytes["host"] = sum(mine[k] for k in fresh)
-            self._read_into_slots(flight, plan, [k for k in mine if k not in fresh], fresh, source_bytes)
-            with self._lock:
-                self._res.drop_holder("host", flight, promote)
-            self._await_shared(flight, plan, held, source_bytes)
-            tensors = {name: held[key].tensor for name, key in plan.names}
-            module = build_module(
-                lambda: self._build(plan.info),
-                {n: t for n, t in tensors.items() if t is not None},
-                self.device,
-                build_on=self._build_on,
-                what=f"checkpoint {plan.cid[:12]}",
-            )
-        except BaseException as exc:
-            with self._lock:
-                for k in held:  # the slots this load was to fill: handed to their other waiters
-                    dev.fail(k, exc, flight)
-            raise
-        return module, source_bytes
-
-    def _read_into_slots(
-        self,
-        flight: Flight,
-        plan: LoadPlan,
-        keys: list[str],
-        fresh: dict[str, torch.Tensor],
-        source_bytes: dict[str, int],
-    ) -> None:
-        """Read ``keys`` (slots this load is the loader of) from the bank, then fill them and ``fresh``'s."""
-        if keys:
-            loaded = self.bank.load_tensors(plan.cid, [plan.source[k] for k in keys], device=self.device)
-            fresh.update((k, loaded[plan.source[k]]) for k in keys)
-            source_bytes["bank"] += sum(plan.sizes[k] for k in keys)
-        with self._lock:
-            for k, t in fresh.items():
-                self._pools["device"].fill(k, t)
-
-    def _await_shared(
-        self, flight: Flight, plan: LoadPlan, held: dict[str, Slot], source_bytes: dict[str, int]
-    ) -> None:
-        """Wait for the slots other loads fill; adopt and read those whose loader failed.
-
-        Another load's failure is never this one's: a shared tensor it could not
-        deliver is read here from this checkpoint (its bytes are still reserved).
-        """
-        dev = self._pools["device"]
-        while True:
-            with self._lock:
-                adopted = [k for k in held if dev.adopt(k, flight)]
-                self._bytes_reused -= sum(plan.sizes[k] for k in adopted)
-                waiting = [s for s in held.values() if s.tensor is None and s.loader is not flight]
-                dropped = [s for s in waiting if s.loader is None]
-            if dropped:  # cannot happen while this load holds the slot; never wait on a dead event
-                raise AssertionError(f"slot {dropped[0].key[:12]} held by a load but dropped")
-            if adopted:
-                self._read_into_slots(flight, plan, adopted, {}, source_bytes)
-                continue
-            if not waiting:
-                return
-            waiting[0].ready.wait()
 
     def _complete(self, flight: Flight, plan: LoadPlan, module: nn.Module) -> None:
         dev = self._pools["device"]
