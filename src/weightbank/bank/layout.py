@@ -44,6 +44,7 @@ __all__ = [
     "manifest_key",
     "pack_key",
     "quarantine_key",
+    "sanitize_name",
     "save_id_from_pack",
     "tag_key",
     "trash_key",
@@ -58,7 +59,9 @@ LEASES = "leases/"
 TRASH = "trash/"
 QUARANTINE = "quarantine/"
 
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+=,-]*$")
+_NAME_CHARS = "A-Za-z0-9_.+=,-"
+_NAME = re.compile(rf"^[A-Za-z0-9_][{_NAME_CHARS}]*$")
+_NOT_NAME_CHAR = re.compile(rf"[^{_NAME_CHARS}]")
 _MAX_NAME = 128
 # Shortest id prefix a ref may use (format.hashing.MIN_PREFIX): a name of this many lowercase hex
 # characters or more could be read as a checkpoint id or id prefix.
@@ -117,6 +120,23 @@ def check_new_name(kind: str, name: object) -> str:
             f" add a letter outside a-f (e.g. 'v-{checked[:12]}')",
         )
     return checked
+
+
+def sanitize_name(text: str) -> str:
+    """``text`` with what a tag or run name may not hold replaced by ``_`` (for names built from free text).
+
+    Each character outside the name alphabet becomes ``_``, and so do a
+    leading ``.`` or ``-`` and the second dot of ``..``. Only characters
+    change: :func:`check_name` still refuses an empty or too long result.
+
+    Example:
+        >>> sanitize_name("tts.best.val/loss..ema")
+        'tts.best.val_loss._ema'
+    """
+    out = _NOT_NAME_CHAR.sub("_", text)
+    if out[:1] in (".", "-"):
+        out = "_" + out[1:]
+    return out.replace("..", "._")
 
 
 def manifest_key(cid: str) -> str:

@@ -1,8 +1,10 @@
 """What follows a committed save of a run: moving its best tags, then pruning what no keep rule keeps.
 
 ``<run>.best.<metric>`` is kept on the best checkpoint of every monitored
-metric (from ``BestN``, ``OnImprovement`` and ``EarlyStopping``). Ties go to the
-newest checkpoint, the rule of the bank's retention engine
+metric (from ``BestN``, ``OnImprovement`` and ``EarlyStopping``); the name is
+made fit for the tag grammar by :func:`weightbank.bank.layout.sanitize_name`
+and checked when the keeper is made, never first by the save thread. Ties go
+to the newest checkpoint, the rule of the bank's retention engine
 (:mod:`weightbank.bank.retention`) and of ``<run>@best:<metric>``, so the tag,
 the ref and ``BestN(metric, 1)`` always name the same checkpoint. Pruning runs
 only after the new checkpoint is committed and never deletes the newest, a
@@ -20,18 +22,16 @@ Example:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from ..bank.bank import Bank
+from ..bank.layout import check_new_name, sanitize_name
 from ..bank.results import CheckpointInfo
 from ..bank.retention import KeepPolicy, metric_value, to_keep
 from ..errors import CheckpointNotFound
 
 __all__ = ["Keeper"]
-
-_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=,-]")
 
 
 class Keeper:
@@ -51,11 +51,13 @@ class Keeper:
         self.keep = list(keep)
         self.monitored = dict(monitored or {})
         self.protected = protected
+        for metric in self.monitored:
+            check_new_name("tag", self.tag(metric))  # e.g. too long: refused before any training
         self._best: dict[str, float | None] = {}
 
     def tag(self, metric: str) -> str:
         """The name of the tag kept on the best checkpoint for ``metric`` (``<run>.best.<metric>``)."""
-        return f"{self.run}.best.{_TAG_UNSAFE.sub('_', metric)}"
+        return sanitize_name(f"{self.run}.best.{metric}")
 
     def after_commit(self, info: CheckpointInfo) -> None:
         """Move the best tags to ``info`` where it is best (or tied), then prune the run."""
