@@ -11,6 +11,7 @@ from __future__ import annotations
 from .data import DataPositionWarning, ResumableLoader
 from .determinism import deterministic
 from .guard import Guard
+from .keeping import DamagedTagWarning
 from .manager import CheckpointManager
 from .policies import (
     BestN,
@@ -30,6 +31,7 @@ from .state import TrainingState
 __all__ = [
     "BestN",
     "CheckpointManager",
+    "DamagedTagWarning",
     "DataPositionWarning",
     "EarlyStopping",
     "Every",

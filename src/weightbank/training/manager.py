@@ -33,8 +33,11 @@ and writes its shards (:mod:`weightbank.training.distributed`).
 
 Resuming a run into a state without a data position (a plain ``DataLoader``
 left out of the ``TrainingState``) warns once (:class:`DataPositionWarning`,
-naming ``ResumableLoader``); ``config=``/``meta=`` are checked when given
-(integer keys become strings: :mod:`weightbank.training.metadata`).
+naming ``ResumableLoader``); a damaged tag record stops pruning (and the moves
+of a best tag with that record) and warns once per tag, at the next ``step``,
+``wait`` or ``close`` (:class:`DamagedTagWarning`), while training goes on;
+``config=``/``meta=`` are checked when given (integer keys become strings:
+:mod:`weightbank.training.metadata`).
 
 Example:
     >>> import torch, weightbank as wb
@@ -68,7 +71,7 @@ from ..errors import AlreadyClosed, TrainingDiverged
 from .data import DataPositionWarning, warn_no_position
 from .guard import Guard
 from .job import Decision, choose_job
-from .keeping import Keeper
+from .keeping import DamagedTagWarning, Keeper
 from .metadata import clean_metrics, json_metadata
 from .pipeline import SavePipeline
 from .policies import EarlyStopping, Every, OnImprovement, SavePolicy
@@ -76,7 +79,7 @@ from .results import Rollback, StepOutcome
 from .saver import SaveHandle
 from .state import TrainingState
 
-__all__ = ["CheckpointManager", "DataPositionWarning"]
+__all__ = ["CheckpointManager", "DamagedTagWarning", "DataPositionWarning"]
 
 
 class CheckpointManager:
@@ -345,6 +348,7 @@ class CheckpointManager:
         here: the next ``step()`` rolls back.
         """
         self._saves.wait()
+        self._keeper.warn_pending(stacklevel=2)  # what the commits skipped (a damaged tag record)
 
     def close(self) -> None:
         """Wait for the last save, restore signal handlers, stop the background thread; re-raise a failure.
@@ -359,7 +363,10 @@ class CheckpointManager:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         self._previous_handlers.clear()
-        self._saves.close()
+        try:
+            self._saves.close()
+        finally:
+            self._keeper.warn_pending(stacklevel=2)
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -384,6 +391,7 @@ class CheckpointManager:
             raise AlreadyClosed("checkpoint manager")
 
     def _raise_failures(self) -> None:
+        self._keeper.warn_pending(stacklevel=3)  # called by public methods: blame their caller
         self._saves.raise_failures()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
