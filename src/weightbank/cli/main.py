@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import RenderableType
 
 from .. import open as open_bank
 from .._version import __version__
@@ -29,6 +28,19 @@ from ..errors import CheckpointNotFound, CorruptObject, NotABank
 from . import drill as drill_command
 from . import render
 from . import serve as serve_command
+from . import tags as tags_command
+from .common import (
+    DEFAULT_BANK,
+    BankOpt,
+    JsonOpt,
+    MessageOpt,
+    RunOpt,
+    StepOpt,
+    TagOpt,
+    emit,
+    emit_json,
+    open_existing,
+)
 from .exitcodes import CORRUPT, EPILOG, BankGroup
 from .options import parse_config, parse_duration, parse_keep_best, parse_metrics
 
@@ -51,46 +63,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-DEFAULT_BANK = "./bank"
-BankOpt = Annotated[
-    str,
-    typer.Option(
-        "--bank",
-        "-b",
-        envvar="WEIGHTBANK_BANK",
-        help="The bank: a directory, file://…, memory://… or s3://bucket/prefix (client options as JSON in $WEIGHTBANK_STORAGE_OPTIONS).",
-        metavar="PATH",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
-TagOpt = Annotated[
-    list[str], typer.Option("--tag", "-t", metavar="TAG", help="Tag the new checkpoint (repeatable).")
-]
-RunOpt = Annotated[str, typer.Option("--run", "-r", metavar="RUN", help="Run the checkpoint belongs to.")]
-StepOpt = Annotated[int | None, typer.Option("--step", "-s", min=0, metavar="N", help="Training step.")]
-MessageOpt = Annotated[
-    str, typer.Option("--message", "-m", metavar="TEXT", help="A note stored with the checkpoint.")
-]
-WhyOpt = Annotated[str, typer.Option("--why", metavar="TEXT", help="Reason, kept in the tag's history.")]
-
-
-# -- helpers --------------------------------------------------------------------------
-def _out(*renderables: RenderableType) -> None:
-    console = render.make_console()
-    for r in renderables:
-        console.print(r)
-
-
-def _json(obj: Any) -> None:
-    typer.echo(render.to_json(obj))
-
-
-def _open(path: str) -> Bank:
-    """An existing bank; never creates one (NotABank says how)."""
-    if "://" not in path and not os.path.isdir(path):
-        raise NotABank(os.path.abspath(path), "it is a file" if os.path.exists(path) else "no such directory")
-    return open_bank(path, create=False)
 
 
 def _require_file(path: Path) -> None:
@@ -136,9 +108,9 @@ def _import(
             parent=AUTO if parent is None else parent,
         )
     if as_json:
-        _json(info)
+        emit_json(info)
     else:
-        _out(render.saved_line(info))
+        emit(render.saved_line(info))
 
 
 # -- the group ------------------------------------------------------------------------
@@ -164,12 +136,12 @@ def init(bank: BankOpt = DEFAULT_BANK) -> None:
     """Create an empty bank (a no-op on an existing bank; refuses a non-empty directory that is not one)."""
     try:
         with open_bank(bank, create=False) as b:
-            _out(f"{b.url} is already a bank")
+            emit(f"{b.url} is already a bank")
             return
     except NotABank:
         pass
     with open_bank(bank, create=True) as b:
-        _out(f"initialized an empty bank at {b.url}")
+        emit(f"initialized an empty bank at {b.url}")
 
 
 @app.command()
@@ -261,7 +233,7 @@ def export(
         raise typer.BadParameter(f"--quantize takes int8 or fp8, not {quantize!r}", param_hint="'--quantize'")
     from ..interop import export as export_file
 
-    with _open(bank) as b, render.busy(f"exporting {ref}"):
+    with open_existing(bank) as b, render.busy(f"exporting {ref}"):
         chosen: str | list[str] | None = (select[0] if len(select) == 1 else select) or None
         cid = b.resolve(ref)
         try:
@@ -270,24 +242,24 @@ def export(
             raise typer.BadParameter(
                 f"{out} exists; pass --force to replace it", param_hint="'OUT'"
             ) from None
-    _out(f"exported {render.short(cid)} ({ref}) to {path} ({render.human_bytes(path.stat().st_size)})")
+    emit(f"exported {render.short(cid)} ({ref}) to {path} ({render.human_bytes(path.stat().st_size)})")
 
 
 # -- inspecting -----------------------------------------------------------------------
 def _log(bank: str, run: str | None, graph: bool, limit: int | None, as_json: bool) -> None:
-    with _open(bank) as b:
+    with open_existing(bank) as b:
         infos = b.log(run)
         events = _events(b, run)
     if limit is not None:
         infos = infos[:limit]
     if as_json:
-        _json(infos)
+        emit_json(infos)
     elif not infos:
-        _out("no checkpoints yet (add one with `weightbank save FILE`)")
+        emit("no checkpoints yet (add one with `weightbank save FILE`)")
     else:
-        _out(render.graph_view(infos) if graph else render.checkpoint_table(infos))
+        emit(render.graph_view(infos) if graph else render.checkpoint_table(infos))
         if events:
-            _out(render.events_table(events))
+            emit(render.events_table(events))
 
 
 def _events(b: Bank, run: str | None) -> list[RunEvent]:
@@ -332,14 +304,14 @@ def events(
     as_json: JsonOpt = False,
 ) -> None:
     """Run events besides saves (automatic rollbacks, preemptions), newest first."""
-    with _open(bank) as b:
+    with open_existing(bank) as b:
         found = _events(b, run)
     if as_json:
-        _json(found)
+        emit_json(found)
     elif not found:
-        _out("no run events")
+        emit("no run events")
     else:
-        _out(render.events_table(found))
+        emit(render.events_table(found))
 
 
 app.command("ls", help="Same as `log`.")(log)
@@ -352,13 +324,13 @@ def show(
     as_json: JsonOpt = False,
 ) -> None:
     """Metadata, metrics, config, environment and the per-tensor table of one checkpoint."""
-    with _open(bank) as b:
+    with open_existing(bank) as b:
         detail = b.show(ref)
         parent = _label_of(b, detail.info.parent)
     if as_json:
-        _json(detail)
+        emit_json(detail)
     else:
-        _out(render.detail_view(detail, parent))
+        emit(render.detail_view(detail, parent))
 
 
 @app.command()
@@ -370,123 +342,28 @@ def diff(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-tensor differences from A to B (max |Δ|, relative L2, bytes that differ)."""
-    with _open(bank) as bk:
+    with open_existing(bank) as bk:
         result = bk.diff(a, b)
         labels = {cid: _label_of(bk, cid) or "" for cid in (result.a, result.b)}
     if as_json:
-        _json(result)
+        emit_json(result)
     else:
-        _out(render.diff_view(result, show_all=show_all, labels=labels))
+        emit(render.diff_view(result, show_all=show_all, labels=labels))
 
 
 @app.command()
 def du(bank: BankOpt = DEFAULT_BANK, as_json: JsonOpt = False) -> None:
     """Logical vs unique vs stored bytes: how much deduplication and compression save."""
-    with _open(bank) as b:
+    with open_existing(bank) as b:
         report = b.du()
     if as_json:
-        _json(report)
+        emit_json(report)
     else:
-        _out(render.du_view(report))
+        emit(render.du_view(report))
 
 
-# -- tags -----------------------------------------------------------------------------
-@app.command()
-def tag(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Tag name.")],
-    ref: Annotated[str, typer.Argument(metavar="REF", help="Checkpoint it should point to.")],
-    why: WhyOpt = "",
-    expect: Annotated[
-        str | None,
-        typer.Option(
-            "--expect",
-            metavar="REF",
-            help="Only move the tag if it points here now (a ref; `none`: only if the tag does not exist).",
-        ),
-    ] = None,
-    bank: BankOpt = DEFAULT_BANK,
-    as_json: JsonOpt = False,
-) -> None:
-    """Point a tag at a checkpoint (recorded in the tag's history)."""
-    with _open(bank) as b:
-        kwargs: dict[str, Any] = {}
-        if expect is not None:
-            kwargs["expect"] = None if expect.lower() == "none" else expect
-        event = b.tag(name, ref, why=why, **kwargs)
-    if as_json:
-        _json(event)
-    else:
-        _out(render.tag_event_line(event))
-
-
-@app.command()
-def untag(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="Tag to remove.")],
-    why: WhyOpt = "",
-    force: Annotated[
-        bool,
-        typer.Option(
-            "--force", help="Also remove a tag whose record is damaged (its bytes go to quarantine/)."
-        ),
-    ] = False,
-    bank: BankOpt = DEFAULT_BANK,
-    as_json: JsonOpt = False,
-) -> None:
-    """Remove a tag (its history stays; `rollback` brings it back)."""
-    with _open(bank) as b:
-        event = b.untag(name, why=why, force=force)
-    if as_json:
-        _json(event)
-    else:
-        _out(render.tag_event_line(event))
-
-
-@app.command()
-def rollback(
-    name: Annotated[str, typer.Argument(metavar="TAG", help="Tag to move back.")],
-    steps: Annotated[
-        int, typer.Option("--steps", "-n", min=1, metavar="N", help="How many moves to undo.")
-    ] = 1,
-    why: WhyOpt = "",
-    bank: BankOpt = DEFAULT_BANK,
-    as_json: JsonOpt = False,
-) -> None:
-    """Move a tag back to where it pointed before its last move(s)."""
-    with _open(bank) as b:
-        event = b.rollback(name, steps, why=why)
-    if as_json:
-        _json(event)
-    else:
-        _out(render.tag_event_line(event))
-
-
-@app.command()
-def tags(
-    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Show this tag's history.")] = None,
-    history: Annotated[bool, typer.Option("--history", help="Show every change, oldest first.")] = False,
-    bank: BankOpt = DEFAULT_BANK,
-    as_json: JsonOpt = False,
-) -> None:
-    """List tags and their targets, or (--history / NAME) every change made to them."""
-    with _open(bank) as b:
-        if name is None and not history:
-            live = b.tags()
-            infos = {c.id: c for c in b.log()}
-            if as_json:
-                _json(live)
-            elif not live:
-                _out("no tags yet (add one with `weightbank tag NAME REF`)")
-            else:
-                _out(render.tags_table(live, infos))
-            return
-        names = [name] if name is not None else [t.name for t in b.tags() if not t.problem]
-        events = sorted((e for n in names for e in b.tag_history(n)), key=lambda e: e.at)
-    if as_json:
-        _json(events)
-    elif not events:
-        _out("no tag history yet")
-    else:
-        _out(render.history_table(events))
+# -- tags (cli/tags.py), listed here in --help -----------------------------------------
+tags_command.register(app)
 
 
 # -- maintenance ----------------------------------------------------------------------
@@ -500,12 +377,12 @@ def verify(
     as_json: JsonOpt = False,
 ) -> None:
     """Re-hash every chunk and check manifests and tags; exit code 4 if anything is wrong."""
-    with _open(bank) as b, render.busy("verifying"):
+    with open_existing(bank) as b, render.busy("verifying"):
         report = b.verify(ref, full=not quick)
     if as_json:
-        _json(report)
+        emit_json(report)
     else:
-        _out(render.verify_view(report))
+        emit(render.verify_view(report))
     if not report.ok:
         raise typer.Exit(CORRUPT)
 
@@ -524,12 +401,12 @@ def gc(
 ) -> None:
     """Remove data no checkpoint needs (never data a save in flight may use)."""
     seconds = parse_duration(grace, "--grace")
-    with _open(bank) as b:
+    with open_existing(bank) as b:
         report = b.gc(grace=seconds, dry_run=dry_run)
     if as_json:
-        _json(report)
+        emit_json(report)
     else:
-        _out(render.gc_view(report))
+        emit(render.gc_view(report))
 
 
 @app.command()
@@ -574,7 +451,7 @@ def prune(
         )
     best = parse_keep_best(keep_best) if keep_best is not None else None
     age = parse_duration(older_than) if older_than is not None else None
-    with _open(bank) as b:
+    with open_existing(bank) as b:
         infos = {c.id: c for c in b.log()}
         report = b.prune(
             run=run,
@@ -585,9 +462,9 @@ def prune(
             dry_run=not yes,
         )
     if as_json:
-        _json(report)
+        emit_json(report)
     else:
-        _out(render.prune_view(report, infos))
+        emit(render.prune_view(report, infos))
 
 
 # -- demo -----------------------------------------------------------------------------
