@@ -131,8 +131,7 @@ def test_unknown_ref_on_every_verb(bank: wb.Bank) -> None:
 
 def test_prune_needs_a_rule(bank: wb.Bank) -> None:
     bank.save({"w": torch.ones(1)})
-    with pytest.raises(ValueError, match="rule") as exc:
+    with pytest.raises(ValueError, match="rule"):
         bank.prune()
-    assert isinstance(exc.value, wb.InvalidArgument) and exc.value.name == "rules"  # not one rule's name
     with pytest.raises(ValueError):
         bank.rollback("x", steps=0)

@@ -76,7 +76,7 @@ def test_prune_keywords_are_policy_objects() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({}, "keep_last"),
+        ({}, "rules"),  # no rule at all: not one rule's fault
         ({"keep_last": -1}, "keep_last"),
         ({"keep_best": ("val",)}, "keep_best"),
         ({"keep_best": ("val", 0)}, "keep_best"),
