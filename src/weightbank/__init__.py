@@ -77,6 +77,7 @@ from .storage.diskcache import DiskCache, DiskCacheStats
 from .training import (
     BestN,
     CheckpointManager,
+    DamagedTagWarning,
     DataPositionWarning,
     EarlyStopping,
     Every,
@@ -110,6 +111,7 @@ __all__ = [
     "CheckpointNotFound",
     "ConcurrentUpdate",
     "CorruptObject",
+    "DamagedTagWarning",
     "DataPositionWarning",
     "DeviceError",
     "DiffResult",

@@ -5,8 +5,8 @@
     <id> | <id prefix, >= 6 hex chars>   a checkpoint by content hash
     <tag>                                a tag's current target
     <tag>@{N}                            the tag's N-th previous target (what rollback N restores)
-    <run>@<step>                         the run's checkpoint at that step, never a re-save marked
-                                         resave_of (saved twice otherwise: the newer)
+    <run>@<step>                         the run's checkpoint at that step, never a rollback's
+                                         re-save of it (saved twice otherwise: the newer)
     <run>@latest                         the run's newest checkpoint
     <run>@best:<metric>[:min|:max]       the run's checkpoint with the lowest (or highest) finite
                                          metric, the newest on ties
