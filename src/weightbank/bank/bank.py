@@ -37,6 +37,7 @@ from .catalog import Catalog
 from .diff import diff_manifests
 from .environment import warm_up, who
 from .events import EventLog
+from .handle import Handles
 from .into import plan_into
 from .layout import check_name, check_new_name
 from .marker import init_storage
@@ -110,7 +111,7 @@ def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[in
     return [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-class Bank(Tagging, TwoPhase):
+class Bank(Handles, Tagging, TwoPhase):
     """A checkpoint bank on one storage backend. Create with :func:`weightbank.open`.
 
     Thread-safe: several threads may save and load at once; several processes
