@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .bank.bank import AUTO, Bank, CheckpointDetail, open
+from .bank.checkpoint import Checkpoint
 from .bank.parts import SavePart, TensorRef, TensorShard
 from .bank.results import (
     CheckpointInfo,
@@ -105,6 +106,7 @@ __all__ = [
     "BudgetExceeded",
     "CacheEvent",
     "CacheStats",
+    "Checkpoint",
     "CheckpointDetail",
     "CheckpointInfo",
     "CheckpointManager",
