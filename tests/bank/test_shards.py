@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import weightbank as wb
 from weightbank.bank.pieces import pieces_of
-from weightbank.bank.shards import read_options, read_regions, region_of
+from weightbank.bank.shards import region_of
 from weightbank.bank.writer import SaveOptions, write_part
 
 
@@ -39,11 +39,12 @@ def test_regions_of_a_legacy_layout_whose_chunks_split_elements(
     bank = wb.open("memory://" if where == "memory" else tmp_path / "bank")
     w = torch.arange(40000, dtype=torch.float32)  # big enough to be memory-mapped from a local pack
     info = bank.commit([legacy_part(bank, {"w": w}, chunk_size)], run="r", step=1)
-    cid, m = bank._manifest(info.id)
+    ck = bank.checkpoint(info.id)
+    m = ck.manifest
     assert m.chunk_size == chunk_size and torch.equal(bank.load(info.id)["w"], w)
     spans = [(2040, 2060), (2000, 2010), (0, 40000), (39999, 40000), (1, 3), (1024, 1025), (7, 7)]
     regions = [region_of(m, 0, None, [a], [b - a]) for a, b in spans]
-    got = read_regions(bank.storage, cid, m, regions, **read_options(bank))
+    got = ck.read_regions(regions)
     for (a, b), t in zip(spans, got, strict=True):
         assert torch.equal(t, w[a:b]), (a, b)
 
@@ -85,7 +86,8 @@ def test_any_region_of_any_box_reads_exactly(
     else:
         ps = [legacy_part(bank, {"t": full}, chunk, codec)]
     info = bank.commit(ps)
-    cid, m = bank._manifest(info.id)
+    ck = bank.checkpoint(info.id)
+    m = ck.manifest
     rec = m.tensors[0]
     wanted = []
     regions = []
@@ -97,7 +99,7 @@ def test_any_region_of_any_box_reads_exactly(
         regions.append(region_of(m, 0, box.offsets if box is not None else None, offs, lens))
         base = box.offsets if box is not None else (0,) * len(shape)
         wanted.append(full[tuple(slice(b + o, b + o + k) for b, o, k in zip(base, offs, lens, strict=True))])
-    got = read_regions(bank.storage, cid, m, regions, **read_options(bank))
+    got = ck.read_regions(regions)
     for g, want in zip(got, wanted, strict=True):
         assert g.dtype == want.dtype and g.shape == want.shape
         assert torch.equal(

@@ -136,7 +136,7 @@ def test_metadata_the_manifest_cannot_reproduce_is_stored_as_json() -> None:
     md = dcp.save(state, storage_writer=wb.dcp.Writer(bank, run="r"), planner=planner)
     info = bank.show(wb.dcp.saved_id(md)).info
     assert "metadata" in info.meta["dcp"]
-    assert same_metadata(metadata_of(bank._manifest(info.id)[1])[0], md)
+    assert same_metadata(metadata_of(bank.checkpoint(info.id).manifest)[0], md)
     target: dict[str, Any] = {"model": None, "step": 0}
     dcp.load(
         target,
@@ -226,7 +226,7 @@ def test_metadata_from_a_manifest_matches_what_dcp_plans(state: dict[str, Any]) 
         cid = bank.save(state).id
     except wb.InvalidState:
         return  # two tensors with one name: not a state this test is about
-    got, paths = metadata_of(bank._manifest(cid)[1])
+    got, paths = metadata_of(bank.checkpoint(cid).manifest)
     assert same_metadata(
         Metadata(got.state_dict_metadata, planner_data=dict(mapping)),
         Metadata(want.state_dict_metadata, planner_data=dict(mapping)),

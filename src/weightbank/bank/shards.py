@@ -22,28 +22,21 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..format.dtypes import dtype_from_name, itemsize
 from ..format.manifest import Manifest, ShardRecord, TensorRecord
-from ..format.tree import tensor_indices, unflatten
 from ..storage.base import Storage
 from .reader import allocate, read_tensors
 
-if TYPE_CHECKING:
-    from .bank import Bank
-
 __all__ = [
     "Region",
-    "checkpoint",
     "iter_regions",
     "read_assembled",
-    "read_options",
     "read_regions",
     "region_of",
-    "tree_value",
 ]
 
 #: A region read batch holds at most about this many bytes of chunks at once.
@@ -260,24 +253,3 @@ def _read_batch(
             span = span.clone()  # viewing bytes as a wider dtype needs an element-aligned start
         flat = span.view(dtype) if dtype != torch.uint8 else span
         yield n, flat.as_strided(r.lengths, p.strides, flat.storage_offset())
-
-
-def checkpoint(bank: Bank, ref: str) -> tuple[str, Manifest]:
-    """(id, manifest) of the checkpoint ``ref`` names in ``bank`` (for integrations reading regions)."""
-    return bank._manifest(ref)
-
-
-def read_options(bank: Bank) -> dict[str, Any]:
-    """The keyword arguments that make a read use ``bank``'s workers, thread pool and disk cache."""
-    return {"workers": bank.workers, "pool": bank._pool(), "cache": bank.cache}
-
-
-def tree_value(bank: Bank, cid: str, manifest: Manifest, node: dict[str, Any]) -> Any:
-    """The value of a subtree of a checkpoint's tree, with the tensors it holds read (and verified)."""
-    wanted = tensor_indices(node)
-    tensors: list[torch.Tensor | None] = [None] * len(manifest.tensors)
-    if wanted:
-        loaded = read_assembled(bank.storage, cid, manifest, wanted, **read_options(bank))
-        for i, t in loaded.items():
-            tensors[i] = t
-    return unflatten(node, tensors)

@@ -40,8 +40,9 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from ..bank.bank import Bank
+from ..bank.checkpoint import Checkpoint
 from ..bank.refs import parse
-from ..bank.shards import Region, checkpoint, iter_regions, read_options, region_of, tree_value
+from ..bank.shards import Region, region_of
 from ..errors import IncompatibleState, InvalidRef
 from ..format.manifest import Manifest
 from ..format.tree import node_kind, tensor_index
@@ -69,7 +70,7 @@ class Reader(StorageReader):
         self.bank = bank
         self.ref = ref
         self.cid: str | None = None
-        self._manifest: Manifest | None = None
+        self._checkpoint: Checkpoint | None = None
         self._paths: dict[str, Path] = {}
         self.is_coordinator = True
 
@@ -91,7 +92,7 @@ class Reader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.ref = os.fspath(checkpoint_id)
-        self.cid, self._manifest, self._paths = None, None, {}
+        self.cid, self._checkpoint, self._paths = None, None, {}
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """The checkpoint's DCP ``Metadata``, rebuilt from its manifest (or read from its JSON)."""
@@ -99,8 +100,9 @@ class Reader(StorageReader):
             raise IncompatibleState("weightbank checkpoints have global metadata only, not one per rank")
         if self.ref is None:
             raise InvalidRef("", "no checkpoint to read: pass a ref to Reader() or checkpoint_id to dcp.load")
-        self.cid, self._manifest = checkpoint(self.bank, self.ref)
-        md, self._paths = metadata_of(self._manifest)
+        self._checkpoint = self.bank.checkpoint(self.ref)
+        self.cid = self._checkpoint.id
+        md, self._paths = metadata_of(self._checkpoint.manifest)
         md.storage_data = {_KEY: {"checkpoint": self.cid}}
         return md
 
@@ -129,15 +131,16 @@ class Reader(StorageReader):
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Read every item of this rank's plan: tensor regions (verified), then values."""
-        m, cid = self._manifest, self.cid
-        if m is None or cid is None:
+        ck = self._checkpoint
+        if ck is None:
             raise IncompatibleState("read_data before read_metadata")
+        m, cid = ck.manifest, ck.id
         tensor_items: list[ReadItem] = []
         regions: list[Region] = []
         for item in plan.items:
             if item.type == LoadItemType.BYTE_IO:
                 continue
-            index = self._tensor_index(item.storage_index.fqn)
+            index = self._tensor_index(m, item.storage_index.fqn)
             try:
                 regions.append(
                     region_of(m, index, item.storage_index.offset, item.storage_offsets, item.lengths)
@@ -147,7 +150,7 @@ class Reader(StorageReader):
                     f"checkpoint {cid[:12]}: {e.args[0]}", [item.storage_index.fqn]
                 ) from None
             tensor_items.append(item)
-        for n, data in iter_regions(self.bank.storage, cid, m, regions, **read_options(self.bank)):
+        for n, data in ck.iter_regions(regions):
             item = tensor_items[n]
             target = planner.resolve_tensor(item).detach()
             if tuple(target.shape) != tuple(data.shape):
@@ -163,14 +166,13 @@ class Reader(StorageReader):
             if item.type == LoadItemType.BYTE_IO:
                 fqn = item.storage_index.fqn
                 node = node_at(m.tree, self._paths[fqn])
-                set_value(planner, item, tree_value(self.bank, cid, m, node))
+                set_value(planner, item, ck.tree_value(node))
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
-    def _tensor_index(self, fqn: str) -> int:
-        assert self._manifest is not None
-        node = node_at(self._manifest.tree, self._paths[fqn]) if fqn in self._paths else {"v": None}
+    def _tensor_index(self, m: Manifest, fqn: str) -> int:
+        node = node_at(m.tree, self._paths[fqn]) if fqn in self._paths else {"v": None}
         index = tensor_index(node) if node_kind(node) == "T" else None
         if index is None:
             raise IncompatibleState(f"the checkpoint holds no tensor under the DCP key {fqn!r}", [fqn])

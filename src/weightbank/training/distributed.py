@@ -57,10 +57,10 @@ from typing import Any
 import torch
 
 from ..bank.bank import Bank
+from ..bank.checkpoint import Checkpoint
 from ..bank.results import CheckpointInfo
 from ..errors import CheckpointNotFound, IncompatibleState, InvalidState, WeightbankError
 from ..format.jsonsafe import decode, encode
-from ..format.manifest import Manifest
 from ..format.tree import dict_items
 from .checks import CLASSES
 from .job import Decision
@@ -295,10 +295,10 @@ def restore(
     )
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    from ..bank.shards import checkpoint, tree_value
     from ..dcp import LoadPlanner, Reader
 
-    cid, m = checkpoint(bank, cid)
+    ck = bank.checkpoint(cid)
+    cid, m = ck.id, ck.manifest
     top = {str(k): node for k, node in dict_items(m.tree) or []}
     sections = [s for s in state.sections() if parts is None or s in parts]
     bare = list(sections) == ["model"] and "model" not in top and not state.is_named("model")
@@ -312,7 +312,7 @@ def restore(
     optimizers = optimizers if "optimizer" in sections else {}
     if CLASSES in top:
         # A restore into an optimizer or scheduler of another class is refused before anything is loaded.
-        state.check_classes(tree_value(bank, cid, m, top[CLASSES]), sections)
+        state.check_classes(ck.tree_value(top[CLASSES]), sections)
     target: dict[str, Any] = {}
     if models:
         target["model"] = {n: get_model_state_dict(mod) for n, mod in models.items()}
@@ -338,10 +338,10 @@ def restore(
             set_model_state_dict(mod, loaded["model"][n])
         for n, o in optimizers.items():
             set_optimizer_state_dict(_owner(models, o), o, loaded["optimizer"][n])
-    small = {k: tree_value(bank, cid, m, top[k]) for k in _SHARED if k in top and k in sections}
-    notes = _per_rank(state, bank, cid, m, top, ctx, [s for s in sections if s in _PER_RANK_SECTIONS], small)
+    small = {k: ck.tree_value(top[k]) for k in _SHARED if k in top and k in sections}
+    notes = _per_rank(state, ck, top, ctx, [s for s in sections if s in _PER_RANK_SECTIONS], small)
     state.load(small, parts=[k for k in sections if k in small], strict=False)
-    manager = tree_value(bank, cid, m, top["manager"]) if "manager" in top and parts is None else None
+    manager = ck.tree_value(top["manager"]) if "manager" in top and parts is None else None
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=3)
     return manager, notes
@@ -349,28 +349,25 @@ def restore(
 
 def _per_rank(
     state: TrainingState,
-    bank: Bank,
-    cid: str,
-    m: Manifest,
+    ck: Checkpoint,
     top: dict[str, Any],
     ctx: Distributed,
     wanted: list[str],
     into: dict[str, Any],
 ) -> list[str]:
     """Read this rank's own sections into ``into`` (or rank 0's data position); notes on what is missing."""
-    from ..bank.shards import tree_value
-
     if not wanted:
         return []
     ranks = {str(k): node for k, node in dict_items(top[PER_RANK]) or []} if PER_RANK in top else {}
-    dcp_meta = m.decoded_meta().get("dcp")
+    cid = ck.id
+    dcp_meta = ck.manifest.decoded_meta().get("dcp")
     saved_world = int(dcp_meta.get("world_size", len(ranks))) if isinstance(dcp_meta, dict) else len(ranks)
     notes = []
     own = ranks.get(str(ctx.rank))
     if own is not None:
-        into.update({k: v for k, v in tree_value(bank, cid, m, own).items() if k in wanted})
+        into.update({k: v for k, v in ck.tree_value(own).items() if k in wanted})
     else:
-        base = tree_value(bank, cid, m, ranks["0"]) if "0" in ranks else {}
+        base = ck.tree_value(ranks["0"]) if "0" in ranks else {}
         if "data" in wanted and "data" in base:
             into["data"] = base["data"]
         lost = [s for s in wanted if s not in into]
