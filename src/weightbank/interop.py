@@ -403,7 +403,7 @@ def export(
     if quantize is not None:
         state, quantized = _quantized(state, cid, quantize)
     if kind == ".safetensors":
-        info = bank.show(cid).info
+        info = bank.info(cid)
         tensors, aliases = _safetensors_tensors(state, cid, selected=select is not None)
         metadata = _safetensors_metadata(info, aliases)
         if quantized:

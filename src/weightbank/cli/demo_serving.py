@@ -117,7 +117,7 @@ def run(bank: Bank, console: Console) -> None:
     """Run the serving demo on ``bank`` (it adds a small model family to it), printing as it goes."""
     ids = _save_family(bank)
     names = {cid: name for name, cid in ids.items()}
-    full = bank.show(ids["base"]).info.nbytes
+    full = bank.info(ids["base"]).nbytes
     budget = int(full * 1.25)
     token = secrets.token_hex(16)
     auth = {"Authorization": f"Bearer {token}"}

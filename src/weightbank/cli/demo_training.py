@@ -201,7 +201,7 @@ def _section_train(bank: Bank, console: Console) -> TrainingState:
     console.print(
         Text.from_markup(
             f"kept {kept} (LastN(3) ∪ BestN('val_loss', 1)); tag [bold]{mgr.best_tag('val_loss')}[/] →"
-            f" step {bank.show(mgr.best_tag('val_loss')).info.step}"
+            f" step {bank.info(mgr.best_tag('val_loss')).step}"
         )
     )
     return state

@@ -74,7 +74,7 @@ def _label_of(bank: Bank, cid: str | None) -> str | None:
     if cid is None:
         return None
     try:
-        return render.label(bank.show(cid).info)
+        return render.label(bank.info(cid))
     except CheckpointNotFound:
         return "deleted"
 

@@ -96,7 +96,7 @@ def drill(
     t0 = time.perf_counter()
     verified = bank.verify(cid, full=True)
     t1 = time.perf_counter()
-    info = bank.show(cid).info
+    info = bank.info(cid, tags=True)
     if not verified.ok:
         return DrillReport(info, verified, (), t1 - t0, 0.0, 0.0)
     built = build()

@@ -174,7 +174,7 @@ class Guard:
             >>> import weightbank as wb
             >>> bank = wb.open("memory://")
             >>> for v in (1.0, float("nan")): _ = bank.save({"model": {"w": torch.tensor([v])}}, run="r")
-            >>> bank.show(Guard().newest_good(bank, "r")).info.metrics, bank.load(Guard().newest_good(bank, "r"))["model"]["w"].item()
+            >>> bank.info(Guard().newest_good(bank, "r")).metrics, bank.load(Guard().newest_good(bank, "r"))["model"]["w"].item()
             ({}, 1.0)
         """
         try:

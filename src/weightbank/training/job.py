@@ -157,7 +157,7 @@ class Solo:
     def restore(
         self, state: TrainingState, bank: Bank, cid: str, parts: Sequence[str] | None = None
     ) -> tuple[Any, list[str]]:
-        if "dcp" in bank.show(cid).info.meta:
+        if "dcp" in bank.info(cid).meta:
             # Saved through DCP (a distributed job): load it the same way, as the only rank.
             from .distributed import Distributed
             from .distributed import restore as dist_restore

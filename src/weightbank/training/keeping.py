@@ -25,7 +25,7 @@ Example:
     >>> bank = wb.open("memory://")
     >>> keeper = Keeper(bank, "r", keep=[wb.LastN(1)], monitored={"val": "min"})
     >>> for s in (1, 2): keeper.after_commit(bank.save({"w": torch.ones(1)}, run="r", step=s, metrics={"val": 0.5}))
-    >>> [c.step for c in bank.log("r")], bank.show(keeper.tag("val")).info.step   # the tie went to the newest
+    >>> [c.step for c in bank.log("r")], bank.info(keeper.tag("val")).step   # the tie went to the newest
     ([2], 2)
 """
 
@@ -116,7 +116,7 @@ class Keeper:
 
     def _tagged_value(self, tag: str, metric: str) -> float | None:
         try:
-            return metric_value(self.bank.show(tag).info.metrics, metric)
+            return metric_value(self.bank.info(tag).metrics, metric)
         except CheckpointNotFound:
             return None
 

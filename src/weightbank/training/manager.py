@@ -218,7 +218,7 @@ class CheckpointManager:
         if isinstance(manager, Mapping) and isinstance(manager.get("step"), int):
             done = int(manager["step"])
         else:
-            done = self.bank.show(cid).info.step or 0
+            done = self.bank.info(cid).step or 0
         if done > 0 and state.data is None and not self._warned_data:
             self._warned_data = True
             warn_no_position(self.run, done, stacklevel=3)

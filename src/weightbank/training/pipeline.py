@@ -118,7 +118,7 @@ class SavePipeline:
         finally:
             self._pool.release(snapshot.slot)
         if info is None:  # not the leader: the commit and what follows it are the leader's
-            return self.bank.show(cid).info
+            return self.bank.info(cid, tags=True)
         if self.after_commit is not None:
             self.after_commit(info)
         return info
