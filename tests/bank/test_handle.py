@@ -128,3 +128,36 @@ def test_read_options_are_the_banks() -> None:
     assert opts.storage is bank.storage and opts.workers == 3 and opts.cache is bank.cache
     assert opts.pool is bank.read_options().pool
     assert opts.kwargs() == {"workers": 3, "pool": opts.pool, "cache": bank.cache}
+
+
+def test_a_cold_lease_resolves_its_ref_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    bank = wb.open("memory://")
+    bank.save(torch.nn.Linear(2, 2).state_dict(), tags=["prod"])
+    cache = wb.ModelCache(bank, build=lambda info: torch.nn.Linear(2, 2))
+    calls = _counting_resolve(monkeypatch)
+    with cache.lease("prod") as model:
+        assert model(torch.ones(1, 2)).shape == (1, 2)
+    assert calls == ["prod"]
+    cache.close()
+
+
+def test_a_cold_lease_of_an_id_resolves_once_and_a_host_promotion_not_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bank = wb.open("memory://")
+    torch.manual_seed(0)
+    a, b = (bank.save(torch.nn.Linear(4, 4).state_dict(), run=r).id for r in ("a", "b"))
+    cache = wb.ModelCache(
+        bank, build=lambda info: torch.nn.Linear(4, 4), budget={"device": 100, "host": 1000}
+    )
+    calls = _counting_resolve(monkeypatch)
+    cache.load(a)
+    assert calls == [a]
+    calls.clear()
+    cache.load(b)  # a (80 bytes) is demoted to the host tier to make room
+    assert calls == [b] and cache.status(a).tier == "host"
+    calls.clear()
+    cache.load(a)  # promoted back by a copy, from the plan made the first time
+    assert calls == [] and cache.status(a).tier == "device"
+    assert cache.stats().bytes_loaded == {"host": 80, "bank": 160}
+    cache.close()

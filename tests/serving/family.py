@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,12 +83,29 @@ def make_family(bank: wb.Bank, n_variants: int = 4, tag_base: str | None = "prod
 
 
 def patch_load_tensors(bank: wb.Bank, fn: Callable[..., dict[str, torch.Tensor]]) -> None:
-    """Replace ``bank.load_tensors`` on this one bank with ``fn`` (a spy, a gate or a fault)."""
-    setattr(bank, "load_tensors", fn)  # noqa: B010 - an instance attribute shadowing the method, on purpose
+    """Route the tensor reads of a cache load from this one bank through ``fn`` (a spy, a gate or a fault).
+
+    A load reads with ``load_tensors`` on the :class:`~weightbank.Checkpoint` that ``bank.checkpoint``
+    gives it, once per load: from now on those handles call ``fn(id, names, device=...)`` instead
+    (``bank.load_tensors`` itself is untouched, so ``fn`` may call it for the real read).
+    """
+    opened = wb.Bank.checkpoint
+
+    class Patched(wb.Checkpoint):
+        def load_tensors(
+            self, names: Sequence[str], *, device: str | torch.device | None = None
+        ) -> dict[str, torch.Tensor]:
+            return fn(self.id, list(names), device=device)
+
+    def checkpoint(ref: str) -> wb.Checkpoint:
+        ck = opened(bank, ref)
+        return Patched(ck.id, ck.manifest, ck.info, ck.options)
+
+    setattr(bank, "checkpoint", checkpoint)  # noqa: B010 - an instance attribute shadowing the method, on purpose
 
 
 def counting(bank: wb.Bank) -> Callable[[], list[tuple[str, tuple[str, ...]]]]:
-    """Wrap ``bank.load_tensors`` to record (id, names) per call; returns the log getter.
+    """Record (id, names) of every tensor read of a cache load from ``bank``; returns the log getter.
 
     (Tests that need a load to stay in flight gate it on an event, never on a sleep.)
     """

@@ -69,7 +69,7 @@ from ..bank.results import PrefetchReport
 from ..errors import CheckpointNotFound, InvalidRequest
 from .budget import DISK, TIERS, TierLedger, parse_budget
 from .lease import Lease, Prefetch
-from .loading import Factory, Loader
+from .loading import Factory, Loader, Opener
 from .pool import TensorPool
 from .residency import Entry, Flight, LoadPlan, Residency, make_plan
 from .results import CacheEvent, CacheStats, ModelStatus
@@ -80,6 +80,11 @@ __all__ = ["ModelCache"]
 Listener = Callable[[CacheEvent], None]
 _HEX = frozenset("0123456789abcdef")
 _PLAN_CACHE = 4096
+
+
+def _is_id(ref: str) -> bool:
+    """Whether ``ref`` is a full checkpoint id (taken as is, without asking the bank)."""
+    return len(ref) == 64 and _HEX.issuperset(ref)
 
 
 class ModelCache:
@@ -203,7 +208,10 @@ class ModelCache:
             >>> wb.ModelCache(bank, build=lambda info: torch.nn.Linear(1, 1)).load("v1").tier
             'device'
         """
-        cid, _ = self._acquire(ref, lease=True)
+        return self._load(self._opener(ref))
+
+    def _load(self, opener: Opener) -> ModelStatus:
+        cid, _ = self._acquire(opener, lease=True)
         try:
             with self._lock:
                 st = self._res.status(self._entries[cid])
@@ -275,14 +283,15 @@ class ModelCache:
             >>> wb.ModelCache(bank, build=lambda info: torch.nn.Linear(1, 1)).pin("v1").pinned
             True
         """
-        cid = self.resolve(ref)
-        plan = self._plan(cid)
+        opener = self._opener(ref)
+        cid = opener.cid
+        plan = self._plan(opener)
         with self._cond:
             self._res.check_fits_with_pins(plan, pinning=True)
             added = cid not in self._pins
             self._pins.add(cid)
         try:
-            return self.load(cid)
+            return self._load(opener)
         except BaseException:
             if added:
                 with self._cond:
@@ -408,16 +417,24 @@ class ModelCache:
             >>> wb.ModelCache(bank, build=lambda info: torch.nn.Linear(1, 1)).resolve("v1") == cid
             True
         """
-        if len(ref) == 64 and _HEX.issuperset(ref):
-            return ref  # checked by Bank.show when its plan is made: no extra listing per request
+        if _is_id(ref):
+            return ref  # checked by Bank.checkpoint when it is loaded: no extra listing per request
         return self.bank.resolve(ref)
 
-    def _plan(self, cid: str) -> LoadPlan:
+    def _opener(self, ref: str) -> Opener:
+        """``ref``'s checkpoint for a load: a name is resolved now, once, and its handle kept for the load."""
+        if _is_id(ref):
+            return Opener(self.bank, ref)  # opened only if a load needs it: a hit asks the bank nothing
+        checkpoint = self.bank.checkpoint(ref)
+        return Opener(self.bank, checkpoint.id, checkpoint)
+
+    def _plan(self, opener: Opener) -> LoadPlan:
+        cid = opener.cid
         with self._lock:
             plan = self._plans.get(cid)
         if plan is not None:
             return plan
-        plan = make_plan(self.bank.show(cid), self.prefix)
+        plan = make_plan(opener(), self.prefix)
         with self._lock:
             self._plans[cid] = plan
             while len(self._plans) > _PLAN_CACHE:
@@ -425,8 +442,9 @@ class ModelCache:
         return plan
 
     # -- leases -------------------------------------------------------------------------
-    def _acquire(self, ref: str, *, lease: bool) -> tuple[str, nn.Module]:
-        cid = self.resolve(ref)
+    def _acquire(self, ref: str | Opener, *, lease: bool) -> tuple[str, nn.Module]:
+        opener = ref if isinstance(ref, Opener) else self._opener(ref)
+        cid = opener.cid
         t0 = self._clock()
         with self._cond:
             if self._closed:
@@ -454,7 +472,7 @@ class ModelCache:
             if lease:
                 flight.leases += 1
         if owner:
-            self._fly(flight)
+            self._fly(flight, opener)
         else:
             flight.done.wait()
         waited = self._clock() - t0
@@ -489,15 +507,15 @@ class ModelCache:
         self._release_freed()
 
     # -- loading -------------------------------------------------------------------------
-    def _fly(self, flight: Flight) -> None:
+    def _fly(self, flight: Flight, opener: Opener) -> None:
         """Run one load to completion; on success the entry holds the flight's leases."""
         t0 = self._clock()
         try:
-            plan = self._plan(flight.cid)
+            plan = self._plan(opener)
             self._load_slots.acquire()
             try:
                 module, source_bytes = self._loader.load(
-                    flight, plan, deadline=self._clock() + self.wait_timeout
+                    flight, plan, opener, deadline=self._clock() + self.wait_timeout
                 )
             finally:
                 self._load_slots.release()

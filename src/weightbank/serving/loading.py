@@ -11,7 +11,9 @@ load in flight, at most ``max_concurrent_loads`` at a time). In order:
    with a transient :class:`~weightbank.errors.BudgetExceeded`. The missing
    tensors' slots are then reserved, so the budget is never exceeded.
 2. **Fill.** Without the lock, tensors resident on the host tier are copied up
-   (promoted) and the rest are read from the bank, in one ``load_tensors`` call.
+   (promoted) and the rest are read from the bank, in one ``load_tensors`` call
+   on the load's :class:`~weightbank.Checkpoint` (its :class:`Opener` resolves
+   the checkpoint at most once per load, and not at all when nothing is read).
 3. **Shared slots.** A tensor another load is filling is waited for, never read
    twice. If that load fails, this one adopts the slot and reads the tensor
    from its own checkpoint: a load fails only for its own reasons.
@@ -37,6 +39,7 @@ import torch
 from torch import nn
 
 from ..bank.bank import Bank
+from ..bank.checkpoint import Checkpoint
 from ..bank.results import CheckpointInfo
 from ..errors import BudgetExceeded
 from .modules import build_module
@@ -44,10 +47,42 @@ from .pool import Slot, TensorPool
 from .residency import Flight, LoadPlan, Residency
 from .tiers import to_device
 
-__all__ = ["Factory", "Loader"]
+__all__ = ["Factory", "Loader", "Opener"]
 
 Factory = Callable[[CheckpointInfo], nn.Module]
 """``build(info) -> nn.Module``: the empty module of a checkpoint, made from ``info.config``."""
+
+
+class Opener:
+    """One load's checkpoint: its id, and its handle, opened at most once and only when first needed.
+
+    A ref that took the bank to resolve hands its handle in (``checkpoint``), so
+    a cold ``lease("prod")`` resolves ``prod`` once; a full id opens on the first
+    read (or plan), so a load served from the host tier asks the bank nothing.
+    Used by one thread: the load's owner.
+
+    Example:
+        >>> import torch, weightbank as wb
+        >>> bank = wb.open("memory://"); cid = bank.save({"w": torch.ones(1)}).id
+        >>> opener = Opener(bank, cid); opener.opened, opener().id == cid, opener.opened
+        (False, True, True)
+    """
+
+    def __init__(self, bank: Bank, cid: str, checkpoint: Checkpoint | None = None) -> None:
+        self.bank = bank
+        self.cid = cid
+        self._checkpoint = checkpoint
+
+    @property
+    def opened(self) -> bool:
+        """Whether the handle exists yet."""
+        return self._checkpoint is not None
+
+    def __call__(self) -> Checkpoint:
+        """The handle (``bank.checkpoint(cid)`` on first use): CheckpointNotFound if it was deleted."""
+        if self._checkpoint is None:
+            self._checkpoint = self.bank.checkpoint(self.cid)
+        return self._checkpoint
 
 
 class Loader:
@@ -82,8 +117,12 @@ class Loader:
         self.bytes_reused = 0
         """Bytes loads found already on the device instead of reading them (guarded by the cache's lock)."""
 
-    def load(self, flight: Flight, plan: LoadPlan, *, deadline: float) -> tuple[nn.Module, dict[str, int]]:
+    def load(
+        self, flight: Flight, plan: LoadPlan, opener: Opener, *, deadline: float
+    ) -> tuple[nn.Module, dict[str, int]]:
         """The module of ``plan``'s checkpoint and the bytes read per source tier (``host``, ``bank``).
+
+        Tensors not on the host tier are read from ``opener``'s checkpoint.
 
         Waits for room until ``deadline`` (on the cache's clock), then raises a
         transient BudgetExceeded. On success the plan's device slots are held by
@@ -133,10 +172,10 @@ class Loader:
         try:
             fresh = {k: to_device(t, self.device) for k, t in promote.items()}
             source_bytes["host"] = sum(mine[k] for k in fresh)
-            self._read_into_slots(plan, [k for k in mine if k not in fresh], fresh, source_bytes)
+            self._read_into_slots(opener, plan, [k for k in mine if k not in fresh], fresh, source_bytes)
             with self._cond:
                 self._res.drop_holder("host", flight, promote)
-            self._await_shared(flight, plan, held, source_bytes)
+            self._await_shared(flight, opener, plan, held, source_bytes)
             tensors = {name: held[key].tensor for name, key in plan.names}
             module = build_module(
                 lambda: self._build(plan.info),
@@ -154,6 +193,7 @@ class Loader:
 
     def _read_into_slots(
         self,
+        opener: Opener,
         plan: LoadPlan,
         keys: list[str],
         fresh: dict[str, torch.Tensor],
@@ -161,7 +201,7 @@ class Loader:
     ) -> None:
         """Read ``keys`` (slots this load is the loader of) from the bank, then fill them and ``fresh``'s."""
         if keys:
-            loaded = self.bank.load_tensors(plan.cid, [plan.source[k] for k in keys], device=self.device)
+            loaded = opener().load_tensors([plan.source[k] for k in keys], device=self.device)
             fresh.update((k, loaded[plan.source[k]]) for k in keys)
             source_bytes["bank"] += sum(plan.sizes[k] for k in keys)
         with self._cond:
@@ -169,7 +209,12 @@ class Loader:
                 self._pools["device"].fill(k, t)
 
     def _await_shared(
-        self, flight: Flight, plan: LoadPlan, held: dict[str, Slot], source_bytes: dict[str, int]
+        self,
+        flight: Flight,
+        opener: Opener,
+        plan: LoadPlan,
+        held: dict[str, Slot],
+        source_bytes: dict[str, int],
     ) -> None:
         """Wait for the slots other loads fill; adopt and read those whose loader failed.
 
@@ -186,7 +231,7 @@ class Loader:
             if dropped:  # cannot happen while this load holds the slot; never wait on a dead event
                 raise AssertionError(f"slot {dropped[0].key[:12]} held by a load but dropped")
             if adopted:
-                self._read_into_slots(plan, adopted, {}, source_bytes)
+                self._read_into_slots(opener, plan, adopted, {}, source_bytes)
                 continue
             if not waiting:
                 return

@@ -1,6 +1,6 @@
 """What a load needs and what is resident: load plans from manifests, resident entries, victim choice.
 
-A :class:`LoadPlan` is computed from ``Bank.show`` alone (no tensor I/O): the
+A :class:`LoadPlan` is computed from a checkpoint's manifest alone (no tensor I/O): the
 module's names, each tensor's content key and exact byte size, so the bytes a
 load adds to a tier are known before anything is read. :func:`choose_victims`
 picks the fewest least-recently-used idle entries whose eviction makes room,
@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..bank.bank import CheckpointDetail
+from ..bank.checkpoint import Checkpoint
 from ..bank.results import CheckpointInfo
 from ..errors import BudgetExceeded
 from .budget import TIERS
@@ -55,26 +55,28 @@ class LoadPlan:
         return sum(self.sizes.values())
 
 
-def make_plan(detail: CheckpointDetail, prefix: str = "") -> LoadPlan:
+def make_plan(checkpoint: Checkpoint, prefix: str = "") -> LoadPlan:
     """The plan of one checkpoint, keeping tensors under ``prefix`` (removed from their names).
 
     Example:
         >>> import torch, weightbank as wb
         >>> bank = wb.open("memory://"); cid = bank.save({"a": torch.ones(2), "b": torch.ones(2)}).id
-        >>> plan = make_plan(bank.show(cid))
+        >>> plan = make_plan(bank.checkpoint(cid))
         >>> len(plan.names), plan.nbytes   # equal tensors are one pooled tensor
         (2, 8)
     """
+    m = checkpoint.manifest
     names: list[tuple[str, str]] = []
     sizes: dict[str, int] = {}
     source: dict[str, str] = {}
-    for t in detail.tensors:
+    for i, t in enumerate(m.tensors):
         if not t.name.startswith(prefix):
             continue
-        names.append((t.name[len(prefix) :], t.content_key))
-        sizes.setdefault(t.content_key, t.nbytes)
-        source.setdefault(t.content_key, t.name)
-    return LoadPlan(cid=detail.info.id, info=detail.info, names=tuple(names), sizes=sizes, source=source)
+        key = m.content_key(i)
+        names.append((t.name[len(prefix) :], key))
+        sizes.setdefault(key, t.nbytes)
+        source.setdefault(key, t.name)
+    return LoadPlan(cid=checkpoint.id, info=checkpoint.info, names=tuple(names), sizes=sizes, source=source)
 
 
 @dataclass(eq=False)
