@@ -99,3 +99,19 @@ def test_leaves_and_siblings_stay_apart() -> None:
     for part, allowed in ALLOWED.items():
         if part in LEAVES:
             assert not allowed
+
+
+# The bank's private doors: integrations read through Bank.info / Bank.checkpoint / Bank.read_options.
+PRIVATE_DOORS = ("._manifest(", "._pool(")
+
+
+def test_only_the_bank_uses_its_private_doors() -> None:
+    wrong = [
+        f"src/weightbank/{path.relative_to(SRC)}:{n} uses {door}"
+        for path in sorted(SRC.rglob("*.py"))
+        if _part(path.relative_to(SRC)) != "bank"
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        for door in PRIVATE_DOORS
+        if door in line
+    ]
+    assert not wrong, "use bank.info(ref) / bank.checkpoint(ref) instead:\n" + "\n".join(wrong)
