@@ -32,6 +32,7 @@ so ``except KeyError`` keeps working for a missing checkpoint and
         ├── UnsupportedFormat                  bank written by a newer weightbank
         ├── MissingObject       (FileNotFoundError) object referenced but absent
         └── CorruptObject                      bytes do not match their hash
+            └── IndexDamaged                   the catalog index cannot be trusted (the bank lists manifests instead)
 
 Example:
     >>> import weightbank as wb
@@ -59,6 +60,7 @@ __all__ = [
     "ExternalFileNotFound",
     "HandlerError",
     "IncompatibleState",
+    "IndexDamaged",
     "InvalidArgument",
     "InvalidName",
     "InvalidRef",
@@ -475,3 +477,19 @@ class CorruptObject(StorageError):
         if detail:
             msg += f": {detail}"
         super().__init__(msg + "; the data was not returned; run `weightbank verify`")
+
+
+class IndexDamaged(CorruptObject):
+    """An object of the catalog index is damaged, malformed or missing: the index cannot be trusted now.
+
+    The bank never answers from a damaged index: it lists the manifests
+    instead (slower, still exact), ``verify`` reports the damage and
+    ``weightbank repair-index`` rebuilds the index from the manifests.
+
+    Example:
+        >>> IndexDamaged("index/roots/000000000001.json", "does not match its digest").detail
+        'does not match its digest'
+    """
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(key, detail=detail)

@@ -7,6 +7,8 @@ import torch
 
 import weightbank as wb
 from weightbank.bank.catalog import Catalog
+from weightbank.bank.index.records import CatalogRecord
+from weightbank.bank.listing import ScanView
 from weightbank.bank.refs import parse, resolve
 from weightbank.bank.tags import TagStore
 from weightbank.storage import MemoryStorage
@@ -89,12 +91,17 @@ def test_parse_adds_up_suffixes() -> None:
 
 
 def test_ambiguous_prefix_lists_matches() -> None:
+    ids = ["abcdef01" + "0" * 56, "abcdef02" + "0" * 56, "99" * 32]
+
     class FakeCatalog(Catalog):
-        def ids(self) -> list[str]:
-            return ["abcdef01" + "0" * 56, "abcdef02" + "0" * 56, "99" * 32]
+        def view(self) -> ScanView:
+            return ScanView({c: CatalogRecord(id=c, run="r", step=None, parent=None, created=0.0) for c in ids})
+
+        def exists(self, cid: str) -> bool:
+            return cid in ids
 
     storage = MemoryStorage()
-    cat = FakeCatalog(storage)
+    cat = FakeCatalog(storage, indexed=True)
     with pytest.raises(wb.AmbiguousRef) as e:
         resolve("abcdef", cat, TagStore(storage))
     assert len(e.value.matches) == 2 and "abcdef01" in str(e.value)

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import threading
 import time
@@ -31,13 +32,14 @@ from ..format.manifest import Manifest
 from ..format.tree import flatten, unflatten
 from ..storage import open_storage
 from ..storage.base import Storage
-from . import caching, maintenance, retention
+from . import caching, maintenance, marker, retention
 from . import verify as verify_mod
 from .catalog import Catalog
 from .diff import diff_manifests
 from .environment import warm_up, who
 from .events import EventLog
 from .handle import Handles
+from .indexing import Indexing
 from .into import plan_into
 from .layout import check_name, check_new_name
 from .marker import init_storage
@@ -100,8 +102,8 @@ def open(
         'memory://'
     """
     storage = open_storage(url, storage_options)
-    init_storage(storage, create=create)
-    return Bank(storage, workers=workers, cache=cache, cache_size=cache_size)
+    version = init_storage(storage, create=create)
+    return Bank(storage, workers=workers, cache=cache, cache_size=cache_size, version=version)
 
 
 def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[int]:
@@ -111,7 +113,7 @@ def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[in
     return [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-class Bank(Handles, Tagging, TwoPhase):
+class Bank(Handles, Indexing, Tagging, TwoPhase):
     """A checkpoint bank on one storage backend. Create with :func:`weightbank.open`.
 
     Thread-safe: several threads may save and load at once; several processes
@@ -126,13 +128,16 @@ class Bank(Handles, Tagging, TwoPhase):
         workers: int | None = None,
         cache: caching.CacheSpec = None,
         cache_size: int | str | None = None,
+        version: int | None = None,
     ) -> None:
         self.storage = storage
         self.cache = caching.choose_cache(storage, cache, cache_size)
         # Remote reads mostly wait on the network: more of them in flight, not more cores.
         cpu_bound = min(4, max(2, os.cpu_count() or 2))
         self.workers = workers or (REMOTE_LOAD_WORKERS if caching.is_remote(storage) else cpu_bound)
-        self._catalog = Catalog(storage)
+        # A storage handed over directly may have no marker yet: it is treated as a new bank.
+        layout = marker.bank_version(storage, missing=marker.BANK_VERSION) if version is None else version
+        self._catalog = Catalog(storage, indexed=layout >= marker.INDEXED_VERSION)
         self._tags = TagStore(storage)
         self._events = EventLog(storage)
         self._pool_lock = threading.Lock()
@@ -183,7 +188,7 @@ class Bank(Handles, Tagging, TwoPhase):
             >>> bank.resolve("r@7") == bank.resolve(cid[:8]) == cid
             True
         """
-        self._catalog.refresh()
+        self._catalog.invalidate()  # a ref that needs the catalog takes a fresh picture; a tag needs none
         return resolve(ref, self._catalog, self._tags)
 
     def _manifest(self, ref: str) -> tuple[str, Manifest]:
@@ -409,36 +414,50 @@ class Bank(Handles, Tagging, TwoPhase):
         return caching.prefetch(self.storage, self.cache, cid, m, chosen, self._pool())
 
     # -- inspection ---------------------------------------------------------------
-    def log(self, run: str | None = None) -> list[CheckpointInfo]:
-        """Checkpoints (of ``run``, or all), newest first.
+    def log(self, run: str | None = None, *, limit: int | None = None) -> list[CheckpointInfo]:
+        """Checkpoints (of ``run``, or all), newest first; only the ``limit`` newest when given.
+
+        Reads the catalog index — with ``limit``, only as much of it as the
+        newest ``limit`` need — and never a manifest.
 
         Example:
             >>> import torch, weightbank as wb
             >>> bank = wb.open("memory://")
-            >>> for s in (1, 2): _ = bank.save({"w": torch.ones(1)}, run="r", step=s)
-            >>> [c.step for c in bank.log("r")]
-            [2, 1]
+            >>> for s in (1, 2, 3): _ = bank.save({"w": torch.ones(1)}, run="r", step=s)
+            >>> [c.step for c in bank.log("r")], [c.step for c in bank.log(limit=2)]
+            ([3, 2, 1], [3, 2])
         """
         if run is not None:
             check_name("run", run)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise InvalidArgument("limit", limit, "limit must be an int >= 0 or None")
         self._catalog.refresh()
-        by_target = self._tags_by_target()
-        runs = self._catalog.runs()
-        if run is not None and run not in runs:
+        view = self._catalog.view()
+        if run is not None and view.latest(run) is None:
+            names = view.run_names()
             raise CheckpointNotFound(
-                f"{run}@latest", [r for r in runs if r.startswith(run[:3])], detail=f"no run {run!r}"
+                f"{run}@latest", [r for r in names if r.startswith(run[:3])], detail=f"no run {run!r}"
             )
-        members = (
-            runs[run]
-            if run is not None
-            else sorted((x for lst in runs.values() for x in lst), key=lambda x: (x[1].created, x[0]))
-        )
-        return [self._info(cid, m, by_target) for cid, m in reversed(members)]
+        if run is not None:
+            records = list(itertools.islice(view.newest(run), limit))
+        elif limit is not None:
+            records = view.recent(limit)
+        else:
+            records = sorted(view.everything(), key=lambda r: (r.created, r.id), reverse=True)
+        by_target = self._tags_by_target()
+        return [r.info(tuple(sorted(by_target.get(r.id, [])))) for r in records]
 
     def runs(self) -> list[str]:
-        """Names of every run in the bank."""
+        """Names of every run in the bank (from the catalog index).
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://"); _ = bank.save({"w": torch.ones(1)}, run="tts")
+            >>> bank.runs()
+            ['tts']
+        """
         self._catalog.refresh()
-        return sorted(self._catalog.runs())
+        return self._catalog.view().run_names()
 
     def show(self, ref: str) -> CheckpointDetail:
         """Metadata, metrics and the per-tensor table of one checkpoint."""
@@ -503,8 +522,8 @@ class Bank(Handles, Tagging, TwoPhase):
             raise IncompatibleState(
                 f"checkpoint {cid[:12]} is tagged {', '.join(tagged)}; untag it or pass force=True"
             )
-        maintenance.trash(self.storage, cid, m, by=who(), why=why)
-        self._catalog.forget(cid)
+        self._catalog.writable()
+        maintenance.trash(self.storage, self._catalog, cid, m, by=who(), why=why)
         return cid
 
     def prune(
@@ -546,26 +565,30 @@ class Bank(Handles, Tagging, TwoPhase):
             keep_last=keep_last, keep_best=keep_best, keep_every=keep_every, older_than=older_than
         )
         self._catalog.refresh()
-        runs = self._catalog.runs()
+        view = self._catalog.view()
+        names = view.run_names()
         if run is not None:
             check_name("run", run)
-            if run not in runs:
-                raise CheckpointNotFound(f"{run}@latest", sorted(runs)[:5], detail=f"no run {run!r}")
-            runs = {run: runs[run]}
+            if run not in names:
+                raise CheckpointNotFound(f"{run}@latest", names[:5], detail=f"no run {run!r}")
+            names = [run]
         by_target = self._tags_by_target()
         now = time.time()
         keep: set[str] = set(self._tags.live(strict=True).values()) if keep_tagged else set()
         candidates: list[str] = []
-        for members in runs.values():
-            newest_first = [self._info(cid, m, by_target) for cid, m in reversed(members)]
+        for name in names:
+            members = view.members(name)  # the run's records (index pages), no manifest
+            newest_first = [r.info(tuple(sorted(by_target.get(r.id, [])))) for r in reversed(members)]
             keep |= retention.kept(newest_first, rules, now)
-            candidates.extend(cid for cid, _ in members)
+            candidates.extend(r.id for r in members)
         doomed = [cid for cid in candidates if cid not in keep]
-        freed = maintenance.packs_freed(self.storage, self._catalog, doomed)
-        if not dry_run:
+        freed = maintenance.packs_freed(self.storage, view, doomed)
+        if not dry_run and doomed:
+            self._catalog.writable()
             for cid in doomed:
-                maintenance.trash(self.storage, cid, self._catalog.get(cid), by=who(), why="prune")
-                self._catalog.forget(cid)
+                maintenance.trash(
+                    self.storage, self._catalog, cid, self._catalog.get(cid), by=who(), why="prune"
+                )
         return PruneReport(
             deleted=tuple(doomed),
             kept=tuple(cid for cid in candidates if cid in keep),
@@ -579,7 +602,7 @@ class Bank(Handles, Tagging, TwoPhase):
         ``grace`` (seconds) spares anything younger, for clock skew and slow
         object-store listings; ``gc(grace=0)`` is safe on one machine.
         """
-        return maintenance.gc(self.storage, self._catalog, grace=grace, dry_run=dry_run)
+        return maintenance.gc(self.storage, grace=grace, dry_run=dry_run, workers=max(8, self.workers))
 
     def verify(self, ref: str | None = None, *, full: bool = True) -> VerifyReport:
         """Check manifests, chunk hashes (``full``) or just presence, and tags; report problems.

@@ -1,168 +1,373 @@
-"""The bank's view of its committed checkpoints: every manifest, cached and hash-checked.
+"""The bank's view of its committed checkpoints: the catalog index, or a listing when the index can't be trusted.
 
-A manifest is committed once its object exists; the catalog lists
-``manifests/`` and reads only the ones it has not seen (manifests are
-immutable, so a cached copy never goes stale — it can only disappear, when
-pruned). Every manifest is checked against its id (the hash of its bytes) as
-it is read, then all of its content; damaged ones (and ones written by a
-newer weightbank) are kept aside in :attr:`Catalog.broken` for ``verify`` and
-never used, so one bad manifest leaves every other checkpoint usable. A
-manifest deleted between the listing and the read (a concurrent prune) is
-simply gone, not broken.
+A bank of format 2 keeps a catalog index (:mod:`.index`): a log entry per
+added or deleted checkpoint and compacted snapshots of them, so opening a
+bank, resolving a ref, ``log``, ``tags`` and prune read a few small objects,
+never every manifest. The manifest is still the commit point and the truth:
+
+* a save writes its *add* entry (:meth:`Catalog.intend`) just before its
+  manifest, so no committed checkpoint lacks an entry; readers count an entry
+  only once its manifest exists;
+* a delete writes its *delete* entry (:meth:`Catalog.tombstone`) before the
+  manifest goes; readers hide the checkpoint once the manifest is gone;
+* anything damaged, torn or missing in the index (a root, a page, an entry,
+  a gap in the sequence) makes the catalog list and read every manifest
+  instead, with an :class:`IndexFallbackWarning`; ``verify`` reports it and
+  :meth:`Catalog.rebuild` (``weightbank repair-index``) repairs it.
+
+A format-1 bank (written before the index) is read by listing, exactly as
+before, and upgraded by :meth:`Catalog.upgrade` — explicitly
+(``weightbank upgrade``) or on its first write.
+
+Manifests are immutable, so a cached one never goes stale; the cache is bounded.
 
 Example:
     >>> from weightbank.storage import open_storage
-    >>> from weightbank.bank.catalog import Catalog
-    >>> Catalog(open_storage("memory://")).ids()
+    >>> Catalog(open_storage("memory://"), indexed=True).run_names()
     []
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
-from ..errors import CorruptObject, MissingObject, UnsupportedFormat
-from ..format.hashing import digest
+from ..errors import CorruptObject, IndexDamaged, MissingObject, UnsupportedFormat
 from ..format.manifest import ChunkRecord, Manifest
 from ..storage.base import Storage
-from .layout import MANIFESTS, is_pack_key, manifest_id_from_key, manifest_key
+from . import marker
+from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
+from .index.records import CatalogRecord
+from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, read_root
+from .index.view import PageCache, Snapshot, list_gens, list_seqs, load_snapshot
+from .layout import log_key, manifest_key
+from .listing import ScanView, listed_ids, read_manifest, scan_manifests
 
-__all__ = ["Catalog", "ChunkLocation"]
+__all__ = ["Catalog", "ChunkFinder", "ChunkLocation", "IndexFallbackWarning", "read_manifest"]
 
 ChunkLocation = tuple[str, ChunkRecord]
 """A chunk's pack key and record, as found in some committed manifest."""
 
+#: Manifests kept parsed in memory (each can be MBs for a big model).
+MANIFEST_CACHE = 64
 
-def read_manifest(storage: Storage, cid: str) -> Manifest:
-    """Read one manifest and check it against its id, then all of its content.
 
-    CorruptObject for damaged bytes or a malformed manifest, UnsupportedFormat
-    for one written by a newer weightbank, MissingObject if it is gone.
+class IndexFallbackWarning(UserWarning):
+    """The catalog index could not be trusted, so this call listed every manifest (exact, but slow).
+
+    ``weightbank verify`` says what is damaged; ``weightbank repair-index`` rebuilds the index.
     """
-    key = manifest_key(cid)
-    data = storage.read(key)
-    actual = digest(data)
-    if actual != cid:
-        raise CorruptObject(key, expected=cid, actual=actual, checkpoint=cid, detail="manifest bytes changed")
-    m = Manifest.from_bytes(data, key)
-    bad = next((p for p in m.packs if not is_pack_key(p)), None)
-    if bad is not None:
-        raise CorruptObject(
-            key, checkpoint=cid, detail=f"manifest names {bad[:80]!r}, which is not a pack key"
-        )
-    return m
+
+
+class View(Protocol):
+    """What both the index snapshot and a listing answer."""
+
+    def record(self, cid: str) -> CatalogRecord | None: ...
+    def count(self) -> int: ...
+    def run_count(self, run: str) -> int: ...
+    def run_names(self) -> list[str]: ...
+    def members(self, run: str) -> list[CatalogRecord]: ...
+    def newest(self, run: str) -> Iterator[CatalogRecord]: ...
+    def latest(self, run: str) -> CatalogRecord | None: ...
+    def at_step(self, run: str, step: int) -> list[CatalogRecord]: ...
+    def steps(self, run: str) -> list[int]: ...
+    def best(self, run: str, metric: str, mode: str) -> CatalogRecord | None: ...
+    def match(self, prefix: str) -> list[str]: ...
+    def recent(self, n: int) -> list[CatalogRecord]: ...
+    def everything(self) -> Iterator[CatalogRecord]: ...
 
 
 class Catalog:
-    """Cached, verified manifests of one bank, refreshed by listing."""
+    """Committed checkpoints of one bank: queries, cached manifests, and the index's write protocol."""
 
-    def __init__(self, storage: Storage) -> None:
+    def __init__(self, storage: Storage, *, indexed: bool) -> None:
         self._storage = storage
+        self.indexed = indexed
         self._lock = threading.RLock()
-        self._manifests: dict[str, Manifest] = {}
-        self._chunks: dict[str, ChunkLocation] = {}
-        self._chunks_of: set[str] = set()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._pages = PageCache(storage)
+        self._view: Snapshot | ScanView | None = None
+        self._listed: dict[str, Manifest] = {}  # the listing's manifests (scan mode only)
         self.broken: dict[str, Exception] = {}
+        self.damage: IndexDamaged | None = None
+        self._warned = False
 
+    # -- reading -------------------------------------------------------------
     def refresh(self) -> None:
-        """Pick up manifests committed (or removed) since the last refresh."""
-        listed = set()
-        for info in self._storage.list(MANIFESTS):
-            cid = manifest_id_from_key(info.key)
-            if cid is not None and info.key == manifest_key(cid):
-                listed.add(cid)
+        """Take a fresh picture of the bank (the index's newest state, or a new listing)."""
+        if self.indexed:
+            try:
+                snap = load_snapshot(self._storage, self._pages)
+            except IndexDamaged as e:
+                self.damage = e
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(
+                        f"{e}; listing every manifest instead (run `weightbank repair-index`)",
+                        IndexFallbackWarning,
+                        stacklevel=3,
+                    )
+            else:
+                self.damage = None
+                with self._lock:
+                    self._view = snap
+                    self.broken = {}
+                return
+        self._scan()
+
+    def _scan(self) -> None:
+        listed = set(listed_ids(self._storage))
         with self._lock:
-            gone = set(self._manifests) - listed
-            for cid in gone:
-                del self._manifests[cid]
-            if gone & self._chunks_of:
-                self._chunks.clear()
-                self._chunks_of.clear()
+            for cid in set(self._listed) - listed:
+                del self._listed[cid]
             for cid in set(self.broken) - listed:
                 del self.broken[cid]
-            new = sorted(listed - set(self._manifests) - set(self.broken))
-        if not new:
-            return
-        with ThreadPoolExecutor(max_workers=min(8, len(new))) as pool:
-            results = list(pool.map(self._try_read, new))
+            new = sorted(listed - set(self._listed) - set(self.broken))
+        found = dict(scan_manifests(self._storage, new))
         with self._lock:
-            for cid, result in zip(new, results, strict=True):
+            for cid, result in found.items():
                 if isinstance(result, Manifest):
-                    self._manifests[cid] = result
-                elif result is not None:
+                    self._listed[cid] = result
+                else:
                     self.broken[cid] = result
+            self._view = ScanView({cid: CatalogRecord.of(cid, m) for cid, m in self._listed.items()})
 
-    def _try_read(self, cid: str) -> Manifest | Exception | None:
-        try:
-            return read_manifest(self._storage, cid)
-        except MissingObject:
-            return None  # deleted (a concurrent prune) between listing and reading: gone, not broken
-        except (CorruptObject, UnsupportedFormat) as e:
-            return e
+    def invalidate(self) -> None:
+        """Forget the current picture: the next query takes a fresh one (cheap when nothing needs it)."""
+        with self._lock:
+            self._view = None
+
+    def view(self) -> View:
+        """The current picture (taken on first use; :meth:`refresh` takes a new one)."""
+        view = self._view
+        if view is None:
+            self.refresh()
+            view = self._view
+        assert view is not None  # refresh always sets one
+        return view
+
+    @property
+    def scanning(self) -> bool:
+        """Whether answers come from a listing of every manifest (an old bank, or a damaged index)."""
+        return isinstance(self.view(), ScanView)
+
+    def record(self, cid: str) -> CatalogRecord | None:
+        return self.view().record(cid)
+
+    def run_names(self) -> list[str]:
+        return self.view().run_names()
 
     def get(self, cid: str) -> Manifest:
         """The manifest of ``cid`` (read on a cache miss). Raises CorruptObject/MissingObject."""
         with self._lock:
-            m = self._manifests.get(cid)
+            m = self._manifests.get(cid) or self._listed.get(cid)
             err = self.broken.get(cid)
+            if m is not None:
+                self._manifests[cid] = m
+                self._manifests.move_to_end(cid)
         if m is not None:
             return m
         if err is not None:
             raise err
         m = read_manifest(self._storage, cid)
-        with self._lock:
-            self._manifests[cid] = m
+        self._remember(cid, m)
         return m
 
-    def add(self, cid: str, manifest: Manifest) -> None:
-        """Record a manifest this process just committed."""
+    def _remember(self, cid: str, m: Manifest) -> None:
         with self._lock:
-            self._manifests[cid] = manifest
-            if self._chunks_of:
-                self._index([cid])
+            self._manifests[cid] = m
+            while len(self._manifests) > MANIFEST_CACHE:
+                self._manifests.popitem(last=False)
+
+    def exists(self, cid: str) -> bool:
+        """Whether checkpoint ``cid`` is committed and not deleted (its manifest decides)."""
+        return self._storage.exists(manifest_key(cid))
+
+    # -- writing -------------------------------------------------------------
+    def writable(self) -> None:
+        """Make sure writes keep the index: a format-1 bank is upgraded first (see :meth:`upgrade`)."""
+        if not self.indexed:
+            self.upgrade()
+
+    def _claim(self, make: Callable[[int], LogEntry]) -> int:
+        """Write the next log entry (put-if-absent); its sequence number."""
+        for _ in range(256):
+            gens = list_gens(self._storage)
+            try:
+                root = read_root(self._storage, gens[-1]) if gens else EMPTY_ROOT
+            except IndexDamaged:
+                root = None  # a damaged root: the sequence goes on after the log; a rebuild repairs the rest
+            upto = root.upto if root is not None else 0
+            seq = max(max(list_seqs(self._storage), default=0), upto) + 1
+            if not put_entry(self._storage, make(seq)):
+                continue  # taken: look again
+            # A compaction that published after our look may already cover this number: then the
+            # entry would never be read, so it is withdrawn and written again further on.
+            now = list_gens(self._storage)
+            if now[-1:] != gens[-1:]:
+                try:
+                    newest = read_root(self._storage, now[-1])
+                except IndexDamaged:
+                    newest = None
+                if newest is not None and newest.upto >= seq and seq not in newest.held:
+                    self._storage.delete(log_key(seq))
+                    continue
+            return seq
+        raise CorruptObject(log_key(0), detail="could not claim a catalog log entry after 256 tries")
+
+    def intend(self, cid: str, manifest: Manifest, save_ids: list[str], wrote: list[str]) -> None:
+        """Record that ``cid`` is about to be committed (call just before its manifest is written)."""
+        record = CatalogRecord.of(cid, manifest)
+        self._claim(lambda seq: LogEntry(seq, ADD, cid, record, tuple(save_ids), tuple(wrote)))
+
+    def tombstone(self, cid: str) -> None:
+        """Record that ``cid`` is being deleted (call before its manifest is removed)."""
+        self._claim(lambda seq: LogEntry(seq, DEL, cid))
+
+    def add(self, cid: str, manifest: Manifest) -> None:
+        """This process just committed ``cid``: see it without a refresh."""
+        self._remember(cid, manifest)
+        with self._lock:
+            view = self._view
+            if isinstance(view, Snapshot):
+                view.added[cid] = CatalogRecord.of(cid, manifest)
+                view.hidden.discard(cid)
+            elif view is not None:
+                self._listed[cid] = manifest
+                self._view = ScanView({c: CatalogRecord.of(c, m) for c, m in self._listed.items()})
 
     def forget(self, cid: str) -> None:
+        """This process just deleted ``cid``."""
         with self._lock:
             self._manifests.pop(cid, None)
-            if cid in self._chunks_of:
-                self._chunks.clear()
-                self._chunks_of.clear()
+            view = self._view
+            if isinstance(view, Snapshot):
+                view.added.pop(cid, None)
+                view.hidden.add(cid)
+            elif view is not None and cid in self._listed:
+                del self._listed[cid]
+                self._view = ScanView({c: CatalogRecord.of(c, m) for c, m in self._listed.items()})
 
-    def ids(self) -> list[str]:
-        with self._lock:
-            return sorted(self._manifests)
+    def pending(self) -> int:
+        """Log entries waiting to be compacted, as of the last picture."""
+        view = self._view
+        return len(view.entries) if isinstance(view, Snapshot) else 0
 
-    def items(self) -> list[tuple[str, Manifest]]:
-        with self._lock:
-            return sorted(self._manifests.items())
+    def maybe_compact(self) -> CompactResult | None:
+        """Compact when enough entries wait (a save calls this after its commit); never raises for the index."""
+        if not self.indexed:
+            return None
+        try:
+            if len(list_seqs(self._storage)) < COMPACT_EVERY:
+                return None
+            return self.compact()
+        except (IndexDamaged, CorruptObject, MissingObject, UnsupportedFormat):
+            return None  # the next reader falls back and `verify` says why; a save is not failed for it
 
-    def runs(self) -> dict[str, list[tuple[str, Manifest]]]:
-        """Checkpoints grouped by run, each list oldest first."""
-        out: dict[str, list[tuple[str, Manifest]]] = {}
-        for cid, m in self.items():
-            out.setdefault(m.run, []).append((cid, m))
-        for lst in out.values():
-            lst.sort(key=lambda x: (x[1].created, x[1].step if x[1].step is not None else -1, x[0]))
-        return out
+    def compact(self) -> CompactResult:
+        """Fold the pending log entries into a new snapshot now."""
+        self.writable()
+        return compact(self._storage, self.get, self._pages)
 
-    def chunk_index(self) -> dict[str, ChunkLocation]:
-        """chunk hash → where a committed manifest says it lives (for dedup on save).
+    def rebuild(self) -> CompactResult:
+        """Rebuild the index from a listing of every manifest (repair-index). CorruptObject if a manifest is unreadable."""
+        scanned: dict[str, Manifest] = {}
+        broken = {}
+        for cid, result in scan_manifests(self._storage):
+            if isinstance(result, Manifest):
+                scanned[cid] = result
+            else:
+                broken[cid] = result
+        if broken:
+            first = next(iter(broken))
+            raise CorruptObject(
+                manifest_key(first),
+                checkpoint=first,
+                detail=f"{len(broken)} manifest(s) are unreadable; the index cannot be rebuilt until"
+                " `weightbank verify` is clean of them",
+            )
+        done = rebuild(self._storage, scanned, self.get, self._pages)
+        self.refresh()
+        return done
 
-        A snapshot: another thread's ``refresh``/``forget`` clears the live index,
-        and a save must keep seeing every chunk it saw when it began.
+    def upgrade(self) -> bool:
+        """Give a format-1 bank its catalog index, then mark it format 2; False if it had one already.
+
+        Idempotent and crash-safe: the index is complete before the marker
+        says so, and a crash before that leaves a format-1 bank that upgrades
+        again. Old weightbank releases refuse a format-2 bank, so none can
+        write a checkpoint the index would miss.
         """
         with self._lock:
-            missing = [cid for cid in self._manifests if cid not in self._chunks_of]
-            if missing:
-                self._index(missing)
-            return dict(self._chunks)
+            if marker.bank_version(self._storage) >= marker.INDEXED_VERSION:
+                self.indexed = True
+                return False
+            self.indexed = True
+            try:
+                self.rebuild()
+            except BaseException:
+                self.indexed = False
+                raise
+            marker.mark_indexed(self._storage)
+            return True
 
-    def _index(self, cids: Iterable[str]) -> None:
-        for cid in cids:
-            m = self._manifests[cid]
-            for c in m.chunks:
-                if c.hash not in self._chunks:
-                    self._chunks[c.hash] = (m.packs[c.pack], c)
-            self._chunks_of.add(cid)
+    # -- dedup ---------------------------------------------------------------
+    def chunk_finder(self) -> ChunkFinder:
+        """Where the bank already holds a chunk, for a save's dedup (take it after the save's lease)."""
+        return ChunkFinder(self, self.view())
+
+
+class ChunkFinder:
+    """Chunk hash → a location in a committed manifest, without reading every manifest.
+
+    Looks in the manifests of the checkpoints committed since the last
+    compaction, then in the chunk index's bucket for the hash. A bucket names
+    the checkpoint that wrote each chunk; that checkpoint must still exist,
+    and the location used is the one its manifest gives (its whole delta
+    chain is listed there too). Every manifest it answers from is read after
+    the save's lease began, which is what gc's safety argument needs.
+    """
+
+    def __init__(self, catalog: Catalog, view: View) -> None:
+        self._catalog = catalog
+        self._view = view
+        self._lock = threading.Lock()
+        self._known: dict[str, ChunkLocation] = {}
+        self._buckets: dict[str, dict[str, str]] = {}
+        self._owners: dict[str, bool] = {}
+        if isinstance(view, ScanView):
+            for cid in sorted(view.records):
+                self._index(cid)
+        elif isinstance(view, Snapshot):
+            for cid in sorted(view.added):
+                self._index(cid)
+
+    def _index(self, cid: str) -> bool:
+        try:
+            m = self._catalog.get(cid)
+        except (MissingObject, CorruptObject, UnsupportedFormat, FileNotFoundError):
+            return False
+        for c in m.chunks:
+            self._known.setdefault(c.hash, (m.packs[c.pack], c))
+        return True
+
+    def get(self, h: str) -> ChunkLocation | None:
+        with self._lock:
+            loc = self._known.get(h)
+            if loc is not None or not isinstance(self._view, Snapshot):
+                return loc
+            b = h[:2]
+            if b not in self._buckets:
+                try:
+                    self._buckets[b] = {k: v[2] for k, v in self._view.bucket(b).items()}
+                except IndexDamaged:
+                    self._buckets[b] = {}
+            owner = self._buckets[b].get(h)
+            if owner is None or owner in self._owners:
+                return self._known.get(h)
+            ok = self._view.record(owner) is not None and self._index(owner)
+            self._owners[owner] = ok
+            return self._known.get(h)

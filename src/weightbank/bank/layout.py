@@ -10,6 +10,9 @@
     leases/<save-id>.json             a save in flight (gc keeps its data)
     trash/<checkpoint-id>.json        deleted manifests, kept until gc may drop their data
     quarantine/<key>.<ns>             damaged records set aside when replaced (untag --force, a reset event log)
+    index/log/<seq>.json              catalog log entry: one checkpoint added or deleted (put-if-absent)
+    index/roots/<gen>.json            compacted catalog snapshot root (put-if-absent; the newest wins)
+    index/pages/<ab>/<hash>.zst       immutable pages a root names (records by run, by id; chunk buckets)
     tmp/                              local backend scratch
 
 Example:
@@ -30,6 +33,9 @@ from ..errors import InvalidName
 __all__ = [
     "EVENTS",
     "FORMAT_KEY",
+    "INDEX_LOG",
+    "INDEX_PAGES",
+    "INDEX_ROOTS",
     "LEASES",
     "MANIFESTS",
     "PACKS",
@@ -40,10 +46,15 @@ __all__ = [
     "check_new_name",
     "is_pack_key",
     "lease_key",
+    "log_key",
+    "log_seq_from_key",
     "manifest_id_from_key",
     "manifest_key",
     "pack_key",
+    "page_key",
     "quarantine_key",
+    "root_gen_from_key",
+    "root_key",
     "sanitize_name",
     "save_id_from_pack",
     "tag_key",
@@ -58,6 +69,9 @@ EVENTS = "refs/events/"
 LEASES = "leases/"
 TRASH = "trash/"
 QUARANTINE = "quarantine/"
+INDEX_LOG = "index/log/"
+INDEX_ROOTS = "index/roots/"
+INDEX_PAGES = "index/pages/"
 
 _NAME_CHARS = "A-Za-z0-9_.+=,-"
 _NAME = re.compile(rf"^[A-Za-z0-9_][{_NAME_CHARS}]*$")
@@ -188,3 +202,33 @@ def quarantine_key(key: str) -> str:
 
 def trash_key(cid: str) -> str:
     return f"{TRASH}{cid}.json"
+
+
+_SEQ = re.compile(r"([0-9]{12,18})\.json")
+
+
+def log_key(seq: int) -> str:
+    """The key of catalog log entry ``seq`` (zero-padded, so keys sort as numbers)."""
+    return f"{INDEX_LOG}{seq:012d}.json"
+
+
+def log_seq_from_key(key: str) -> int | None:
+    """The sequence number a :func:`log_key` names, None for any other key."""
+    m = _SEQ.fullmatch(key[len(INDEX_LOG) :]) if key.startswith(INDEX_LOG) else None
+    return int(m.group(1)) if m else None
+
+
+def root_key(gen: int) -> str:
+    """The key of catalog snapshot root number ``gen``."""
+    return f"{INDEX_ROOTS}{gen:012d}.json"
+
+
+def root_gen_from_key(key: str) -> int | None:
+    """The generation a :func:`root_key` names, None for any other key."""
+    m = _SEQ.fullmatch(key[len(INDEX_ROOTS) :]) if key.startswith(INDEX_ROOTS) else None
+    return int(m.group(1)) if m else None
+
+
+def page_key(h: str) -> str:
+    """The key of the index page whose (uncompressed) content hashes to ``h``."""
+    return f"{INDEX_PAGES}{h[:2]}/{h}.zst"

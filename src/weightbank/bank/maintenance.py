@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -48,8 +49,10 @@ from ..format.schema import finite, hex_digest
 from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from . import leases
-from .catalog import Catalog
+from .catalog import Catalog, View
+from .index import gc as index_gc
 from .layout import PACKS, TRASH, manifest_key, save_id_from_pack, trash_key
+from .listing import scan_manifests
 from .results import GcReport
 
 __all__ = ["TrashEntry", "gc", "packs_freed", "read_trash", "trash"]
@@ -67,8 +70,14 @@ class TrashEntry:
 _TRASH_LEGACY_KEYS = ("id", "deleted_at", "by", "why", "manifest")
 
 
-def trash(storage: Storage, cid: str, manifest: Manifest, *, by: str, why: str) -> None:
-    """Delete a checkpoint: record it in trash (durably), remove its manifest, then stamp the entry."""
+def trash(storage: Storage, catalog: Catalog, cid: str, manifest: Manifest, *, by: str, why: str) -> None:
+    """Delete a checkpoint: record it in trash (durably), then in the catalog log, remove its manifest,
+    then stamp the entry.
+
+    The catalog's delete entry is written before the manifest goes, so no
+    reader of the index can miss the delete; until the manifest is gone the
+    entry hides nothing (the checkpoint still exists).
+    """
     body: dict[str, Any] = {
         "id": cid,
         "deleted_at": None,
@@ -77,7 +86,10 @@ def trash(storage: Storage, cid: str, manifest: Manifest, *, by: str, why: str) 
         "manifest": manifest.to_json(),
     }
     storage.write(trash_key(cid), seal(body))
+    if catalog.indexed:
+        catalog.tombstone(cid)
     storage.delete(manifest_key(cid))
+    catalog.forget(cid)
     # Only now is the manifest certainly invisible to a save that lists manifests.
     body["deleted_at"] = time.time()
     storage.write(trash_key(cid), seal(body))
@@ -151,11 +163,11 @@ def read_trash(storage: Storage) -> list[TrashEntry]:
 
 def gc(
     storage: Storage,
-    catalog: Catalog,
     *,
     grace: float = 3600.0,
     lease_ttl: float = leases.DEFAULT_TTL,
     dry_run: bool = False,
+    workers: int = 8,
 ) -> GcReport:
     """Remove unreferenced packs (see module docstring for what is never removed)."""
     # Entries of deletes that crashed before stamping: their manifests were gone by `gone_by`,
@@ -169,17 +181,22 @@ def gc(
     stale_leases = [lease for lease in all_leases if lease.stale(started, lease_ttl)]
     oldest_lease = min((lease.started for lease in live_leases), default=started)
     protect_after = min(oldest_lease, started) - grace
-    catalog.refresh()
-    if catalog.broken:
+    # Every live manifest is read (streamed: memory holds the set of needed pack keys, not the
+    # manifests): the index is never trusted to say what data is needed.
+    needed: set[str] = set()
+    broken: list[str] = []
+    for cid, result in scan_manifests(storage, workers=workers):
+        if isinstance(result, Manifest):
+            needed.update(result.packs)
+        else:
+            broken.append(cid)
+    if broken:
         # A manifest we cannot read may reference any pack: refuse to guess.
-        bad = ", ".join(cid[:12] for cid in catalog.broken)
+        bad = ", ".join(cid[:12] for cid in broken[:8])
         raise CorruptObject(
-            manifest_key(next(iter(catalog.broken))),
+            manifest_key(broken[0]),
             detail=f"gc refuses to run while manifests are unreadable ({bad}); run `weightbank verify`",
         )
-    needed: set[str] = set()
-    for m in dict(catalog.items()).values():
-        needed.update(m.packs)
     drop_trash = []
     stamp = []
     for entry in read_trash(storage):
@@ -211,7 +228,7 @@ def gc(
             continue
         deleted.append(info.key)
         freed += info.size
-    swept = 0
+    swept = pages_deleted = 0
     if not dry_run:
         for key in deleted:
             storage.delete(key)
@@ -222,6 +239,7 @@ def gc(
         for lease in stale_leases:
             storage.delete(lease.key)
         swept = storage.sweep_incomplete(grace)
+        pages_deleted = index_gc.sweep_pages(storage, started - grace)
     return GcReport(
         packs_deleted=tuple(sorted(deleted)),
         bytes_freed=freed,
@@ -230,16 +248,24 @@ def gc(
         packs_kept_for_inflight=kept_inflight,
         dry_run=dry_run,
         incomplete_bytes_freed=swept,
+        index_pages_deleted=pages_deleted,
     )
 
 
-def packs_freed(storage: Storage, catalog: Catalog, doomed: Sequence[str]) -> int:
+def packs_freed(storage: Storage, view: View, doomed: Sequence[str]) -> int:
     """Bytes ``gc`` would free once ``doomed`` are deleted: packs no surviving checkpoint uses.
 
     gc frees whole packs (it does not rewrite partly-live ones), so this
-    counts packs, not chunks.
+    counts packs, not chunks. It reads the catalog's records (each lists the
+    packs its checkpoint uses), never a manifest.
     """
     gone = set(doomed)
-    live = {p for cid, m in catalog.items() if cid not in gone for p in m.packs}
-    candidates = {p for cid in gone for p in catalog.get(cid).packs} - live
-    return sum(info.size for info in storage.list(PACKS) if info.key in candidates)
+    candidates = {p for cid in gone if (r := view.record(cid)) is not None for p in r.packs}
+    if not candidates:
+        return 0
+    live = {p for r in view.everything() if r.id not in gone for p in r.packs if p in candidates}
+    total = 0
+    for key in sorted(candidates - live):
+        with contextlib.suppress(MissingObject):
+            total += storage.size(key)
+    return total

@@ -4,6 +4,7 @@ Example:
     >>> from weightbank.storage import MemoryStorage
     >>> from weightbank.bank.marker import init_storage
     >>> init_storage(MemoryStorage(), create=True)
+    2
 """
 
 from __future__ import annotations
@@ -13,15 +14,49 @@ import time
 
 from .._version import __version__
 from ..errors import NotABank, UnsupportedFormat
-from ..format.manifest import FORMAT_VERSION
 from ..storage.base import Storage
 from .layout import FORMAT_KEY
 
-__all__ = ["init_storage"]
+__all__ = ["BANK_VERSION", "INDEXED_VERSION", "bank_version", "init_storage", "mark_indexed"]
+
+#: The bank layout this code writes: 1 = manifests only; 2 = manifests + the catalog index.
+BANK_VERSION = 2
+#: The first layout with a catalog index (older releases refuse it, so none writes past the index).
+INDEXED_VERSION = 2
 
 
-def init_storage(storage: Storage, *, create: bool) -> None:
-    """Check the bank's format marker, or write one into an empty location when ``create``.
+def _parse(storage: Storage, raw: bytes) -> dict[str, object]:
+    try:
+        marker = json.loads(raw)
+        if marker.get("format") != "weightbank" or not isinstance(marker["version"], int):
+            raise ValueError("not a weightbank marker")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise NotABank(storage.url, f"{FORMAT_KEY} is unreadable") from None
+    return dict(marker)
+
+
+def bank_version(storage: Storage, *, missing: int | None = None) -> int:
+    """The layout version the bank's marker states (``missing`` if it has none; NotABank if that is None)."""
+    try:
+        raw = storage.read(FORMAT_KEY)
+    except FileNotFoundError:
+        if missing is not None:
+            return missing
+        raise NotABank(storage.url, f"no {FORMAT_KEY} found") from None
+    version = _parse(storage, raw)["version"]
+    assert isinstance(version, int)  # _parse checked it
+    return version
+
+
+def mark_indexed(storage: Storage) -> None:
+    """Say the bank keeps the catalog index (the last step of an upgrade: the index is complete)."""
+    marker = _parse(storage, storage.read(FORMAT_KEY))
+    marker.update(version=BANK_VERSION, upgraded=time.time(), upgraded_by=__version__)
+    storage.write(FORMAT_KEY, json.dumps(marker).encode())
+
+
+def init_storage(storage: Storage, *, create: bool) -> int:
+    """Check the bank's format marker, or write one into an empty location when ``create``; the layout version.
 
     NotABank for a location that holds other things (a file, a non-empty
     directory or prefix without a marker) or an unreadable marker;
@@ -29,28 +64,25 @@ def init_storage(storage: Storage, *, create: bool) -> None:
 
     Example:
         >>> from weightbank.storage import MemoryStorage
-        >>> s = MemoryStorage(); init_storage(s, create=True); init_storage(s, create=False)
+        >>> s = MemoryStorage(); init_storage(s, create=True), init_storage(s, create=False)
+        (2, 2)
     """
     try:
         raw = storage.read(FORMAT_KEY)
     except FileNotFoundError:
         raw = None
     if raw is not None:
-        try:
-            marker = json.loads(raw)
-            version = marker["version"]
-            if marker.get("format") != "weightbank" or not isinstance(version, int):
-                raise ValueError("not a weightbank marker")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise NotABank(storage.url, f"{FORMAT_KEY} is unreadable") from None
-        if version > FORMAT_VERSION:
-            raise UnsupportedFormat(storage.url, version, FORMAT_VERSION)
-        return
+        version = _parse(storage, raw)["version"]
+        assert isinstance(version, int)  # _parse checked it
+        if version > BANK_VERSION:
+            raise UnsupportedFormat(storage.url, version, BANK_VERSION)
+        return version
     # Every backend answers this the same way (a local directory that is a file is refused
     # when it is opened: LocalStorage raises NotABank).
     if any(True for _ in storage.list("")):
         raise NotABank(storage.url, f"the location is not empty and has no {FORMAT_KEY}")
     if not create:
         raise NotABank(storage.url, f"no {FORMAT_KEY} found")
-    marker = {"format": "weightbank", "version": FORMAT_VERSION, "created": time.time(), "by": __version__}
+    marker = {"format": "weightbank", "version": BANK_VERSION, "created": time.time(), "by": __version__}
     storage.write(FORMAT_KEY, json.dumps(marker).encode())
+    return BANK_VERSION

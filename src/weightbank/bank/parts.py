@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -431,7 +431,12 @@ def require_packs(storage: Storage, packs: Sequence[str], pool: Executor | None 
 
 
 def publish(
-    storage: Storage, catalog: Catalog, parts: Sequence[SavePart], merged: Merged
+    storage: Storage,
+    catalog: Catalog,
+    parts: Sequence[SavePart],
+    merged: Merged,
+    *,
+    not_committed: Callable[[], None] | None = None,
 ) -> tuple[str, Manifest, SaveStats]:
     """Write the manifest — the commit point — then release the parts' leases; (id, manifest, stats).
 
@@ -443,6 +448,16 @@ def publish(
     """
     stats = _sum_stats([p.stats for p in parts], len(merged.data))
     key = manifest_key(merged.cid)
+    catalog.writable()
+    # The catalog's add entry goes first: a manifest never exists without one, and an entry
+    # without its manifest counts for nothing (readers check), so a crash between is harmless.
+    wrote = sorted({k for p in parts for k in p.own_packs()})
+    try:
+        catalog.intend(merged.cid, merged.manifest, [p.save_id for p in parts], wrote)
+    except BaseException:
+        if not_committed is not None:
+            not_committed()  # no manifest was attempted: the caller may give the parts up
+        raise
     try:
         storage.write(key, merged.data)
     except Exception:
@@ -455,6 +470,7 @@ def publish(
         with contextlib.suppress(Exception):
             leases.release(storage, part.save_id)
     catalog.add(merged.cid, merged.manifest)
+    catalog.maybe_compact()
     return merged.cid, merged.manifest, stats
 
 

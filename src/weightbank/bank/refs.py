@@ -32,10 +32,8 @@ import re
 
 from ..errors import AmbiguousRef, CheckpointNotFound, CorruptObject, InvalidRef, TagNotFound
 from ..format.hashing import MIN_PREFIX, is_digest
-from ..format.jsonsafe import decode
 from .catalog import Catalog
 from .layout import check_name
-from .retention import best_first, metric_value
 from .tags import TagStore
 
 __all__ = ["parse", "resolve"]
@@ -65,7 +63,7 @@ def parse(ref: str) -> tuple[str, int]:
 
 
 def _suggest(word: str, catalog: Catalog, tags: TagStore) -> list[str]:
-    runs = catalog.runs()
+    runs = catalog.run_names()
     candidates = list(tags.names()) + list(runs) + [f"{r}@latest" for r in runs]
     return difflib.get_close_matches(word, candidates, n=3, cutoff=0.6)
 
@@ -90,44 +88,46 @@ def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
     ``<run>@best:<metric>`` ranks with the retention engine
     (:func:`weightbank.bank.retention.best_first`): finite values only, the
     newest checkpoint on ties — the one ``BestN(metric, 1)`` keeps.
+
+    All three read the catalog index (the run's newest record, the pages
+    holding the step, the pages whose metric range can hold the best), never
+    the run's manifests.
     """
     run, _, what = base.partition("@")
     check_name("run", run) if run else None
     if not run or not what:
         raise InvalidRef(ref, "expected <run>@<step>, <run>@latest or <run>@best:<metric>")
-    members = catalog.runs().get(run)
-    if not members:
+    view = catalog.view()
+    latest = view.latest(run)
+    if latest is None:
         raise CheckpointNotFound(ref, _suggest(run, catalog, tags), detail=f"no run {run!r}")
     if what == "latest":
-        return members[-1][0]
+        return latest.id
     if what.isdigit():
         step = int(what)
-        at = [(cid, m) for cid, m in members if m.step == step]
+        at = view.at_step(run, step)
         if not at:
-            steps = sorted({m.step for _, m in members if m.step is not None})
-            near = sorted(steps, key=lambda s: abs(s - step))[:3]
+            near = sorted(view.steps(run), key=lambda s: abs(s - step))[:3]
             raise CheckpointNotFound(
                 ref, [f"{run}@{s}" for s in near], detail=f"run {run!r} has no step {step}"
             )
-        here = {cid for cid, _ in at}
+        here = {r.id for r in at}
         resaves: set[str] = set()
-        for cid, m in at:
-            meta = decode(m.meta)
+        for r in at:
+            meta = r.decoded_meta()
             of = meta.get("resave_of")
             if of is None and meta.get("trigger") == "rollback":
-                of = m.parent  # an older manager's rollback copy: its parent is what it re-saved
+                of = r.parent  # an older manager's rollback copy: its parent is what it re-saved
             if isinstance(of, str) and of in here:
-                resaves.add(cid)
-        return ([cid for cid, _ in at if cid not in resaves] or [cid for cid, _ in at])[-1]
+                resaves.add(r.id)
+        return ([r.id for r in at if r.id not in resaves] or [r.id for r in at])[-1]
     best = _BEST.match(what)
     if best:
         metric, mode = best.group("metric"), best.group("mode") or "min"
-        newest_first = members[::-1]
-        values = [metric_value(decode(m.metrics), metric) for _, m in newest_first]
-        order = best_first(values, "max" if mode == "max" else "min")
-        if not order:
+        found = view.best(run, metric, "max" if mode == "max" else "min")
+        if found is None:
             raise CheckpointNotFound(ref, detail=f"no checkpoint of run {run!r} has metric {metric!r}")
-        return newest_first[order[0]][0]
+        return found.id
     raise InvalidRef(
         ref, f"unknown selector {what!r} after '@' (use a step, latest, best:<metric>, or {{N}})"
     )
@@ -135,7 +135,10 @@ def _resolve_run(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
 
 def _id_matches(base: str, catalog: Catalog) -> list[str]:
     """Every committed (or unreadable) checkpoint id starting with ``base``."""
-    return [i for i in catalog.ids() + list(catalog.broken) if i.startswith(base)]
+    if is_digest(base):
+        # A full id: its manifest decides (no index page needed), and a damaged one still names it.
+        return [base] if base in catalog.broken or catalog.exists(base) else []
+    return sorted({*catalog.view().match(base), *(i for i in catalog.broken if i.startswith(base))})
 
 
 def _resolve_base(base: str, ref: str, catalog: Catalog, tags: TagStore) -> str:
@@ -201,7 +204,8 @@ def resolve(ref: str, catalog: Catalog, tags: TagStore) -> str:
     base, up = parse(ref)
     cid = _resolve_base(base, ref, catalog, tags)
     for i in range(up):
-        parent = catalog.get(cid).parent
+        rec = catalog.record(cid)
+        parent = rec.parent if rec is not None else catalog.get(cid).parent
         if parent is None:
             raise CheckpointNotFound(ref, detail=f"{cid[:12]} has no parent ({i} of {up} steps up)")
         cid = parent

@@ -207,7 +207,7 @@ class DiffResult:
 class VerifyProblem:
     """One thing ``verify`` found wrong."""
 
-    kind: Literal["corrupt", "missing", "manifest", "tag", "events", "trash", "lease", "orphan"]
+    kind: Literal["corrupt", "missing", "manifest", "tag", "events", "trash", "lease", "orphan", "index"]
     key: str
     detail: str
     checkpoint: str = ""
@@ -240,6 +240,8 @@ class GcReport:
     dry_run: bool
     incomplete_bytes_freed: int = 0
     """Bytes of writes that never committed (e.g. temp files of killed writers) swept away."""
+    index_pages_deleted: int = 0
+    """Catalog index pages no snapshot names any more, removed."""
 
 
 @dataclass(frozen=True)

@@ -93,8 +93,7 @@ class Tagging:
         check_name("tag", name)
         current = self._tags.target(name)
         target = self._tags.previous(name, steps)
-        self._catalog.refresh()
-        if target not in self._catalog.ids():
+        if not self._catalog.exists(target):
             raise CheckpointNotFound(
                 f"{name}@{{{steps}}}",
                 detail=f"its target {target[:12]} was deleted; tag a checkpoint explicitly",

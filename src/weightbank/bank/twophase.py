@@ -31,16 +31,17 @@ import torch
 
 from ..errors import InvalidName, InvalidState
 from ..format.jsonsafe import encode
+from ..format.manifest import Manifest
 from . import leases
 from .catalog import Catalog
 from .environment import capture_env
 from .layout import check_name, check_new_name
+from .listing import scan_manifests
 from .parts import SavePart, TensorShard, abandon_part, commit_parts, load_parts, pieces_of
 from .results import CheckpointInfo, SaveResult
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_part
 
 if TYPE_CHECKING:
-    from ..format.manifest import Manifest
     from ..storage.base import Storage
     from .tags import TagStore
 
@@ -105,7 +106,7 @@ class TwoPhase:
             return check_new_name("run", run)
         except InvalidName:
             self._catalog.refresh()  # only for a name that reads as an id: is it an existing run?
-            if run in self._catalog.runs():
+            if self._catalog.view().latest(run) is not None:
                 return run
             raise
 
@@ -113,8 +114,8 @@ class TwoPhase:
         """The id a new checkpoint of ``run`` records as its parent (``AUTO``: the run's newest)."""
         if isinstance(parent, Auto):
             self._catalog.refresh()
-            members = self._catalog.runs().get(run)
-            return members[-1][0] if members else None
+            newest = self._catalog.view().latest(run)
+            return newest.id if newest is not None else None
         return None if parent is None else self.resolve(str(parent))
 
     def save_part(
@@ -227,12 +228,14 @@ class TwoPhase:
         """
         loaded = part if isinstance(part, SavePart) else SavePart.from_json(part)
         own = set(loaded.own_packs())
-        self._catalog.refresh()
         # A manifest that names one of these packs is the commit point having passed; a manifest
         # that cannot be read might be one, so its packs are left to gc, which knows as much.
-        committed = bool(self._catalog.broken) or any(
-            own.intersection(m.packs) for _, m in self._catalog.items()
-        )
+        # Every manifest is read (the index could lag a commit in flight); abandoning is rare.
+        committed = False
+        for _, result in scan_manifests(self.storage):
+            if not isinstance(result, Manifest) or own.intersection(result.packs):
+                committed = True
+                break
         if committed:
             with contextlib.suppress(Exception):
                 leases.release(self.storage, loaded.save_id)

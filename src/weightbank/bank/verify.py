@@ -29,7 +29,9 @@ from . import leases, maintenance
 from .catalog import Catalog
 from .chunks import chain_of, decode_record, records_by_hash
 from .events import EventLog
+from .index.records import CatalogRecord
 from .layout import MANIFESTS, PACKS, manifest_key, tag_key
+from .listing import scan_manifests
 from .results import DuReport, VerifyProblem, VerifyReport
 from .tags import TagStore
 
@@ -74,27 +76,16 @@ def _read_plan(m: Manifest, rec: ChunkRecord, index: dict[str, ChunkRecord]) -> 
     return tuple((m.packs[c.pack], c.hash, c.raw_len, c.codec, c.offset, c.stored_len, c.args) for c in chain)
 
 
-def verify(
+def _check_manifests(
     storage: Storage,
-    catalog: Catalog,
-    tags: TagStore,
-    ids: Iterable[str] | None = None,
-    *,
-    full: bool = True,
-    workers: int = 4,
-) -> VerifyReport:
-    """Check the named checkpoints (all when ``ids`` is None); ``full`` re-hashes every chunk."""
-    catalog.refresh()
+    targets: list[tuple[str, Manifest]],
+    sizes: dict[str, int],
+    seen: set[tuple[object, ...]],
+    full: bool,
+    pool: ThreadPoolExecutor,
+) -> tuple[int, int, list[VerifyProblem]]:
+    """Check every chunk of ``targets`` not checked already (``seen``); (chunks, bytes checked, problems)."""
     problems: list[VerifyProblem] = []
-    whole_bank = ids is None
-    if whole_bank:
-        for cid, err in sorted(catalog.broken.items()):
-            problems.append(VerifyProblem("manifest", manifest_key(cid), str(err), checkpoint=cid))
-        targets: list[tuple[str, Manifest]] = catalog.items()
-    else:
-        targets = [(cid, catalog.get(cid)) for cid in ids or []]
-    sizes = {info.key: info.size for info in storage.list(PACKS)}
-    seen: set[tuple[object, ...]] = set()
     work: list[tuple[str, str, ChunkRecord]] = []
     indexes: dict[str, dict[str, ChunkRecord]] = {}
     for cid, m in targets:
@@ -116,59 +107,140 @@ def verify(
             if where not in seen:
                 seen.add(where)
                 work.append((cid, names.get(rec.hash, ""), rec))
-    checked_bytes = 0
     manifests = dict(targets)
 
-    def run(item: tuple[str, str, ChunkRecord, str]) -> tuple[str, str, ChunkRecord, str, str | None]:
-        cid, name, rec, pack = item
+    def run(item: tuple[str, str, ChunkRecord]) -> tuple[str, str, ChunkRecord, str, str | None]:
+        cid, name, rec = item
+        pack = manifests[cid].packs[rec.pack]
         try:
-            return (
-                cid,
-                name,
-                rec,
-                pack,
-                _check_chunk(storage, manifests[cid], indexes[cid], rec, full, sizes),
-            )
+            return cid, name, rec, pack, _check_chunk(storage, manifests[cid], indexes[cid], rec, full, sizes)
         except MissingObject:
             return cid, name, rec, pack, "missing"
         except WeightbankError as e:
             return cid, name, rec, pack, str(e)
 
-    items = [(cid, name, rec, manifests[cid].packs[rec.pack]) for cid, name, rec in work]
+    checked_bytes = 0
+    for cid, name, rec, pack, problem in pool.map(run, work):
+        checked_bytes += rec.raw_len
+        if problem is not None and not storage.exists(manifest_key(cid)):
+            continue  # deleted (and its data collected) while we looked: gone, not damaged
+        if problem == "missing":
+            problems.append(VerifyProblem("missing", pack, "pack is missing", checkpoint=cid, tensor=name))
+        elif problem is not None:
+            problems.append(VerifyProblem("corrupt", pack, problem, checkpoint=cid, tensor=name))
+    return len(work), checked_bytes, problems
+
+
+def verify(
+    storage: Storage,
+    catalog: Catalog,
+    tags: TagStore,
+    ids: Iterable[str] | None = None,
+    *,
+    full: bool = True,
+    workers: int = 4,
+) -> VerifyReport:
+    """Check the named checkpoints (all when ``ids`` is None); ``full`` re-hashes every chunk.
+
+    The whole bank is read from a listing of its manifests, a batch at a time
+    (memory holds a batch and the set of chunks already checked), and the
+    catalog index is compared with what the listing found.
+    """
+    problems: list[VerifyProblem] = []
+    whole_bank = ids is None
+    sizes = {info.key: info.size for info in storage.list(PACKS)}
+    seen: set[tuple[object, ...]] = set()
+    needed: set[str] = set()
+    found: dict[str, CatalogRecord] = {}
+    broken: list[str] = []
+    n_checkpoints = n_chunks = checked_bytes = 0
+    source: Iterable[tuple[str, Manifest | Exception]] = (
+        scan_manifests(storage, workers=max(1, workers))
+        if whole_bank
+        else ((cid, catalog.get(cid)) for cid in ids or [])
+    )
+    batch: list[tuple[str, Manifest]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for cid, name, rec, pack, problem in pool.map(run, items):
-            checked_bytes += rec.raw_len
-            if problem is not None and not storage.exists(manifest_key(cid)):
-                continue  # deleted (and its data collected) while we looked: gone, not damaged
-            if problem is not None:
-                if problem == "missing":
-                    problems.append(
-                        VerifyProblem("missing", pack, "pack is missing", checkpoint=cid, tensor=name)
-                    )
-                else:
-                    problems.append(VerifyProblem("corrupt", pack, problem, checkpoint=cid, tensor=name))
+
+        def flush() -> None:
+            nonlocal n_chunks, checked_bytes
+            c, b, p = _check_manifests(storage, batch, sizes, seen, full, pool)
+            n_chunks, checked_bytes = n_chunks + c, checked_bytes + b
+            problems.extend(p)
+            batch.clear()
+
+        for cid, result in source:
+            if isinstance(result, Exception):
+                broken.append(cid)
+                problems.append(VerifyProblem("manifest", manifest_key(cid), str(result), checkpoint=cid))
+                continue
+            n_checkpoints += 1
+            needed.update(result.packs)
+            if whole_bank:
+                found[cid] = CatalogRecord.of(cid, result)
+            batch.append((cid, result))
+            if len(batch) >= 256:
+                flush()
+        flush()
     if whole_bank:
-        problems += _record_problems(storage, catalog, tags)
-    if whole_bank and not catalog.broken:  # with unreadable manifests, "unreferenced" cannot be known
-        needed = {p for _, m in catalog.items() for p in m.packs}
+        problems += _index_problems(catalog, found, set(broken))
+        problems += _record_problems(storage, set(found) | set(broken), tags)
+    if whole_bank and not broken:  # with unreadable manifests, "unreferenced" cannot be known
         for key, size in sorted(sizes.items()):
             if key.endswith(".pack") and key not in needed:
                 problems.append(
                     VerifyProblem("orphan", key, f"{size} bytes referenced by no checkpoint (gc removes it)")
                 )
     return VerifyReport(
-        checkpoints=len(targets), chunks=len(work), bytes_checked=checked_bytes, problems=tuple(problems)
+        checkpoints=n_checkpoints, chunks=n_chunks, bytes_checked=checked_bytes, problems=tuple(problems)
     )
 
 
-def _record_problems(storage: Storage, catalog: Catalog, tags: TagStore) -> list[VerifyProblem]:
+def _index_problems(
+    catalog: Catalog, found: dict[str, CatalogRecord], broken: set[str]
+) -> list[VerifyProblem]:
+    """Where the catalog index disagrees with the manifests (``weightbank repair-index`` fixes every one)."""
+    if not catalog.indexed:
+        return []  # a format-1 bank has no index to disagree (`weightbank upgrade` gives it one)
+    catalog.refresh()
+    if catalog.damage is not None:
+        return [
+            VerifyProblem(
+                "index", catalog.damage.key, f"{catalog.damage.detail} (run `weightbank repair-index`)"
+            )
+        ]
+    view = catalog.view()
+    listed = {r.id: r for r in view.everything()}
+
+    def problem(cid: str, detail: str) -> VerifyProblem:
+        return VerifyProblem("index", manifest_key(cid), detail, checkpoint=cid)
+
+    # Each difference is checked against the manifest once more: a save or delete may have landed meanwhile.
+    out = [
+        problem(cid, "checkpoint missing from the catalog index")
+        for cid in sorted(set(found) - set(listed))
+        if catalog.exists(cid)
+    ]
+    out += [
+        problem(cid, "the catalog index lists a deleted checkpoint")
+        for cid in sorted(set(listed) - set(found) - broken)
+        if not catalog.exists(cid)
+    ]
+    out += [
+        problem(cid, "the catalog record differs from the manifest")
+        for cid in sorted(set(listed) & set(found))
+        if listed[cid] != found[cid]
+    ]
+    return out
+
+
+def _record_problems(storage: Storage, ids: set[str], tags: TagStore) -> list[VerifyProblem]:
     """What is wrong with the bank's mutable records: tags (history, undo stack), event logs, trash, leases.
 
     Each record carries its own digest and is parsed whole, so a flipped byte
     anywhere in a tag's history or a run's events is found here, not later.
     """
     problems: list[VerifyProblem] = []
-    ids = set(catalog.ids()) | set(catalog.broken)
     for name in tags.names():
         try:
             rec, _ = tags.read(name)
@@ -193,12 +265,14 @@ def _record_problems(storage: Storage, catalog: Catalog, tags: TagStore) -> list
 
 
 def disk_usage(storage: Storage, catalog: Catalog) -> DuReport:
-    """Logical vs unique vs stored bytes of the whole bank."""
-    catalog.refresh()
-    logical = 0
+    """Logical vs unique vs stored bytes of the whole bank (reads every manifest, a batch at a time)."""
+    logical = n = 0
     unique: dict[str, tuple[int, int, str]] = {}
     needed: set[str] = set()
-    for m in dict(catalog.items()).values():
+    for _, m in scan_manifests(storage):
+        if not isinstance(m, Manifest):
+            continue
+        n += 1
         logical += m.nbytes
         needed.update(m.packs)
         for rec in m.chunks:
@@ -215,7 +289,7 @@ def disk_usage(storage: Storage, catalog: Catalog) -> DuReport:
             orphan += info.size
     manifest_bytes = sum(info.size for info in storage.list(MANIFESTS))
     return DuReport(
-        checkpoints=len(catalog.ids()),
+        checkpoints=n,
         logical_bytes=logical,
         unique_bytes=sum(u[0] for u in unique.values()),
         stored_bytes=sum(u[1] for u in unique.values()),

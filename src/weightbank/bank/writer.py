@@ -311,7 +311,7 @@ def write_part(
     try:
         # Refresh only after the lease exists: gc keeps the data of anything we see from here on.
         catalog.refresh()
-        known: dict[str, ChunkLocation] = catalog.chunk_index()
+        known = catalog.chunk_finder()
         deltas = options.codec == "auto" and options.keyframe_every > 1
         budget = planner.CHAIN_BUDGET if options.chain_budget is None else options.chain_budget
         parent_m = _Parent.load(catalog, parent, options.chunk_size) if deltas else None
@@ -504,7 +504,9 @@ def write_checkpoint(
         raise
     try:
         # No pack check: the lease, held since before any chunk was chosen, kept gc away from them all.
-        cid, manifest, stats = publish(storage, catalog, [part], merged)
+        cid, manifest, stats = publish(
+            storage, catalog, [part], merged, not_committed=lambda: abandon_part(storage, part)
+        )
     except BaseException:
         # The manifest may have landed even though its write failed: never delete the packs
         # now. Without the lease, gc frees them if (and only if) no manifest points at them.

@@ -1,0 +1,200 @@
+"""The page shapes of a catalog snapshot, and reading them back checked.
+
+::
+
+    run index   {"pages": [[key, n, first, last, min_step, max_step, {metric: [min, max]}], ...]}
+    run page    {"records": [record, ...]}           one run's records, oldest first (RUN_PAGE per page)
+    id dir      {"pages": [[first_id, key, n], ...]}
+    id page     {"records": [record, ...]}           records sorted by id (ID_PAGE per page, split at twice)
+    chunk dir   {"buckets": {"ab": [key, n], ...}}   256 buckets by the chunk hash's first byte
+    bucket      {"chunks": [[hash, raw_len, codec, offset, stored_len, args, pack, owner], ...]}
+    recent      {"records": [record, ...]}           the newest RECENT records of the bank, newest first
+
+``first``/``last`` are a record's order key ``[created, step, id]``; the
+per-page metric ranges let ``run@best:m`` read only the pages that can hold
+the best value.
+
+Example:
+    >>> run_page_rows({"records": []})
+    []
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...errors import UnsupportedFormat
+from ...format.manifest import ChunkRecord
+from ...format.schema import DeltaArgs, hex_digest, typed
+from ..layout import INDEX_PAGES, is_pack_key
+from .records import CatalogRecord
+from .store import IndexDamaged
+
+__all__ = [
+    "ID_PAGE",
+    "RECENT",
+    "RUN_PAGE",
+    "ChunkEntry",
+    "RunPageInfo",
+    "bucket_rows",
+    "chunk_dir",
+    "id_dir",
+    "run_index",
+    "run_page_rows",
+]
+
+RUN_PAGE = 128
+ID_PAGE = 256
+RECENT = 64
+
+Order = tuple[float, int, str]
+ChunkEntry = tuple[str, ChunkRecord, str]
+"""A chunk the bank holds: its pack key, its record (``pack`` field 0) and the checkpoint that wrote it."""
+
+
+def _key(value: Any) -> str:
+    key = typed(value, str, "page key")
+    if not key.startswith(INDEX_PAGES):
+        raise ValueError("not a page key")
+    return str(key)
+
+
+def _order(value: Any) -> Order:
+    created, step, cid = typed(value, list, "order")
+    return (float(typed(created, (int, float), "created")), typed(step, int, "step"), hex_digest(cid, "id"))
+
+
+class RunPageInfo:
+    """One entry of a run index: where a page of the run's records is and what it spans."""
+
+    __slots__ = ("first", "key", "last", "max_step", "metrics", "min_step", "n")
+
+    def __init__(
+        self,
+        key: str,
+        n: int,
+        first: Order,
+        last: Order,
+        min_step: int,
+        max_step: int,
+        metrics: dict[str, tuple[float, float]],
+    ) -> None:
+        self.key, self.n, self.first, self.last = key, n, first, last
+        self.min_step, self.max_step, self.metrics = min_step, max_step, metrics
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.key,
+            self.n,
+            list(self.first),
+            list(self.last),
+            self.min_step,
+            self.max_step,
+            {m: list(v) for m, v in sorted(self.metrics.items())},
+        ]
+
+
+def _checked(key: str, what: str, parse: Any) -> Any:
+    try:
+        return parse()
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError, UnsupportedFormat) as e:
+        raise IndexDamaged(key, f"malformed {what} ({type(e).__name__}: {e})") from None
+
+
+def run_index(obj: dict[str, Any], key: str) -> list[RunPageInfo]:
+    def parse() -> list[RunPageInfo]:
+        out = []
+        for row in typed(obj["pages"], list, "pages"):
+            pkey, n, first, last, lo, hi, metrics = typed(row, list, "page row")
+            ranges = {
+                typed(m, str, "metric"): (
+                    float(typed(v[0], (int, float), "min")),
+                    float(typed(v[1], (int, float), "max")),
+                )
+                for m, v in typed(metrics, dict, "metrics").items()
+            }
+            out.append(
+                RunPageInfo(
+                    _key(pkey),
+                    typed(n, int, "n"),
+                    _order(first),
+                    _order(last),
+                    typed(lo, int, "min_step"),
+                    typed(hi, int, "max_step"),
+                    ranges,
+                )
+            )
+        return out
+
+    result: list[RunPageInfo] = _checked(key, "run index", parse)
+    return result
+
+
+def run_page_rows(obj: dict[str, Any], key: str = "") -> list[CatalogRecord]:
+    """The records of a run page (or an id page, or the recent page)."""
+    result: list[CatalogRecord] = _checked(
+        key, "page", lambda: [CatalogRecord.from_json(r) for r in typed(obj["records"], list, "records")]
+    )
+    return result
+
+
+def id_dir(obj: dict[str, Any], key: str) -> list[tuple[str, str, int]]:
+    result: list[tuple[str, str, int]] = _checked(
+        key,
+        "id directory",
+        lambda: [
+            (hex_digest(first, "id"), _key(pkey), typed(n, int, "n"))
+            for first, pkey, n in (typed(r, list, "row") for r in typed(obj["pages"], list, "pages"))
+        ],
+    )
+    return result
+
+
+def chunk_dir(obj: dict[str, Any], key: str) -> dict[str, tuple[str, int]]:
+    def parse() -> dict[str, tuple[str, int]]:
+        out = {}
+        for b, row in typed(obj["buckets"], dict, "buckets").items():
+            if len(b) != 2:
+                raise ValueError("bucket names are two hex characters")
+            pkey, n = typed(row, list, "bucket row")
+            out[b] = (_key(pkey), typed(n, int, "n"))
+        return out
+
+    result: dict[str, tuple[str, int]] = _checked(key, "chunk directory", parse)
+    return result
+
+
+def chunk_row(entry: ChunkEntry) -> list[Any]:
+    pack, rec, owner = entry
+    return [
+        rec.hash,
+        rec.raw_len,
+        rec.codec,
+        rec.offset,
+        rec.stored_len,
+        None if rec.args is None else rec.args.to_json(),
+        pack,
+        owner,
+    ]
+
+
+def bucket_rows(obj: dict[str, Any], key: str) -> dict[str, ChunkEntry]:
+    def parse() -> dict[str, ChunkEntry]:
+        out: dict[str, ChunkEntry] = {}
+        for row in typed(obj["chunks"], list, "chunks"):
+            h, raw_len, codec, offset, stored_len, args, pack, owner = typed(row, list, "chunk row")
+            if not is_pack_key(pack):
+                raise ValueError("a chunk row names something that is not a pack key")
+            # The row is checked like a manifest's chunk row (codec known, sizes sane).
+            rec = ChunkRecord.from_json(
+                [h, raw_len, codec, 0, offset, stored_len, *([] if args is None else [args])],
+                1,
+                1 << 40,
+            )
+            if rec.args is not None and not isinstance(rec.args, DeltaArgs):
+                raise ValueError("bad delta args")
+            out[rec.hash] = (str(pack), rec, hex_digest(owner, "owner"))
+        return out
+
+    result: dict[str, ChunkEntry] = _checked(key, "chunk bucket", parse)
+    return result

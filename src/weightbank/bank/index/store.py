@@ -1,0 +1,250 @@
+"""Reading and writing the catalog index's objects: log entries, snapshot roots and pages.
+
+* A **log entry** (``index/log/<seq>.json``) says one checkpoint was added
+  (with its :class:`~.records.CatalogRecord`) or deleted. It is created with a
+  put-if-absent (``put_ref(key, data, None)``), so two writers never share a
+  sequence number, and sealed with a digest.
+* A **root** (``index/roots/<gen>.json``) is a compacted snapshot of every
+  entry up to ``upto`` (except the ``held`` ones, still unresolved), created
+  put-if-absent like an entry: of two compactions racing for one generation
+  exactly one publishes. Sealed.
+* A **page** (``index/pages/<ab>/<hash>.zst``) is zstd-compressed JSON named by
+  the BLAKE3 of its uncompressed bytes: immutable, shared between roots,
+  verified on every read.
+
+Anything read back is untrusted: a damaged or malformed object is an
+:class:`IndexDamaged`, which makes the catalog fall back to listing manifests
+(never to a wrong answer).
+
+Example:
+    >>> from weightbank.storage import open_storage
+    >>> s = open_storage("memory://")
+    >>> key = write_page(s, {"records": []})
+    >>> read_page(s, key)
+    {'records': []}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+from ...errors import ConcurrentUpdate, CorruptObject, IndexDamaged
+from ...format.hashing import digest
+from ...format.schema import hex_digest, typed
+from ...format.sealed import seal, unseal
+from ...storage.base import Storage
+from ..layout import INDEX_PAGES, is_pack_key, log_key, page_key, root_key
+from .records import CatalogRecord
+
+__all__ = [
+    "ADD",
+    "DEL",
+    "IndexDamaged",
+    "LogEntry",
+    "Root",
+    "put_entry",
+    "put_root",
+    "read_entry",
+    "read_page",
+    "read_root",
+    "write_page",
+]
+
+ADD = "add"
+DEL = "del"
+#: A page larger than this once decompressed is refused (a crafted page cannot exhaust memory).
+MAX_PAGE_BYTES = 256 << 20
+ROOT_VERSION = 1
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def write_page(storage: Storage, obj: dict[str, Any]) -> str:
+    """Store ``obj`` as a page (idempotent: the same content has the same key); return its key."""
+    raw = _json(obj)
+    key = page_key(digest(raw))
+    storage.write(key, zstandard.ZstdCompressor(level=3).compress(raw))
+    return key
+
+
+def read_page(storage: Storage, key: str) -> dict[str, Any]:
+    """The page at ``key``, checked against its name. IndexDamaged if damaged, MissingObject if gone."""
+    h = key[len(INDEX_PAGES) + 3 : -4] if key.startswith(INDEX_PAGES) and key.endswith(".zst") else ""
+    if page_key(h) != key:
+        raise IndexDamaged(key, "not a page key")
+    data = storage.read(key)
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_PAGE_BYTES)
+    except zstandard.ZstdError as e:
+        raise IndexDamaged(key, f"not a zstd frame ({e})") from None
+    if digest(raw) != h:
+        raise IndexDamaged(key, "page bytes do not match their name")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise IndexDamaged(key, f"page is not JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise IndexDamaged(key, "page is not a JSON object")
+    return obj
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One catalog log entry: checkpoint ``id`` added (with its record) or deleted."""
+
+    seq: int
+    op: str
+    id: str
+    record: CatalogRecord | None = None
+    save_ids: tuple[str, ...] = ()
+    wrote: tuple[str, ...] = ()  # packs the save wrote (their chunks go into the chunk index)
+
+    def to_bytes(self) -> bytes:
+        body: dict[str, Any] = {
+            "seq": self.seq,
+            "op": self.op,
+            "id": self.id,
+            "record": None if self.record is None else self.record.to_json(),
+            "save_ids": list(self.save_ids),
+            "wrote": list(self.wrote),
+        }
+        return seal(body)
+
+
+def read_entry(storage: Storage, seq: int) -> LogEntry | None:
+    """Log entry ``seq``, None if absent; IndexDamaged if unreadable."""
+    key = log_key(seq)
+    value = storage.get_ref(key)
+    if value is None:
+        return None
+    try:
+        body = unseal(value.data, key, what="catalog log entry").body
+        op = typed(body["op"], str, "op")
+        cid = hex_digest(body["id"], "id")
+        if typed(body["seq"], int, "seq") != seq or op not in (ADD, DEL):
+            raise ValueError("entry does not match its key, or has an unknown op")
+        record = None if body["record"] is None else CatalogRecord.from_json(body["record"])
+        if (op == ADD) != (record is not None) or (record is not None and record.id != cid):
+            raise ValueError("an add entry carries its checkpoint's record; a delete none")
+        save_ids = tuple(typed(x, str, "save id") for x in typed(body["save_ids"], list, "save_ids"))
+        wrote = tuple(typed(x, str, "pack") for x in typed(body["wrote"], list, "wrote"))
+        if not all(is_pack_key(p) for p in wrote):
+            raise ValueError("entry names something that is not a pack key")
+    except CorruptObject as e:
+        raise IndexDamaged(key, e.detail or str(e)) from None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise IndexDamaged(key, f"malformed entry ({type(e).__name__}: {e})") from None
+    return LogEntry(seq, op, cid, record, save_ids, wrote)
+
+
+def put_entry(storage: Storage, entry: LogEntry) -> bool:
+    """Create log entry ``entry.seq``; False if that number is taken."""
+    try:
+        storage.put_ref(log_key(entry.seq), entry.to_bytes(), None)
+    except ConcurrentUpdate:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Root:
+    """A compacted snapshot: every log entry up to ``upto`` except ``held`` is folded into its pages.
+
+    ``runs`` maps each run to (checkpoint count, key of its run index page,
+    newest record); ``ids``, ``chunks`` and ``recent`` are page keys (None in
+    an empty snapshot).
+    """
+
+    gen: int
+    upto: int
+    held: tuple[int, ...]
+    created: float
+    count: int
+    runs: dict[str, tuple[int, str, CatalogRecord]]
+    ids: str | None
+    chunks: str | None
+    recent: str | None
+
+    def to_bytes(self) -> bytes:
+        return seal(
+            {
+                "version": ROOT_VERSION,
+                "gen": self.gen,
+                "upto": self.upto,
+                "held": list(self.held),
+                "created": self.created,
+                "count": self.count,
+                "runs": {r: [n, key, rec.to_json()] for r, (n, key, rec) in sorted(self.runs.items())},
+                "ids": self.ids,
+                "chunks": self.chunks,
+                "recent": self.recent,
+            }
+        )
+
+
+EMPTY_ROOT = Root(0, 0, (), 0.0, 0, {}, None, None, None)
+
+
+def _page_ref(value: Any) -> str | None:
+    if value is None:
+        return None
+    key = typed(value, str, "page key")
+    if not key.startswith(INDEX_PAGES):
+        raise ValueError("a root names something that is not a page")
+    return str(key)
+
+
+def read_root(storage: Storage, gen: int) -> Root | None:
+    """Root ``gen``, None if absent; IndexDamaged if unreadable or written by a newer weightbank."""
+    key = root_key(gen)
+    value = storage.get_ref(key)
+    if value is None:
+        return None
+    try:
+        body = unseal(value.data, key, what="catalog root").body
+        if typed(body["version"], int, "version") != ROOT_VERSION or typed(body["gen"], int, "gen") != gen:
+            raise ValueError("root of another version, or not the generation its key says")
+        runs = {}
+        for run, row in typed(body["runs"], dict, "runs").items():
+            n, pkey, rec = typed(row, list, "run row")
+            runs[typed(run, str, "run")] = (
+                typed(n, int, "count"),
+                str(_page_ref(pkey)),
+                CatalogRecord.from_json(rec),
+            )
+        held = tuple(typed(s, int, "held seq") for s in typed(body["held"], list, "held"))
+        return Root(
+            gen=gen,
+            upto=typed(body["upto"], int, "upto"),
+            held=held,
+            created=float(typed(body["created"], (int, float), "created")),
+            count=typed(body["count"], int, "count"),
+            runs=runs,
+            ids=_page_ref(body["ids"]),
+            chunks=_page_ref(body["chunks"]),
+            recent=_page_ref(body["recent"]),
+        )
+    except CorruptObject as e:
+        raise IndexDamaged(key, e.detail or str(e)) from None
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        raise IndexDamaged(key, f"malformed root ({type(e).__name__}: {e})") from None
+
+
+def put_root(storage: Storage, root: Root) -> bool:
+    """Publish ``root``; False if another compaction published that generation first."""
+    try:
+        storage.put_ref(root_key(root.gen), root.to_bytes(), None)
+    except ConcurrentUpdate:
+        return False
+    return True
+
+
+def delete_ref(storage: Storage, key: str) -> None:
+    """Remove a log entry or an old root (refs are removed like data objects; absent keys are fine)."""
+    storage.delete(key)

@@ -1,0 +1,313 @@
+"""A consistent picture of the catalog: the newest root, the log entries after it, and queries on both.
+
+How a reader gets it (:func:`load_snapshot`):
+
+1. list ``index/roots/`` and read the newest root (an empty bank has none);
+2. list ``index/log/`` and read the entries the root has not folded: its
+   ``held`` ones and every one after ``upto``. The sequence must have no
+   gap: entries are only ever deleted by a compaction *after* it published a
+   root that folds them, so a gap means a newer root (start again) or damage;
+3. list the roots again: a new one means a compaction ran meanwhile (start
+   again). Otherwise the picture is exact.
+
+An *add* entry is an intent written just before its manifest: it counts only
+once the manifest exists (an entry without one is a save in flight, or one
+that died). A *delete* entry hides its checkpoint once the manifest is gone
+(before that, the delete is still in progress and the checkpoint is still
+there). So every answer agrees with the manifests, the bank's truth, and a
+reader checks the existence of at most the few entries since the last
+compaction. Damage anywhere raises :class:`~.store.IndexDamaged` and the
+catalog lists manifests instead.
+
+Example:
+    >>> from weightbank.storage import open_storage
+    >>> snap = load_snapshot(open_storage("memory://"))
+    >>> snap.count(), snap.run_names()
+    (0, [])
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...errors import MissingObject
+from ..layout import INDEX_LOG, INDEX_ROOTS, log_key, log_seq_from_key, manifest_key, root_gen_from_key
+from ..retention import best_first, metric_value
+from .pages import (
+    ChunkEntry,
+    RunPageInfo,
+    bucket_rows,
+    chunk_dir,
+    id_dir,
+    run_index,
+    run_page_rows,
+)
+from .records import CatalogRecord
+from .store import ADD, DEL, EMPTY_ROOT, IndexDamaged, LogEntry, Root, read_entry, read_page, read_root
+
+__all__ = ["PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot"]
+
+_ATTEMPTS = 16
+
+
+class PageCache:
+    """Parsed pages by key (pages are immutable, so an entry never goes stale); bounded, thread-safe."""
+
+    def __init__(self, storage: Any, limit: int = 512) -> None:
+        self._storage = storage
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._pages: dict[str, dict[str, Any]] = {}
+
+    def get(self, key: str) -> dict[str, Any]:
+        with self._lock:
+            page = self._pages.get(key)
+        if page is not None:
+            return page
+        try:
+            page = read_page(self._storage, key)
+        except MissingObject:
+            raise IndexDamaged(key, "a page the root names is gone") from None
+        with self._lock:
+            if len(self._pages) >= self._limit:
+                self._pages.pop(next(iter(self._pages)))
+            self._pages[key] = page
+        return page
+
+
+def list_gens(storage: Any) -> list[int]:
+    return sorted(g for g in (root_gen_from_key(k) for k in storage.list_refs(INDEX_ROOTS)) if g is not None)
+
+
+def list_seqs(storage: Any) -> list[int]:
+    return sorted(s for s in (log_seq_from_key(k) for k in storage.list_refs(INDEX_LOG)) if s is not None)
+
+
+def _parallel(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    if len(items) <= 2:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def load_snapshot(storage: Any, pages: PageCache | None = None) -> Snapshot:
+    """The catalog as it stands now (see the module docstring). IndexDamaged if it cannot be trusted."""
+    cache = pages or PageCache(storage)
+    for _ in range(_ATTEMPTS):
+        gens = list_gens(storage)
+        root = EMPTY_ROOT
+        if gens:
+            found = read_root(storage, gens[-1])
+            if found is None:
+                continue  # replaced meanwhile
+            root = found
+        seqs = list_seqs(storage)
+        top = max(seqs, default=0)
+        expected = set(root.held) | set(range(root.upto + 1, top + 1))
+        present = set(seqs)
+        wanted = sorted(expected & present)
+        read = _parallel(lambda s: read_entry(storage, s), wanted)
+        entries = {s: e for s, e in zip(wanted, read, strict=True) if e is not None}
+        missing = expected - set(entries)
+        if list_gens(storage)[-1:] != gens[-1:]:
+            continue  # a compaction published meanwhile: its entries may be gone
+        if missing:
+            raise IndexDamaged(log_key(min(missing)), "a log entry is missing (a gap in the sequence)")
+        return Snapshot.resolve(storage, root, entries, top, cache)
+    raise IndexDamaged(INDEX_ROOTS, "the index kept changing while it was read")
+
+
+@dataclass
+class Snapshot:
+    """Root + pending log entries, resolved against the manifests (see the module docstring)."""
+
+    storage: Any
+    root: Root
+    entries: dict[int, LogEntry]
+    top: int  # the highest sequence number in the log
+    pages: PageCache
+    added: dict[str, CatalogRecord] = field(default_factory=dict)
+    hidden: set[str] = field(default_factory=set)
+    inflight: dict[str, LogEntry] = field(default_factory=dict)
+
+    @classmethod
+    def resolve(
+        cls, storage: Any, root: Root, entries: dict[int, LogEntry], top: int, pages: PageCache
+    ) -> Snapshot:
+        snap = cls(storage, root, entries, top, pages)
+        ids = sorted({e.id for e in entries.values()})
+        exists = dict(zip(ids, _parallel(lambda c: storage.exists(manifest_key(c)), ids), strict=True))
+        for seq in sorted(entries):
+            e = entries[seq]
+            if e.op == ADD and e.record is not None:
+                if exists[e.id]:
+                    snap.added[e.id] = e.record
+                elif not any(x.op == DEL and x.id == e.id for x in entries.values()):
+                    snap.inflight[e.id] = e
+            elif e.op == DEL and not exists[e.id]:
+                snap.hidden.add(e.id)
+        for cid in snap.hidden:
+            snap.added.pop(cid, None)
+        return snap
+
+    # -- pages ---------------------------------------------------------------
+    def _run_pages(self, run: str) -> list[RunPageInfo]:
+        row = self.root.runs.get(run)
+        if row is None:
+            return []
+        return run_index(self.pages.get(row[1]), row[1])
+
+    def _page_records(self, key: str) -> list[CatalogRecord]:
+        return run_page_rows(self.pages.get(key), key)
+
+    def _root_record(self, cid: str) -> CatalogRecord | None:
+        if self.root.ids is None:
+            return None
+        directory = id_dir(self.pages.get(self.root.ids), self.root.ids)
+        i = bisect.bisect_right([first for first, _, _ in directory], cid) - 1
+        if i < 0:
+            return None
+        for rec in self._page_records(directory[i][1]):
+            if rec.id == cid:
+                return rec
+        return None
+
+    # -- queries -------------------------------------------------------------
+    def record(self, cid: str) -> CatalogRecord | None:
+        """The record of checkpoint ``cid`` if it is committed and not deleted."""
+        if cid in self.hidden:
+            return None
+        return self.added.get(cid) or self._root_record(cid)
+
+    def count(self) -> int:
+        return sum(self.run_count(r) for r in self.run_names())
+
+    def _hidden_records(self) -> list[CatalogRecord]:
+        out = []
+        for cid in sorted(self.hidden):
+            rec = self._root_record(cid)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def run_count(self, run: str) -> int:
+        n = self.root.runs[run][0] if run in self.root.runs else 0
+        n += sum(1 for r in self.added.values() if r.run == run)
+        n -= sum(1 for r in self._hidden_records() if r.run == run)
+        return n
+
+    def run_names(self) -> list[str]:
+        names = set(self.root.runs) | {r.run for r in self.added.values()}
+        if self.hidden:
+            return sorted(r for r in names if self.run_count(r) > 0)
+        return sorted(names)
+
+    def members(self, run: str) -> list[CatalogRecord]:
+        """Every checkpoint of ``run``, oldest first."""
+        out = {r.id: r for p in self._run_pages(run) for r in self._page_records(p.key)}
+        out.update({r.id: r for r in self.added.values() if r.run == run})
+        return sorted((r for r in out.values() if r.id not in self.hidden), key=lambda r: r.order)
+
+    def newest(self, run: str) -> Iterator[CatalogRecord]:
+        """The run's checkpoints newest first, reading pages only as far as the caller iterates."""
+        pending = sorted((r for r in self.added.values() if r.run == run), key=lambda r: r.order)
+        for page in reversed(self._run_pages(run)):
+            mine = [p for p in pending if p.order >= page.first]
+            pending = pending[: len(pending) - len(mine)]
+            for rec in sorted([*self._page_records(page.key), *mine], key=lambda r: r.order, reverse=True):
+                if rec.id not in self.hidden:
+                    yield rec
+        for rec in reversed(pending):
+            if rec.id not in self.hidden:
+                yield rec
+
+    def latest(self, run: str) -> CatalogRecord | None:
+        row = self.root.runs.get(run)
+        candidates = [r for r in self.added.values() if r.run == run]
+        if row is not None and row[2].id not in self.hidden:
+            candidates.append(row[2])
+            return max(candidates, key=lambda r: r.order)
+        if row is None:
+            return max(candidates, key=lambda r: r.order) if candidates else None
+        return next(self.newest(run), None)  # the root's newest was deleted: look further back
+
+    def at_step(self, run: str, step: int) -> list[CatalogRecord]:
+        """The run's checkpoints at ``step``, oldest first."""
+        out = {
+            r.id: r
+            for p in self._run_pages(run)
+            if p.min_step <= step <= p.max_step
+            for r in self._page_records(p.key)
+            if r.step == step
+        }
+        out.update({r.id: r for r in self.added.values() if r.run == run and r.step == step})
+        return sorted((r for r in out.values() if r.id not in self.hidden), key=lambda r: r.order)
+
+    def steps(self, run: str) -> list[int]:
+        return sorted({r.step for r in self.members(run) if r.step is not None})
+
+    def best(self, run: str, metric: str, mode: str) -> CatalogRecord | None:
+        """The run's checkpoint with the best finite ``metric`` (the newest on ties), reading only pages that can hold it."""
+        sign = 1.0 if mode == "max" else -1.0
+        pages = [p for p in self._run_pages(run) if metric in p.metrics]
+        bound = {
+            p.key: sign * (p.metrics[metric][1] if mode == "max" else p.metrics[metric][0]) for p in pages
+        }
+        pages.sort(key=lambda p: -bound[p.key])
+        pool = [r for r in self.added.values() if r.run == run]
+        best_score: float | None = None
+        for p in pages:
+            if best_score is not None and bound[p.key] < best_score:
+                break  # no record of this page (or a later one) can beat or tie the best found
+            pool.extend(self._page_records(p.key))
+            scores = [metric_value(r.decoded_metrics(), metric) for r in pool if r.id not in self.hidden]
+            finite = [sign * s for s in scores if s is not None]
+            best_score = max(finite) if finite else None
+        live = sorted({r.id: r for r in pool if r.id not in self.hidden}.values(), key=lambda r: r.order)
+        newest_first = live[::-1]
+        values = [metric_value(r.decoded_metrics(), metric) for r in newest_first]
+        order = best_first(values, "max" if mode == "max" else "min")
+        return newest_first[order[0]] if order else None
+
+    def match(self, prefix: str) -> list[str]:
+        """Ids of committed checkpoints starting with ``prefix``."""
+        out = {cid for cid in self.added if cid.startswith(prefix)}
+        if self.root.ids is not None:
+            directory = id_dir(self.pages.get(self.root.ids), self.root.ids)
+            firsts = [first for first, _, _ in directory]
+            lo = max(0, bisect.bisect_right(firsts, prefix) - 1)
+            for first, key, _ in directory[lo:]:
+                if first > prefix and not first.startswith(prefix):
+                    break
+                out.update(r.id for r in self._page_records(key) if r.id.startswith(prefix))
+        return sorted(out - self.hidden)
+
+    def recent(self, n: int) -> list[CatalogRecord]:
+        """The ``n`` newest checkpoints of the bank, newest first."""
+        pool = dict(self.added)
+        if self.root.recent is not None:
+            pool.update({r.id: r for r in self._page_records(self.root.recent)})
+        live = [r for r in pool.values() if r.id not in self.hidden]
+        if len(live) < n and len(live) < self.count():
+            live = [
+                r for run in self.run_names() for r in self.members(run)
+            ]  # deletes thinned the recent page
+        return sorted(live, key=lambda r: (r.created, r.id), reverse=True)[:n]
+
+    def everything(self) -> Iterator[CatalogRecord]:
+        """Every committed checkpoint, run by run (oldest first within a run)."""
+        for run in self.run_names():
+            yield from self.members(run)
+
+    def bucket(self, b: str) -> dict[str, ChunkEntry]:
+        """The chunk index's bucket ``b`` (chunks whose hash starts with ``b``) as of the root."""
+        if self.root.chunks is None:
+            return {}
+        buckets = chunk_dir(self.pages.get(self.root.chunks), self.root.chunks)
+        row = buckets.get(b)
+        return {} if row is None else bucket_rows(self.pages.get(row[0]), row[0])
