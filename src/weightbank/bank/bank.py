@@ -295,7 +295,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase):
             self._move_tag_retrying(
                 name, cid, why=f"saved {run}@{step}" if step is not None else f"saved {run}"
             )
-        info = self._info(cid, manifest)
+        # A new checkpoint carries exactly the tags this save moved to it: no tag scan per save.
+        info = self._info(cid, manifest, {cid: tag_names})
         return SaveResult(**info.__dict__, save_stats=stats)
 
     def _move_tag_retrying(self, name: str, cid: str, why: str) -> None:

@@ -338,11 +338,10 @@ class ChunkFinder:
         self._known: dict[str, ChunkLocation] = {}
         self._buckets: dict[str, dict[str, str]] = {}
         self._owners: dict[str, bool] = {}
+        # Checkpoints committed since the last compaction: read only on the first miss of the buckets.
+        self._pending: list[str] | None = sorted(view.added) if isinstance(view, Snapshot) else None
         if isinstance(view, ScanView):
             for cid in sorted(view.records):
-                self._index(cid)
-        elif isinstance(view, Snapshot):
-            for cid in sorted(view.added):
                 self._index(cid)
 
     def _index(self, cid: str) -> bool:
@@ -366,8 +365,12 @@ class ChunkFinder:
                 except IndexDamaged:
                     self._buckets[b] = {}
             owner = self._buckets[b].get(h)
-            if owner is None or owner in self._owners:
-                return self._known.get(h)
-            ok = self._view.record(owner) is not None and self._index(owner)
-            self._owners[owner] = ok
-            return self._known.get(h)
+            if owner is not None and owner not in self._owners:
+                self._owners[owner] = self._view.record(owner) is not None and self._index(owner)
+            loc = self._known.get(h)
+            if loc is None and self._pending:
+                pending, self._pending = self._pending, None
+                for cid in pending:
+                    self._index(cid)
+                loc = self._known.get(h)
+            return loc

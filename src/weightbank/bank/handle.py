@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..format.manifest import Manifest
     from ..storage.base import Storage
     from ..storage.diskcache import DiskCache
+    from .catalog import Catalog
 
 __all__ = ["Handles"]
 
@@ -37,7 +38,9 @@ class Handles:
         storage: Storage
         workers: int
         cache: DiskCache | None
+        _catalog: Catalog
 
+        def resolve(self, ref: str) -> str: ...
         def _manifest(self, ref: str) -> tuple[str, Manifest]: ...
         def _info(
             self, cid: str, m: Manifest, tags_by_target: Mapping[str, list[str]] | None = None
@@ -58,8 +61,13 @@ class Handles:
             >>> bank.info("r@2").tags, bank.info("r@2", tags=True).tags, bank.info("prod").n_tensors
             ((), ('prod',), 1)
         """
-        cid, m = self._manifest(ref)
-        return self._info(cid, m, self._tags_by_target() if tags else {})
+        cid = self.resolve(ref)
+        names = tuple(sorted(self._tags_by_target().get(cid, []))) if tags else ()
+        rec = self._catalog.record(cid)  # the catalog index's record: no manifest read
+        if rec is not None:
+            return rec.info(names)
+        cid, m = self._manifest(cid)  # not in the index (committed just now elsewhere, or scanning)
+        return self._info(cid, m, {cid: list(names)})
 
     def checkpoint(self, ref: str) -> Checkpoint:
         """The checkpoint ``ref`` names, resolved once: a handle to read it from (see :class:`~weightbank.Checkpoint`).

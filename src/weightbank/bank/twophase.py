@@ -95,7 +95,9 @@ class TwoPhase:
         _tags: TagStore
 
         def resolve(self, ref: str) -> str: ...
-        def _info(self, cid: str, m: Manifest) -> CheckpointInfo: ...
+        def _info(
+            self, cid: str, m: Manifest, tags_by_target: Mapping[str, list[str]] | None = None
+        ) -> CheckpointInfo: ...
         def _move_tag_retrying(self, name: str, cid: str, why: str) -> None: ...
 
     def _check_run(self, run: str) -> str:
@@ -202,7 +204,7 @@ class TwoPhase:
             self._move_tag_retrying(
                 name, cid, why=f"saved {run}@{step}" if step is not None else f"saved {run}"
             )
-        info = self._info(cid, manifest)
+        info = self._info(cid, manifest, {cid: tag_names})
         return SaveResult(**info.__dict__, save_stats=stats)
 
     def abandon_part(self, part: SavePart | Mapping[str, Any]) -> bool:

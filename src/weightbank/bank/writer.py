@@ -359,9 +359,9 @@ def write_part(
             if q is not None:
                 return q
             h = digest(raw)
-            # The parent is checked too: the bank-wide index may not list it yet, and a chunk
-            # equal to its own base must be reused, never coded as a delta against itself.
-            loc = known.get(h) or (parent_m.location(h) if parent_m is not None else None)
+            # The parent first (the common case, and it costs no read), then the bank-wide index;
+            # a chunk equal to its own base must be reused, never coded as a delta against itself.
+            loc = (parent_m.location(h) if parent_m is not None else None) or known.get(h)
             if loc is not None:
                 return _Chunked(i, h, end - start, None, "raw", loc)
             base = base_for(i, j, end - start)

@@ -37,7 +37,7 @@ import bisect
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ...format.manifest import Manifest
 from ...storage.base import Storage
@@ -52,8 +52,9 @@ from .pages import (
     RunPageInfo,
     bucket_rows,
     chunk_dir,
-    chunk_row,
     id_dir,
+    id_row,
+    id_rows,
 )
 from .records import CatalogRecord
 from .store import ADD, DEL, IndexDamaged, Root, delete_ref, put_root, read_entry, write_page
@@ -67,6 +68,7 @@ COMPACT_EVERY = 32
 KEEP_ROOTS = 2
 
 ManifestOf = Callable[[str], Manifest]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _write_records(storage: Storage, rows: Sequence[CatalogRecord]) -> str:
     return write_page(storage, {"records": [r.to_json() for r in rows]})
 
 
-def _rechunk(rows: list[CatalogRecord], size: int, last: bool) -> list[list[CatalogRecord]]:
+def _rechunk(rows: list[T], size: int, last: bool) -> list[list[T]]:
     """Cut a touched page's rows into pages: the last page of a list fills up to ``size``; others split at 2x."""
     if not rows:
         return []
@@ -165,13 +167,16 @@ def _update_ids(storage: Storage, snap: Snapshot, add: list[CatalogRecord], remo
             rows_out.append(list(directory[i]))
             continue
         adds, gone = touched[i]
-        old = snap._page_records(directory[i][1]) if i < len(directory) else []
-        rows = {r.id: r for r in old if r.id not in gone}
-        rows.update({r.id: r for r in adds})
-        ordered = sorted(rows.values(), key=lambda r: r.id)
-        rows_out.extend(
-            [c[0].id, _write_records(storage, c), len(c)] for c in _rechunk(ordered, ID_PAGE, last=False)
-        )
+        rows: dict[str, list[Any]] = {}
+        if i < len(directory):
+            key = directory[i][1]
+            for cid, run, (created, step, _) in id_rows(snap.pages.get(key), key):
+                if cid not in gone:
+                    rows[cid] = [cid, run, created, step]
+        rows.update({r.id: id_row(r) for r in adds})
+        ordered = [rows[c] for c in sorted(rows)]
+        parts = _rechunk(ordered, ID_PAGE, last=False)
+        rows_out.extend([part[0][0], write_page(storage, {"ids": part}), len(part)] for part in parts)
     if not rows_out:
         return None
     return write_page(storage, {"pages": rows_out})
@@ -181,12 +186,12 @@ def _update_chunks(storage: Storage, snap: Snapshot, new: Iterable[ChunkEntry]) 
     buckets = dict(chunk_dir(snap.pages.get(snap.root.chunks), snap.root.chunks)) if snap.root.chunks else {}
     by_bucket: dict[str, list[ChunkEntry]] = {}
     for entry in new:
-        by_bucket.setdefault(entry[1].hash[:2], []).append(entry)
+        by_bucket.setdefault(entry[0][:2], []).append(entry)
     for b, entries in sorted(by_bucket.items()):
         rows = bucket_rows(snap.pages.get(buckets[b][0]), buckets[b][0]) if b in buckets else {}
-        for entry in entries:
-            rows.setdefault(entry[1].hash, entry)
-        key = write_page(storage, {"chunks": [chunk_row(rows[h]) for h in sorted(rows)]})
+        for h, owner in entries:
+            rows.setdefault(h, owner)
+        key = write_page(storage, {"chunks": [[h, rows[h]] for h in sorted(rows)]})
         buckets[b] = (key, len(rows))
     if not buckets:
         return None
@@ -195,7 +200,7 @@ def _update_chunks(storage: Storage, snap: Snapshot, new: Iterable[ChunkEntry]) 
 
 def _new_chunks(manifest: Manifest, cid: str, wrote: Iterable[str]) -> list[ChunkEntry]:
     own = set(wrote)
-    return [(manifest.packs[c.pack], c, cid) for c in manifest.chunks if manifest.packs[c.pack] in own]
+    return [(c.hash, cid) for c in manifest.chunks if manifest.packs[c.pack] in own]
 
 
 def _publish(
@@ -346,9 +351,7 @@ def rebuild(
                 records.pop(e.id, None)
     empty = Root(top_root, 0, (), 0.0, 0, {}, None, None, None)
     snap = Snapshot(storage, empty, {}, max(seqs, default=0), cache)
-    chunks = [
-        (m.packs[c.pack], c, cid) for cid, m in sorted(scanned.items()) if cid in records for c in m.chunks
-    ]
+    chunks = [(c.hash, cid) for cid, m in sorted(scanned.items()) if cid in records for c in m.chunks]
     root = _publish(storage, snap, sorted(records.values(), key=lambda r: r.order), set(), chunks, held)
     if root is None:
         return CompactResult(0, 0, 0, 0)

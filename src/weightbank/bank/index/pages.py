@@ -5,9 +5,10 @@
     run index   {"pages": [[key, n, first, last, min_step, max_step, {metric: [min, max]}], ...]}
     run page    {"records": [record, ...]}           one run's records, oldest first (RUN_PAGE per page)
     id dir      {"pages": [[first_id, key, n], ...]}
-    id page     {"records": [record, ...]}           records sorted by id (ID_PAGE per page, split at twice)
+    id page     {"ids": [[id, run, created, step], ...]}  sorted by id (ID_PAGE per page, split at twice):
+                                                     where in its run's pages the record is
     chunk dir   {"buckets": {"ab": [key, n], ...}}   256 buckets by the chunk hash's first byte
-    bucket      {"chunks": [[hash, raw_len, codec, offset, stored_len, args, pack, owner], ...]}
+    bucket      {"chunks": [[hash, owner], ...]}     the checkpoint that wrote each chunk (its manifest says where)
     recent      {"records": [record, ...]}           the newest RECENT records of the bank, newest first
 
 ``first``/``last`` are a record's order key ``[created, step, id]``; the
@@ -24,9 +25,8 @@ from __future__ import annotations
 from typing import Any
 
 from ...errors import UnsupportedFormat
-from ...format.manifest import ChunkRecord
-from ...format.schema import DeltaArgs, hex_digest, typed
-from ..layout import INDEX_PAGES, is_pack_key
+from ...format.schema import hex_digest, typed
+from ..layout import INDEX_PAGES
 from .records import CatalogRecord
 from .store import IndexDamaged
 
@@ -35,10 +35,13 @@ __all__ = [
     "RECENT",
     "RUN_PAGE",
     "ChunkEntry",
+    "IdRow",
     "RunPageInfo",
     "bucket_rows",
     "chunk_dir",
     "id_dir",
+    "id_row",
+    "id_rows",
     "run_index",
     "run_page_rows",
 ]
@@ -48,8 +51,8 @@ ID_PAGE = 256
 RECENT = 64
 
 Order = tuple[float, int, str]
-ChunkEntry = tuple[str, ChunkRecord, str]
-"""A chunk the bank holds: its pack key, its record (``pack`` field 0) and the checkpoint that wrote it."""
+ChunkEntry = tuple[str, str]
+"""A chunk the bank holds: its hash and the checkpoint that wrote it."""
 
 
 def _key(value: Any) -> str:
@@ -164,37 +167,36 @@ def chunk_dir(obj: dict[str, Any], key: str) -> dict[str, tuple[str, int]]:
     return result
 
 
-def chunk_row(entry: ChunkEntry) -> list[Any]:
-    pack, rec, owner = entry
-    return [
-        rec.hash,
-        rec.raw_len,
-        rec.codec,
-        rec.offset,
-        rec.stored_len,
-        None if rec.args is None else rec.args.to_json(),
-        pack,
-        owner,
-    ]
+IdRow = tuple[str, str, Order]
+"""An id page row: the checkpoint id, its run, and its order key in the run's pages."""
 
 
-def bucket_rows(obj: dict[str, Any], key: str) -> dict[str, ChunkEntry]:
-    def parse() -> dict[str, ChunkEntry]:
-        out: dict[str, ChunkEntry] = {}
-        for row in typed(obj["chunks"], list, "chunks"):
-            h, raw_len, codec, offset, stored_len, args, pack, owner = typed(row, list, "chunk row")
-            if not is_pack_key(pack):
-                raise ValueError("a chunk row names something that is not a pack key")
-            # The row is checked like a manifest's chunk row (codec known, sizes sane).
-            rec = ChunkRecord.from_json(
-                [h, raw_len, codec, 0, offset, stored_len, *([] if args is None else [args])],
-                1,
-                1 << 40,
-            )
-            if rec.args is not None and not isinstance(rec.args, DeltaArgs):
-                raise ValueError("bad delta args")
-            out[rec.hash] = (str(pack), rec, hex_digest(owner, "owner"))
+def id_rows(obj: dict[str, Any], key: str) -> list[IdRow]:
+    def parse() -> list[IdRow]:
+        out = []
+        for row in typed(obj["ids"], list, "ids"):
+            cid, run, created, step = typed(row, list, "id row")
+            cid = hex_digest(cid, "id")
+            out.append((cid, typed(run, str, "run"), _order([created, step, cid])))
         return out
 
-    result: dict[str, ChunkEntry] = _checked(key, "chunk bucket", parse)
+    result: list[IdRow] = _checked(key, "id page", parse)
+    return result
+
+
+def id_row(rec: CatalogRecord) -> list[Any]:
+    created, step, _ = rec.order
+    return [rec.id, rec.run, created, step]
+
+
+def bucket_rows(obj: dict[str, Any], key: str) -> dict[str, str]:
+    """A chunk bucket: chunk hash → the checkpoint that wrote it."""
+
+    def parse() -> dict[str, str]:
+        return {
+            hex_digest(h, "chunk hash"): hex_digest(owner, "owner")
+            for h, owner in (typed(r, list, "chunk row") for r in typed(obj["chunks"], list, "chunks"))
+        }
+
+    result: dict[str, str] = _checked(key, "chunk bucket", parse)
     return result

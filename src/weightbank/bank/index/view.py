@@ -39,11 +39,11 @@ from ...errors import MissingObject
 from ..layout import INDEX_LOG, INDEX_ROOTS, log_key, log_seq_from_key, manifest_key, root_gen_from_key
 from ..retention import best_first, metric_value
 from .pages import (
-    ChunkEntry,
     RunPageInfo,
     bucket_rows,
     chunk_dir,
     id_dir,
+    id_rows,
     run_index,
     run_page_rows,
 )
@@ -165,17 +165,29 @@ class Snapshot:
     def _page_records(self, key: str) -> list[CatalogRecord]:
         return run_page_rows(self.pages.get(key), key)
 
-    def _root_record(self, cid: str) -> CatalogRecord | None:
+    def _id_page(self, cid: str) -> str | None:
+        """The key of the id page that would hold ``cid`` (None in an empty snapshot)."""
         if self.root.ids is None:
             return None
         directory = id_dir(self.pages.get(self.root.ids), self.root.ids)
         i = bisect.bisect_right([first for first, _, _ in directory], cid) - 1
-        if i < 0:
+        return directory[i][1] if i >= 0 else None
+
+    def _root_record(self, cid: str) -> CatalogRecord | None:
+        """The snapshot's record of ``cid``: its id page says run and order, the run's pages hold it."""
+        key = self._id_page(cid)
+        row = next((r for r in id_rows(self.pages.get(key), key) if r[0] == cid), None) if key else None
+        if row is None:
             return None
-        for rec in self._page_records(directory[i][1]):
-            if rec.id == cid:
-                return rec
-        return None
+        _, run, order = row
+        pages = self._run_pages(run)
+        i = bisect.bisect_right([p.first for p in pages], order) - 1
+        if i < 0:
+            raise IndexDamaged(key or "", f"id page places {cid[:12]} before every page of run {run!r}")
+        found = next((r for r in self._page_records(pages[i].key) if r.id == cid), None)
+        if found is None:
+            raise IndexDamaged(pages[i].key, f"run page lacks {cid[:12]}, which its id page lists")
+        return found
 
     # -- queries -------------------------------------------------------------
     def record(self, cid: str) -> CatalogRecord | None:
@@ -284,7 +296,7 @@ class Snapshot:
             for first, key, _ in directory[lo:]:
                 if first > prefix and not first.startswith(prefix):
                     break
-                out.update(r.id for r in self._page_records(key) if r.id.startswith(prefix))
+                out.update(r[0] for r in id_rows(self.pages.get(key), key) if r[0].startswith(prefix))
         return sorted(out - self.hidden)
 
     def recent(self, n: int) -> list[CatalogRecord]:
@@ -304,8 +316,8 @@ class Snapshot:
         for run in self.run_names():
             yield from self.members(run)
 
-    def bucket(self, b: str) -> dict[str, ChunkEntry]:
-        """The chunk index's bucket ``b`` (chunks whose hash starts with ``b``) as of the root."""
+    def bucket(self, b: str) -> dict[str, str]:
+        """The chunk index's bucket ``b`` as of the root: hash → the checkpoint that wrote the chunk."""
         if self.root.chunks is None:
             return {}
         buckets = chunk_dir(self.pages.get(self.root.chunks), self.root.chunks)
