@@ -42,7 +42,7 @@ from . import marker
 from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
 from .index.records import CatalogRecord
 from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, read_root
-from .index.view import PageCache, Snapshot, list_gens, list_seqs, load_snapshot
+from .index.view import Memo, PageCache, Snapshot, list_gens, list_seqs, load_snapshot
 from .layout import log_key, manifest_key
 from .listing import ScanView, listed_ids, read_manifest, scan_manifests
 
@@ -89,6 +89,7 @@ class Catalog:
         self._lock = threading.RLock()
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._pages = PageCache(storage)
+        self._memo = Memo()
         self._view: Snapshot | ScanView | None = None
         self._listed: dict[str, Manifest] = {}  # the listing's manifests (scan mode only)
         self.broken: dict[str, Exception] = {}
@@ -100,7 +101,7 @@ class Catalog:
         """Take a fresh picture of the bank (the index's newest state, or a new listing)."""
         if self.indexed:
             try:
-                snap = load_snapshot(self._storage, self._pages)
+                snap = load_snapshot(self._storage, self._pages, self._memo)
             except IndexDamaged as e:
                 self.damage = e
                 if not self._warned:

@@ -50,7 +50,7 @@ from .pages import (
 from .records import CatalogRecord
 from .store import ADD, DEL, EMPTY_ROOT, IndexDamaged, LogEntry, Root, read_entry, read_page, read_root
 
-__all__ = ["PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot"]
+__all__ = ["Memo", "PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot"]
 
 _ATTEMPTS = 16
 
@@ -95,30 +95,50 @@ def _parallel(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
         return list(pool.map(fn, items))
 
 
-def load_snapshot(storage: Any, pages: PageCache | None = None) -> Snapshot:
+class Memo:
+    """What one process already read of the index and may reuse: roots and entries never change once
+    written (only whole objects come and go), and a manifest seen committed stays so until a delete
+    entry names it. A refresh then costs two listings and the reads of what is new."""
+
+    def __init__(self) -> None:
+        self.roots: dict[int, Root] = {}
+        self.entries: dict[int, LogEntry] = {}
+        self.committed: set[str] = set()
+        self.gone: set[str] = set()
+
+    def keep_only(self, gens: list[int], seqs: set[int]) -> None:
+        self.roots = {g: r for g, r in self.roots.items() if g in gens[-1:]}
+        self.entries = {s: e for s, e in self.entries.items() if s in seqs}
+
+
+def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | None = None) -> Snapshot:
     """The catalog as it stands now (see the module docstring). IndexDamaged if it cannot be trusted."""
     cache = pages or PageCache(storage)
+    memo = memo or Memo()
     for _ in range(_ATTEMPTS):
         gens = list_gens(storage)
         root = EMPTY_ROOT
         if gens:
-            found = read_root(storage, gens[-1])
+            found = memo.roots.get(gens[-1]) or read_root(storage, gens[-1])
             if found is None:
                 continue  # replaced meanwhile
-            root = found
+            root = memo.roots[gens[-1]] = found
         seqs = list_seqs(storage)
         top = max(seqs, default=0)
         expected = set(root.held) | set(range(root.upto + 1, top + 1))
         present = set(seqs)
         wanted = sorted(expected & present)
-        read = _parallel(lambda s: read_entry(storage, s), wanted)
-        entries = {s: e for s, e in zip(wanted, read, strict=True) if e is not None}
+        fresh = [s for s in wanted if s not in memo.entries]
+        read = _parallel(lambda s: read_entry(storage, s), fresh)
+        memo.entries.update({s: e for s, e in zip(fresh, read, strict=True) if e is not None})
+        entries = {s: memo.entries[s] for s in wanted if s in memo.entries}
         missing = expected - set(entries)
         if list_gens(storage)[-1:] != gens[-1:]:
             continue  # a compaction published meanwhile: its entries may be gone
         if missing:
             raise IndexDamaged(log_key(min(missing)), "a log entry is missing (a gap in the sequence)")
-        return Snapshot.resolve(storage, root, entries, top, cache)
+        memo.keep_only(gens, set(entries))
+        return Snapshot.resolve(storage, root, entries, top, cache, memo)
     raise IndexDamaged(INDEX_ROOTS, "the index kept changing while it was read")
 
 
@@ -137,11 +157,24 @@ class Snapshot:
 
     @classmethod
     def resolve(
-        cls, storage: Any, root: Root, entries: dict[int, LogEntry], top: int, pages: PageCache
+        cls,
+        storage: Any,
+        root: Root,
+        entries: dict[int, LogEntry],
+        top: int,
+        pages: PageCache,
+        memo: Memo | None = None,
     ) -> Snapshot:
         snap = cls(storage, root, entries, top, pages)
-        ids = sorted({e.id for e in entries.values()})
-        exists = dict(zip(ids, _parallel(lambda c: storage.exists(manifest_key(c)), ids), strict=True))
+        memo = memo or Memo()
+        deleting = {e.id for e in entries.values() if e.op == DEL}
+        exists = {c: False for c in memo.gone}
+        exists.update({c: True for c in memo.committed - deleting})
+        ids = sorted({e.id for e in entries.values()} - set(exists))
+        exists.update(zip(ids, _parallel(lambda c: storage.exists(manifest_key(c)), ids), strict=True))
+        touched = {e.id for e in entries.values()}
+        memo.committed = {c for c in touched if exists[c]}
+        memo.gone = {c for c in touched & deleting if not exists[c]}
         for seq in sorted(entries):
             e = entries[seq]
             if e.op == ADD and e.record is not None:
