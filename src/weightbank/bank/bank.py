@@ -275,6 +275,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase):
         tag_names = [check_new_name("tag", t) for t in ([tags] if isinstance(tags, str) else tags)]
         if tag_names:
             self._tags.check_writable()  # a store that cannot move tags fails before any data is written
+        self._catalog.writable()  # a format-1 bank gets its index before any data is written
         header = checkpoint_header(
             run=run, step=step, metrics=metrics, config=config, message=message, meta=meta
         )
@@ -590,6 +591,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase):
                 maintenance.trash(
                     self.storage, self._catalog, cid, self._catalog.get(cid), by=who(), why="prune"
                 )
+            self._catalog.maybe_compact()  # many delete entries: fold them now, not at the next save
         return PruneReport(
             deleted=tuple(doomed),
             kept=tuple(cid for cid in candidates if cid in keep),

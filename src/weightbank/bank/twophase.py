@@ -155,6 +155,7 @@ class TwoPhase:
             **({"chunk_size": chunk_size} if chunk_size else {}),
         )
         pieces = pieces_of(tensors)
+        self._catalog.writable()  # a format-1 bank gets its index before any data is written
         base = None if parent is None else self.resolve(str(parent))
         return write_part(self.storage, self._catalog, pieces, options, parent=base)
 
