@@ -168,8 +168,8 @@ class Snapshot:
         snap = cls(storage, root, entries, top, pages)
         memo = memo or Memo()
         deleting = {e.id for e in entries.values() if e.op == DEL}
-        exists = {c: False for c in memo.gone}
-        exists.update({c: True for c in memo.committed - deleting})
+        exists = dict.fromkeys(memo.gone, False)
+        exists.update(dict.fromkeys(memo.committed - deleting, True))
         ids = sorted({e.id for e in entries.values()} - set(exists))
         exists.update(zip(ids, _parallel(lambda c: storage.exists(manifest_key(c)), ids), strict=True))
         touched = {e.id for e in entries.values()}
