@@ -82,6 +82,9 @@ def test_help_lists_commands_and_exit_codes() -> None:
         "gc",
         "prune",
         "du",
+        "upgrade",
+        "repair-index",
+        "compact",
         "demo",
     ):
         assert cmd in out
@@ -196,6 +199,23 @@ def test_log_table_json_and_run_filter(bank_dir: Path) -> None:
     assert rows[0]["short_id"] in out and "cand" in out and "ft@1" in out
     assert ok("ls", bank=bank_dir).stdout == out
     assert "no run 'zz'" in fails(NOT_FOUND, "log", "zz", bank=bank_dir)
+
+
+def test_log_limit_is_passed_to_the_library(bank_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    everything, in_run = as_json("log", bank=bank_dir), as_json("log", "r", bank=bank_dir)
+    calls: list[tuple[str | None, int | None]] = []
+    real = wb.Bank.log
+
+    def spy(self: wb.Bank, run: str | None = None, *, limit: int | None = None) -> list[wb.CheckpointInfo]:
+        calls.append((run, limit))
+        return real(self, run, limit=limit)
+
+    monkeypatch.setattr(wb.Bank, "log", spy)
+    assert as_json("log", "-n", "2", bank=bank_dir) == everything[:2]
+    assert as_json("log", "r", "--limit", "1", bank=bank_dir) == in_run[:1]
+    out = ok("log", "-n", "3", bank=bank_dir).stdout
+    assert all(c["short_id"] in out for c in everything[:3]) and everything[3]["short_id"] not in out
+    assert calls == [(None, 2), ("r", 1), (None, 3)]
 
 
 def test_log_graph_shows_a_branch_across_runs(bank_dir: Path) -> None:
@@ -318,6 +338,24 @@ def test_verify_ok_then_corrupt(bank_dir: Path) -> None:
     cid = bad["problems"][0]["checkpoint"]
     assert "corrupt" in fails(CORRUPT, "export", cid, str(bank_dir.parent / "x.pt"), bank=bank_dir)
     assert not (bank_dir.parent / "x.pt").exists()
+
+
+def test_verify_fix_with_nothing_to_fix(bank_dir: Path) -> None:
+    out = ok("verify", "--fix", bank=bank_dir).stdout
+    assert out.startswith("ok") and "rebuilt" not in out and "--fix" not in out
+    doc = as_json("verify", "--fix", bank=bank_dir)
+    assert doc["repair"] is None and doc["before"] == doc["after"] and doc["after"]["ok"] is True
+    # A damaged pack is not the index's to repair: --fix says so and the exit code stays 4.
+    pack = next((bank_dir / "packs").rglob("*.pack"))
+    data = bytearray(pack.read_bytes())
+    data[0] ^= 0xFF
+    pack.write_bytes(bytes(data))
+    result = run("verify", "--fix", bank=bank_dir)
+    assert result.exit_code == CORRUPT and "FAILED" in result.stdout
+    assert "nothing for --fix to repair" in result.stdout and "rebuilt" not in result.stdout
+    bad = json.loads(run("verify", "--fix", "--json", bank=bank_dir).stdout)
+    assert bad["repair"] is None and bad["after"]["ok"] is False
+    assert [p["kind"] for p in bad["after"]["problems"]] == ["corrupt"]
 
 
 def test_prune_is_a_dry_run_unless_yes(bank_dir: Path) -> None:

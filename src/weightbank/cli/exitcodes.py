@@ -1,9 +1,12 @@
-"""Exit codes of the ``weightbank`` command and the one-line error report for user errors.
+"""Exit codes of the ``weightbank`` command and the one-line reports of user errors and warnings.
 
 Every :class:`~weightbank.errors.WeightbankError`, a missing or unreadable input
 file, a bad option value and a usage mistake ends the command with one line on
 stderr (``error: ...``) and the exit code of its kind; anything else is a bug and
 keeps its traceback. ``WEIGHTBANK_DEBUG=1`` shows the traceback of user errors too.
+A warning the library gives users (:data:`USER_WARNINGS`: the catalog index could
+not be trusted, so the answer came from listing every manifest) is one
+``warning: ...`` line on stderr, and the command still answers.
 
 Example:
     >>> import weightbank as wb
@@ -14,12 +17,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import warnings
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import typer
 import typer.core
 
+from ..bank.catalog import IndexFallbackWarning
 from ..errors import CheckpointNotFound, CorruptObject, MissingObject, NoHistory, NotABank, WeightbankError
 
 __all__ = [
@@ -30,9 +37,11 @@ __all__ = [
     "NOT_FOUND",
     "OK",
     "USAGE",
+    "USER_WARNINGS",
     "BankGroup",
     "describe",
     "exit_code",
+    "warnings_as_lines",
 ]
 
 OK = 0
@@ -82,6 +91,47 @@ def describe(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+#: Warnings the library gives users of a bank, shown as one ``warning:`` line each (others keep Python's format).
+USER_WARNINGS: tuple[type[Warning], ...] = (IndexFallbackWarning,)
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """While the block runs, each of :data:`USER_WARNINGS` is printed as one ``warning: ...`` line on stderr.
+
+    They are always shown (the library gives each once per bank), never turned
+    into errors by the caller's filters: the command still answers.
+
+    Example:
+        >>> import contextlib, io, warnings
+        >>> err = io.StringIO()
+        >>> with contextlib.redirect_stderr(err), warnings_as_lines():
+        ...     warnings.warn("the index is damaged; listing every manifest", IndexFallbackWarning)
+        >>> print(err.getvalue().strip())
+        warning: the index is damaged; listing every manifest
+    """
+    with warnings.catch_warnings():
+        for category in USER_WARNINGS:
+            warnings.simplefilter("always", category)
+        previous = warnings.showwarning
+
+        def show(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: TextIO | None = None,
+            line: str | None = None,
+        ) -> None:
+            if issubclass(category, USER_WARNINGS):
+                typer.echo(f"warning: {' '.join(str(message).split())}", err=True)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def _usage_line(err: typer.TyperException) -> str:
     text = " ".join(err.format_message().split())
     ctx = getattr(err, "ctx", None)
@@ -91,11 +141,12 @@ def _usage_line(err: typer.TyperException) -> str:
 
 
 class BankGroup(typer.core.TyperGroup):
-    """The command group: turns user errors raised by any subcommand into one line and an exit code."""
+    """The command group: a user error raised by any subcommand becomes one line and an exit code, a user warning one line."""
 
     def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors click privately)
         try:
-            return super().invoke(ctx)
+            with warnings_as_lines():
+                return super().invoke(ctx)
         except (WeightbankError, OSError, ValueError) as err:
             if os.environ.get("WEIGHTBANK_DEBUG") or isinstance(err, BrokenPipeError):
                 raise

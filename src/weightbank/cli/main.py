@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from .. import open as open_bank
 from .._version import __version__
 from ..bank.bank import AUTO, Bank
-from ..bank.results import CheckpointInfo, RunEvent
+from ..bank.results import CheckpointInfo, RunEvent, VerifyReport
 from ..errors import CheckpointNotFound, CorruptObject, NotABank
 from . import drill as drill_command
+from . import indexing as indexing_command
 from . import render
 from . import serve as serve_command
 from . import tags as tags_command
@@ -248,10 +250,8 @@ def export(
 # -- inspecting -----------------------------------------------------------------------
 def _log(bank: str, run: str | None, graph: bool, limit: int | None, as_json: bool) -> None:
     with open_existing(bank) as b:
-        infos = b.log(run)
+        infos = b.log(run, limit=limit)
         events = _events(b, run)
-    if limit is not None:
-        infos = infos[:limit]
     if as_json:
         emit_json(infos)
     elif not infos:
@@ -373,17 +373,51 @@ def verify(
         str | None, typer.Argument(metavar="REF", help="Only this checkpoint (default: the whole bank).")
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Check presence and sizes, not every hash.")] = False,
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix", help="If the catalog index has problems, rebuild it (`repair-index`) and verify again."
+        ),
+    ] = False,
     bank: BankOpt = DEFAULT_BANK,
     as_json: JsonOpt = False,
 ) -> None:
-    """Re-hash every chunk and check manifests and tags; exit code 4 if anything is wrong."""
-    with open_existing(bank) as b, render.busy("verifying"):
-        report = b.verify(ref, full=not quick)
+    """Re-hash every chunk and check manifests, tags and the catalog index; exit code 4 if anything is wrong.
+
+    With --fix, `index` problems are repaired and the bank verified again (--json then prints
+    {"before": report, "repair": result or null, "after": report}).
+    """
+    with open_existing(bank) as b:
+        with render.busy("verifying"):
+            report = b.verify(ref, full=not quick)
+        if fix:
+            _verify_fix(b, report, ref, full=not quick, as_json=as_json)
+            return
     if as_json:
         emit_json(report)
     else:
         emit(render.verify_view(report))
     if not report.ok:
+        raise typer.Exit(CORRUPT)
+
+
+def _verify_fix(b: Bank, before: VerifyReport, ref: str | None, *, full: bool, as_json: bool) -> None:
+    """``verify --fix``: repair the index if ``before`` found it wrong, verify again, print both."""
+    if not as_json:
+        emit(render.verify_view(before))
+    repair, after = None, before
+    if any(p.kind == "index" for p in before.problems):
+        with render.busy("rebuilding the catalog index"):
+            repair = b.repair_index()
+        with render.busy("verifying again"):
+            after = b.verify(ref, full=full)
+    if as_json:
+        emit_json({"before": before, "repair": repair, "after": after})
+    elif repair is not None:
+        emit(Text(""), indexing_command.repair_line(repair), Text(""), render.verify_view(after))
+    elif not before.ok:
+        emit(Text(""), Text("nothing for --fix to repair: the catalog index has no problems"))
+    if not after.ok:
         raise typer.Exit(CORRUPT)
 
 
@@ -465,6 +499,10 @@ def prune(
         emit_json(report)
     else:
         emit(render.prune_view(report, infos))
+
+
+# -- the catalog index (cli/indexing.py), listed here in --help ------------------------
+indexing_command.register(app)
 
 
 # -- demo -----------------------------------------------------------------------------

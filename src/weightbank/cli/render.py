@@ -497,6 +497,8 @@ def gc_view(report: GcReport) -> Text:
     )
     if report.packs_kept_for_inflight:
         out.append(f"; kept {report.packs_kept_for_inflight} pack(s) of saves in flight")
+    if report.index_pages_deleted:
+        out.append(f"; {report.index_pages_deleted} old catalog index page(s)")
     return out
 
 
