@@ -35,7 +35,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from ..errors import CorruptObject, IndexDamaged, MissingObject, UnsupportedFormat
+from ..errors import CorruptObject, IndexDamaged, MissingObject, StorageError, UnsupportedFormat
 from ..format.manifest import ChunkRecord, Manifest
 from ..storage.base import Storage
 from . import marker
@@ -189,9 +189,27 @@ class Catalog:
 
     # -- writing -------------------------------------------------------------
     def writable(self) -> None:
-        """Make sure writes keep the index: a format-1 bank is upgraded first (see :meth:`upgrade`)."""
-        if not self.indexed:
-            self.upgrade()
+        """Make sure writes keep the index: a format-1 bank is upgraded first (see :meth:`upgrade`).
+
+        The index's log is made of refs (put-if-absent), so it needs a store
+        that can hold refs. A format-1 bank on one that cannot (an fsspec
+        store opened without ``conditional_writes=False``) stays format 1 and
+        is written as before, by listing; a format-2 bank there raises the
+        store's StorageError saying how to open it.
+        """
+        if self.indexed:
+            try:
+                self._storage.check_refs()
+            except StorageError as e:
+                raise StorageError(
+                    f"{e} (a save writes the catalog index's log, which is made of refs)"
+                ) from e
+            return
+        try:
+            self._storage.check_refs()
+        except StorageError:
+            return  # no refs here: no index either; the bank goes on as format 1
+        self.upgrade()
 
     def _claim(self, make: Callable[[int], LogEntry]) -> int:
         """Write the next log entry (put-if-absent); its sequence number."""
@@ -221,11 +239,15 @@ class Catalog:
 
     def intend(self, cid: str, manifest: Manifest, save_ids: list[str], wrote: list[str]) -> None:
         """Record that ``cid`` is about to be committed (call just before its manifest is written)."""
+        if not self.indexed:
+            return
         record = CatalogRecord.of(cid, manifest)
         self._claim(lambda seq: LogEntry(seq, ADD, cid, record, tuple(save_ids), tuple(wrote)))
 
     def tombstone(self, cid: str) -> None:
         """Record that ``cid`` is being deleted (call before its manifest is removed)."""
+        if not self.indexed:
+            return
         self._claim(lambda seq: LogEntry(seq, DEL, cid))
 
     def add(self, cid: str, manifest: Manifest) -> None:

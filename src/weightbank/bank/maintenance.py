@@ -86,8 +86,7 @@ def trash(storage: Storage, catalog: Catalog, cid: str, manifest: Manifest, *, b
         "manifest": manifest.to_json(),
     }
     storage.write(trash_key(cid), seal(body))
-    if catalog.indexed:
-        catalog.tombstone(cid)
+    catalog.tombstone(cid)
     storage.delete(manifest_key(cid))
     catalog.forget(cid)
     # Only now is the manifest certainly invisible to a save that lists manifests.

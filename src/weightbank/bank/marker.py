@@ -13,7 +13,7 @@ import json
 import time
 
 from .._version import __version__
-from ..errors import NotABank, UnsupportedFormat
+from ..errors import NotABank, StorageError, UnsupportedFormat
 from ..storage.base import Storage
 from .layout import FORMAT_KEY
 
@@ -83,6 +83,16 @@ def init_storage(storage: Storage, *, create: bool) -> int:
         raise NotABank(storage.url, f"the location is not empty and has no {FORMAT_KEY}")
     if not create:
         raise NotABank(storage.url, f"no {FORMAT_KEY} found")
-    marker = {"format": "weightbank", "version": BANK_VERSION, "created": time.time(), "by": __version__}
+    # The catalog index's log is made of refs: a store that cannot hold them gets a format-1 bank.
+    version = BANK_VERSION if _refs_work(storage) else 1
+    marker = {"format": "weightbank", "version": version, "created": time.time(), "by": __version__}
     storage.write(FORMAT_KEY, json.dumps(marker).encode())
-    return BANK_VERSION
+    return version
+
+
+def _refs_work(storage: Storage) -> bool:
+    try:
+        storage.check_refs()
+    except StorageError:
+        return False
+    return True
