@@ -19,6 +19,7 @@ SAMPLES: dict[str, errors.WeightbankError] = {
     "DeviceError": errors.DeviceError("cuda:3 is not available"),
     "ExternalFileError": errors.ExternalFileError("/x", "unreadable", ["w"]),
     "ExternalFileNotFound": errors.ExternalFileNotFound("/x", "no such file"),
+    "IndexDamaged": errors.IndexDamaged("index/roots/000000000003.json", "does not match its digest"),
     "HandlerError": errors.HandlerError("predict", "KeyError", "'x'", checkpoint="ab" * 32, transient=True),
     "IncompatibleState": errors.IncompatibleState("shape mismatch", ["w"]),
     "InvalidArgument": errors.InvalidArgument("steps", 0, "must be >= 1"),

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from ._version import __version__
 from .bank.bank import AUTO, Bank, CheckpointDetail, open
+from .bank.catalog import IndexFallbackWarning
 from .bank.checkpoint import Checkpoint
+from .bank.index.compact import CompactResult
 from .bank.parts import SavePart, TensorRef, TensorShard
 from .bank.results import (
     CheckpointInfo,
@@ -44,6 +46,7 @@ from .errors import (
     ExternalFileNotFound,
     HandlerError,
     IncompatibleState,
+    IndexDamaged,
     InvalidArgument,
     InvalidName,
     InvalidRef,
@@ -111,6 +114,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointNotFound",
+    "CompactResult",
     "ConcurrentUpdate",
     "CorruptObject",
     "DamagedTagWarning",
@@ -130,6 +134,8 @@ __all__ = [
     "Handler",
     "HandlerError",
     "IncompatibleState",
+    "IndexDamaged",
+    "IndexFallbackWarning",
     "InvalidArgument",
     "InvalidName",
     "InvalidRef",

@@ -107,7 +107,9 @@ class Catalog:
                 if not self._warned:
                     self._warned = True
                     warnings.warn(
-                        f"{e}; listing every manifest instead (run `weightbank repair-index`)",
+                        f"the catalog index cannot be trusted ({e.key}: {e.detail}); listing every"
+                        " manifest instead (`weightbank verify` says what is damaged,"
+                        " `weightbank repair-index` rebuilds it)",
                         IndexFallbackWarning,
                         stacklevel=3,
                     )
@@ -296,22 +298,13 @@ class Catalog:
         return compact(self._storage, self.get, self._pages)
 
     def rebuild(self) -> CompactResult:
-        """Rebuild the index from a listing of every manifest (repair-index). CorruptObject if a manifest is unreadable."""
+        """Rebuild the index from a listing of every manifest (repair-index); unreadable manifests are left out."""
         scanned: dict[str, Manifest] = {}
-        broken = {}
         for cid, result in scan_manifests(self._storage):
             if isinstance(result, Manifest):
                 scanned[cid] = result
-            else:
-                broken[cid] = result
-        if broken:
-            first = next(iter(broken))
-            raise CorruptObject(
-                manifest_key(first),
-                checkpoint=first,
-                detail=f"{len(broken)} manifest(s) are unreadable; the index cannot be rebuilt until"
-                " `weightbank verify` is clean of them",
-            )
+        # An unreadable manifest can be neither loaded nor listed: the rebuilt index leaves it out
+        # (``verify`` keeps naming it, and ``gc`` keeps refusing while it is there).
         done = rebuild(self._storage, scanned, self.get, self._pages)
         self.refresh()
         return done

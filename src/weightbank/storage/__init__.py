@@ -5,7 +5,8 @@ its ``StorageProperties``), one each implementation (``local``, ``memory``,
 ``fsspec``, ``s3``); the S3 and generic object-store backends share
 ``objectstore`` and ``retry``; every backend checks keys and ranges with
 ``keys``; ``durable`` fsyncs directories; ``diskcache`` is the local cache a
-remote bank reads through.
+remote bank reads through; ``counting`` wraps any backend and counts its
+requests.
 
 Example:
     >>> from weightbank.storage import open_storage
@@ -21,10 +22,12 @@ from typing import Any
 
 from ..errors import StorageError
 from .base import ObjectInfo, ObjectWriter, RefValue, Storage, StorageProperties
+from .counting import CountingStorage
 from .local import LocalStorage
 from .memory import MemoryStorage, named
 
 __all__ = [
+    "CountingStorage",
     "LocalStorage",
     "MemoryStorage",
     "ObjectInfo",
