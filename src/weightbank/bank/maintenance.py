@@ -26,6 +26,23 @@ that listing only reuses chunks of manifests this gc sees as live (or trashed
 after gc began). Stale leases (dead process, or older than the lease TTL) are
 removed, and trash entries no lease can still need are dropped.
 
+With the catalog index the argument is unchanged, because neither side
+trusts the index for it:
+
+* gc reads every manifest (a listing, streamed), never the index, to know
+  which packs are needed;
+* a save reuses a chunk only from a manifest it *read after its lease
+  began*: the parent's, one committed since the last compaction, or — found
+  through the index's chunk buckets, which name the checkpoint that wrote
+  each chunk — that checkpoint's own manifest, whose existence it checks and
+  whose location it uses (a bucket never supplies a location). If that
+  checkpoint is deleted later, its trash entry is stamped after the save's
+  lease began, so its packs are kept; if it was deleted before, the save
+  does not find it and writes the chunk again.
+
+Index pages no kept snapshot names are removed once older than the grace
+period (:mod:`.index.gc`).
+
 Example:
     >>> import torch, weightbank as wb
     >>> bank = wb.open("memory://")
