@@ -382,7 +382,8 @@ class ChunkFinder:
                     self._buckets[b] = {}
             owner = self._buckets[b].get(h)
             if owner is not None and owner not in self._owners:
-                self._owners[owner] = self._view.record(owner) is not None and self._index(owner)
+                # Its manifest must exist now, after the lease began (a cached copy proves nothing).
+                self._owners[owner] = self._catalog.exists(owner) and self._index(owner)
             loc = self._known.get(h)
             if loc is None and self._pending:
                 pending, self._pending = self._pending, None

@@ -246,6 +246,10 @@ class _Parent:
     def load(cls, catalog: Catalog, cid: str | None, chunk_size: int) -> _Parent | None:
         if cid is None:
             return None
+        # Asked after the lease began (a cached copy proves nothing): a parent deleted since the
+        # save chose it may have its data collected, so its chunks are not reused.
+        if not catalog.exists(cid):
+            return None
         try:
             m = catalog.get(cid)
         except (MissingObject, CorruptObject, FileNotFoundError):
