@@ -13,7 +13,7 @@ import fsspec
 import pytest
 
 from weightbank.errors import ConcurrentUpdate, CorruptObject, MissingObject, NotABank, StorageError
-from weightbank.storage import LocalStorage, Storage, StorageProperties, open_storage
+from weightbank.storage import CountingStorage, LocalStorage, Storage, StorageProperties, open_storage
 from weightbank.storage.fsspec import FsspecStorage
 from weightbank.storage.memory import forget
 
@@ -25,6 +25,8 @@ from weightbank.storage.memory import forget
         pytest.param("seaweed", marks=pytest.mark.s3),
         pytest.param("moto", marks=pytest.mark.s3),
         "fsspec-generic",
+        "counting-local",
+        "counting-memory",
     ]
 )
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Storage]]:
@@ -42,6 +44,13 @@ def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[
         fs = fsspec.filesystem("memory", skip_instance_cache=True)
         root = f"conformance-{uuid.uuid4().hex[:8]}"
         make = lambda: FsspecStorage(f"memfs://{root}", fs, root, conditional_writes=False)  # noqa: E731
+    elif request.param == "counting-local":
+        # The request-counting wrapper passes the whole contract through to what it wraps.
+        make = lambda: CountingStorage(LocalStorage(tmp_path / "s"))  # noqa: E731
+    elif request.param == "counting-memory":
+        name = f"conformance-{uuid.uuid4().hex[:8]}"
+        make = lambda: CountingStorage(open_storage(f"memory://{name}"))  # noqa: E731
+        request.addfinalizer(lambda: forget(name))
     else:
         srv = request.getfixturevalue("seaweed" if request.param == "seaweed" else "moto_s3")
         url = f"s3://wbtest/{uuid.uuid4().hex[:12]}"
