@@ -33,7 +33,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 from ..errors import CorruptObject, IndexDamaged, MissingObject, StorageError, UnsupportedFormat
 from ..format.manifest import ChunkRecord, Manifest
@@ -41,7 +41,7 @@ from ..storage.base import Storage
 from . import marker
 from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
 from .index.records import CatalogRecord
-from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, read_root
+from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, raise_head, read_head, read_root
 from .index.view import Memo, PageCache, Snapshot, list_gens, list_seqs, load_snapshot
 from .layout import log_key, manifest_key
 from .listing import ScanView, listed_ids, read_manifest, scan_manifests
@@ -104,15 +104,7 @@ class Catalog:
                 snap = load_snapshot(self._storage, self._pages, self._memo)
             except IndexDamaged as e:
                 self.damage = e
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(
-                        f"the catalog index cannot be trusted ({e.key}: {e.detail}); listing every"
-                        " manifest instead (`weightbank verify` says what is damaged,"
-                        " `weightbank repair-index` rebuilds it)",
-                        IndexFallbackWarning,
-                        stacklevel=3,
-                    )
+                self._warn(e)
             else:
                 self.damage = None
                 with self._lock:
@@ -143,8 +135,7 @@ class Catalog:
         with self._lock:
             self._view = None
 
-    def view(self) -> View:
-        """The current picture (taken on first use; :meth:`refresh` takes a new one)."""
+    def _current(self) -> Snapshot | ScanView:
         view = self._view
         if view is None:
             self.refresh()
@@ -152,10 +143,39 @@ class Catalog:
         assert view is not None  # refresh always sets one
         return view
 
+    def view(self) -> View:
+        """The current picture (taken on first use; :meth:`refresh` takes a new one).
+
+        An index snapshot answers through a guard: a page found damaged while
+        answering makes the catalog list the manifests and answer from that.
+        """
+        view = self._current()
+        return _Guarded(self, view) if isinstance(view, Snapshot) else view
+
+    def _fall_back(self, damage: IndexDamaged) -> ScanView:
+        """A page turned out damaged mid-query: warn once, list every manifest, answer from that."""
+        self.damage = damage
+        self._warn(damage)
+        self._scan()
+        view = self._view
+        assert isinstance(view, ScanView)  # _scan sets one
+        return view
+
+    def _warn(self, e: IndexDamaged) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"the catalog index cannot be trusted ({e.key}: {e.detail}); listing every"
+                " manifest instead (`weightbank verify` says what is damaged,"
+                " `weightbank repair-index` rebuilds it)",
+                IndexFallbackWarning,
+                stacklevel=4,
+            )
+
     @property
     def scanning(self) -> bool:
         """Whether answers come from a listing of every manifest (an old bank, or a damaged index)."""
-        return isinstance(self.view(), ScanView)
+        return isinstance(self._current(), ScanView)
 
     def record(self, cid: str) -> CatalogRecord | None:
         return self.view().record(cid)
@@ -222,7 +242,11 @@ class Catalog:
             except IndexDamaged:
                 root = None  # a damaged root: the sequence goes on after the log; a rebuild repairs the rest
             upto = root.upto if root is not None else 0
-            seq = max(max(list_seqs(self._storage), default=0), upto) + 1
+            try:
+                head, _ = read_head(self._storage)
+            except IndexDamaged:
+                head = 0
+            seq = max(max(list_seqs(self._storage), default=0), upto, head) + 1
             if not put_entry(self._storage, make(seq)):
                 continue  # taken: look again
             # A compaction that published after our look may already cover this number: then the
@@ -236,6 +260,7 @@ class Catalog:
                 if newest is not None and newest.upto >= seq and seq not in newest.held:
                     self._storage.delete(log_key(seq))
                     continue
+            raise_head(self._storage, seq)
             return seq
         raise CorruptObject(log_key(0), detail="could not claim a catalog log entry after 256 tries")
 
@@ -299,13 +324,12 @@ class Catalog:
 
     def rebuild(self) -> CompactResult:
         """Rebuild the index from a listing of every manifest (repair-index); unreadable manifests are left out."""
-        scanned: dict[str, Manifest] = {}
-        for cid, result in scan_manifests(self._storage):
-            if isinstance(result, Manifest):
-                scanned[cid] = result
+        scanned = (
+            (cid, result) for cid, result in scan_manifests(self._storage) if isinstance(result, Manifest)
+        )
         # An unreadable manifest can be neither loaded nor listed: the rebuilt index leaves it out
         # (``verify`` keeps naming it, and ``gc`` keeps refusing while it is there).
-        done = rebuild(self._storage, scanned, self.get, self._pages)
+        done = rebuild(self._storage, scanned, self.get, self._pages)  # streams: the manifests are not kept
         self.refresh()
         return done
 
@@ -333,7 +357,7 @@ class Catalog:
     # -- dedup ---------------------------------------------------------------
     def chunk_finder(self) -> ChunkFinder:
         """Where the bank already holds a chunk, for a save's dedup (take it after the save's lease)."""
-        return ChunkFinder(self, self.view())
+        return ChunkFinder(self, self._current())
 
 
 class ChunkFinder:
@@ -391,3 +415,67 @@ class ChunkFinder:
                     self._index(cid)
                 loc = self._known.get(h)
             return loc
+
+
+class _Guarded:
+    """A snapshot's answers; a page found damaged while answering hands the question to a listing."""
+
+    def __init__(self, catalog: Catalog, snap: Snapshot) -> None:
+        self._catalog = catalog
+        self._snap = snap
+
+    def _ask(self, name: str, *args: object) -> Any:
+        try:
+            return getattr(self._snap, name)(*args)
+        except IndexDamaged as e:
+            return getattr(self._catalog._fall_back(e), name)(*args)
+
+    def record(self, cid: str) -> CatalogRecord | None:
+        return cast("CatalogRecord | None", self._ask("record", cid))
+
+    def count(self) -> int:
+        return cast(int, self._ask("count"))
+
+    def run_count(self, run: str) -> int:
+        return cast(int, self._ask("run_count", run))
+
+    def run_names(self) -> list[str]:
+        return cast("list[str]", self._ask("run_names"))
+
+    def members(self, run: str) -> list[CatalogRecord]:
+        return cast("list[CatalogRecord]", self._ask("members", run))
+
+    def latest(self, run: str) -> CatalogRecord | None:
+        return cast("CatalogRecord | None", self._ask("latest", run))
+
+    def at_step(self, run: str, step: int) -> list[CatalogRecord]:
+        return cast("list[CatalogRecord]", self._ask("at_step", run, step))
+
+    def steps(self, run: str) -> list[int]:
+        return cast("list[int]", self._ask("steps", run))
+
+    def best(self, run: str, metric: str, mode: str) -> CatalogRecord | None:
+        return cast("CatalogRecord | None", self._ask("best", run, metric, mode))
+
+    def match(self, prefix: str) -> list[str]:
+        return cast("list[str]", self._ask("match", prefix))
+
+    def recent(self, n: int) -> list[CatalogRecord]:
+        return cast("list[CatalogRecord]", self._ask("recent", n))
+
+    def _stream(self, name: str, *args: str) -> Iterator[CatalogRecord]:
+        seen: set[str] = set()
+        try:
+            for rec in getattr(self._snap, name)(*args):
+                seen.add(rec.id)
+                yield rec
+        except IndexDamaged as e:
+            for rec in getattr(self._catalog._fall_back(e), name)(*args):
+                if rec.id not in seen:
+                    yield rec
+
+    def newest(self, run: str) -> Iterator[CatalogRecord]:
+        return self._stream("newest", run)
+
+    def everything(self) -> Iterator[CatalogRecord]:
+        return self._stream("everything")

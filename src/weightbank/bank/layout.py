@@ -11,6 +11,7 @@
     trash/<checkpoint-id>.json        deleted manifests, kept until gc may drop their data
     quarantine/<key>.<ns>             damaged records set aside when replaced (untag --force, a reset event log)
     index/log/<seq>.json              catalog log entry: one checkpoint added or deleted (put-if-absent)
+    index/head.json                   the highest log sequence number written (only grows; compare-and-swap)
     index/roots/<gen>.json            compacted catalog snapshot root (put-if-absent; the newest wins)
     index/pages/<ab>/<hash>.zst       immutable pages a root names (records by run, by id; chunk buckets)
     tmp/                              local backend scratch
@@ -33,6 +34,7 @@ from ..errors import InvalidName
 __all__ = [
     "EVENTS",
     "FORMAT_KEY",
+    "INDEX_HEAD",
     "INDEX_LOG",
     "INDEX_PAGES",
     "INDEX_ROOTS",
@@ -72,6 +74,7 @@ QUARANTINE = "quarantine/"
 INDEX_LOG = "index/log/"
 INDEX_ROOTS = "index/roots/"
 INDEX_PAGES = "index/pages/"
+INDEX_HEAD = "index/head.json"
 
 _NAME_CHARS = "A-Za-z0-9_.+=,-"
 _NAME = re.compile(rf"^[A-Za-z0-9_][{_NAME_CHARS}]*$")

@@ -211,6 +211,12 @@ def _index_problems(
         ]
     view = catalog.view()
     listed = {r.id: r for r in view.everything()}
+    if catalog.damage is not None:  # a page turned out damaged while it was read
+        return [
+            VerifyProblem(
+                "index", catalog.damage.key, f"{catalog.damage.detail} (run `weightbank repair-index`)"
+            )
+        ]
 
     def problem(cid: str, detail: str) -> VerifyProblem:
         return VerifyProblem("index", manifest_key(cid), detail, checkpoint=cid)

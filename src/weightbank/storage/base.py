@@ -173,7 +173,7 @@ class Storage(Protocol):
         """Every data object whose key starts with ``prefix`` (no order promised)."""
 
     def delete(self, key: str) -> None:
-        """Remove a data object; absent keys are ignored."""
+        """Remove a data object or a ref; absent keys are ignored."""
 
     def get_ref(self, key: str) -> RefValue | None:
         """Current value of a ref, or None if it does not exist.

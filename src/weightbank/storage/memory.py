@@ -123,6 +123,7 @@ class MemoryStorage:
         check_key(key)
         with self._lock:
             self._objects.pop(key, None)
+            self._refs.pop(key, None)  # refs are objects too on every other backend: delete removes either
 
     def get_ref(self, key: str) -> RefValue | None:
         check_key(key)

@@ -57,7 +57,18 @@ from .pages import (
     id_rows,
 )
 from .records import CatalogRecord
-from .store import ADD, DEL, IndexDamaged, Root, delete_ref, put_root, read_entry, write_page
+from .store import (
+    ADD,
+    DEL,
+    IndexDamaged,
+    Root,
+    delete_ref,
+    put_root,
+    raise_head,
+    read_entry,
+    read_head,
+    write_page,
+)
 from .view import PageCache, Snapshot, list_gens, list_seqs, load_snapshot
 
 __all__ = ["COMPACT_EVERY", "CompactResult", "compact", "rebuild"]
@@ -310,11 +321,14 @@ def compact(
 
 def rebuild(
     storage: Storage,
-    scanned: dict[str, Manifest],
+    scanned: Iterable[tuple[str, Manifest]],
     manifest_of: ManifestOf,
     cache: PageCache | None = None,
 ) -> CompactResult:
     """A root made from ``scanned`` (every manifest a listing found), replacing whatever the index held.
+
+    ``scanned`` is consumed as it comes: memory holds one record per
+    checkpoint and one owner per unique chunk, never the manifests.
 
     The log is read *before* the caller's listing would miss a commit: an add
     entry up to the log's top whose manifest the listing missed but that
@@ -332,16 +346,23 @@ def rebuild(
             e = None
         if e is not None:
             entries[s] = e
-    records = {cid: CatalogRecord.of(cid, m) for cid, m in scanned.items()}
+    records: dict[str, CatalogRecord] = {}
+    owners: dict[str, str] = {}
+
+    def take(cid: str, m: Manifest) -> None:
+        records[cid] = CatalogRecord.of(cid, m)
+        for c in m.chunks:
+            owners.setdefault(c.hash, cid)
+
+    for cid, m in scanned:
+        take(cid, m)
     live = _live_saves(storage)
     held: list[int] = []
     for s, e in sorted(entries.items()):
         present = storage.exists(manifest_key(e.id))
         if e.op == ADD:
             if present and e.id not in records:
-                m = manifest_of(e.id)
-                scanned = {**scanned, e.id: m}
-                records[e.id] = CatalogRecord.of(e.id, m)
+                take(e.id, manifest_of(e.id))
             elif not present and live.intersection(e.save_ids):
                 held.append(s)
         elif e.op == DEL:
@@ -349,11 +370,19 @@ def rebuild(
                 held.append(s)
             else:
                 records.pop(e.id, None)
+    try:
+        head, _ = read_head(storage)
+    except IndexDamaged:
+        head = 0
+    top = max(max(seqs, default=0), head)
     empty = Root(top_root, 0, (), 0.0, 0, {}, None, None, None)
-    snap = Snapshot(storage, empty, {}, max(seqs, default=0), cache)
-    chunks = [(c.hash, cid) for cid, m in sorted(scanned.items()) if cid in records for c in m.chunks]
+    snap = Snapshot(storage, empty, {}, top, cache)
+    # A chunk owned by a checkpoint a delete entry took out is owned by nobody the index lists: a save
+    # that finds it checks the owner's manifest, finds it gone, and writes the chunk again.
+    chunks = sorted(owners.items())
     root = _publish(storage, snap, sorted(records.values(), key=lambda r: r.order), set(), chunks, held)
     if root is None:
         return CompactResult(0, 0, 0, 0)
     _clean(storage, root, [s for s in entries if s not in held])
+    raise_head(storage, top)  # a damaged head is written again
     return CompactResult(root.gen, len(records), len(held), 0)

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from ...format.hashing import digest
 from ...format.schema import hex_digest, typed
 from ...format.sealed import seal, unseal
 from ...storage.base import Storage
-from ..layout import INDEX_PAGES, is_pack_key, log_key, page_key, root_key
+from ..layout import INDEX_HEAD, INDEX_PAGES, is_pack_key, log_key, page_key, root_key
 from .records import CatalogRecord
 
 __all__ = [
@@ -48,7 +49,9 @@ __all__ = [
     "Root",
     "put_entry",
     "put_root",
+    "raise_head",
     "read_entry",
+    "read_head",
     "read_page",
     "read_root",
     "write_page",
@@ -248,3 +251,42 @@ def put_root(storage: Storage, root: Root) -> bool:
 def delete_ref(storage: Storage, key: str) -> None:
     """Remove a log entry or an old root (refs are removed like data objects; absent keys are fine)."""
     storage.delete(key)
+
+
+def read_head(storage: Storage) -> tuple[int, str | None]:
+    """The highest sequence number the head records (0 when there is none yet) and its token."""
+    value = storage.get_ref(INDEX_HEAD)
+    if value is None:
+        return 0, None
+    try:
+        body = unseal(value.data, INDEX_HEAD, what="catalog head").body
+        seq = typed(body["seq"], int, "seq")
+        if seq < 0:
+            raise ValueError("negative sequence number")
+    except CorruptObject as e:
+        raise IndexDamaged(INDEX_HEAD, e.detail or str(e)) from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexDamaged(INDEX_HEAD, f"malformed head ({type(e).__name__}: {e})") from None
+    return int(seq), value.token
+
+
+def raise_head(storage: Storage, seq: int) -> None:
+    """Make the head record at least ``seq`` (it only grows; racing writers each retry until it does).
+
+    A reader expects every entry up to the head, so an entry lost from the
+    end of the log shows as a gap too. A crash before this leaves the head
+    behind the log, which only weakens that check for a moment.
+    """
+    for _ in range(64):
+        try:
+            current, token = read_head(storage)
+        except IndexDamaged:
+            damaged = storage.get_ref(INDEX_HEAD)  # replaced: a rebuild or this write repairs it
+            current, token = 0, None if damaged is None else damaged.token
+        if current >= seq:
+            return
+        try:
+            storage.put_ref(INDEX_HEAD, seal({"seq": seq, "at": time.time()}), token)
+            return
+        except ConcurrentUpdate:
+            continue

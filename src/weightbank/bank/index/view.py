@@ -4,9 +4,12 @@ How a reader gets it (:func:`load_snapshot`):
 
 1. list ``index/roots/`` and read the newest root (an empty bank has none);
 2. list ``index/log/`` and read the entries the root has not folded: its
-   ``held`` ones and every one after ``upto``. The sequence must have no
-   gap: entries are only ever deleted by a compaction *after* it published a
-   root that folds them, so a gap means a newer root (start again) or damage;
+   ``held`` ones and every one after ``upto``, up to the higher of the
+   newest listed and the *head* (``index/head.json``, the highest number any
+   writer claimed). The sequence must have no gap: entries are only ever
+   deleted by a compaction *after* it published a root that folds them, so a
+   gap means a newer root (start again) or damage — a lost newest entry, or a
+   lost root whose entries were compacted away, is a gap below the head;
 3. list the roots again: a new one means a compaction ran meanwhile (start
    again). Otherwise the picture is exact.
 
@@ -29,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import heapq
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,11 +52,30 @@ from .pages import (
     run_page_rows,
 )
 from .records import CatalogRecord
-from .store import ADD, DEL, EMPTY_ROOT, IndexDamaged, LogEntry, Root, read_entry, read_page, read_root
+from .store import (
+    ADD,
+    DEL,
+    EMPTY_ROOT,
+    IndexDamaged,
+    LogEntry,
+    Root,
+    read_entry,
+    read_head,
+    read_page,
+    read_root,
+)
 
 __all__ = ["Memo", "PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot"]
 
 _ATTEMPTS = 16
+
+
+_FLIP = str.maketrans("0123456789abcdef", "fedcba9876543210")
+
+
+def _newest_key(r: CatalogRecord) -> tuple[float, str]:
+    """Sorts newest first, as ``log`` lists the whole bank (created, then id, both descending)."""
+    return (-r.created, r.id.translate(_FLIP))
 
 
 class PageCache:
@@ -124,7 +147,8 @@ def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | Non
                 continue  # replaced meanwhile
             root = memo.roots[gens[-1]] = found
         seqs = list_seqs(storage)
-        top = max(seqs, default=0)
+        head, _ = read_head(storage)  # entries up to the head must be there: a lost newest one is a gap
+        top = max(max(seqs, default=0), head if head > root.upto else 0)
         expected = set(root.held) | set(range(root.upto + 1, top + 1))
         present = set(seqs)
         wanted = sorted(expected & present)
@@ -333,16 +357,32 @@ class Snapshot:
         return sorted(out - self.hidden)
 
     def recent(self, n: int) -> list[CatalogRecord]:
-        """The ``n`` newest checkpoints of the bank, newest first."""
-        pool = dict(self.added)
-        if self.root.recent is not None:
-            pool.update({r.id: r for r in self._page_records(self.root.recent)})
-        live = [r for r in pool.values() if r.id not in self.hidden]
-        if len(live) < n and len(live) < self.count():
-            live = [
-                r for run in self.run_names() for r in self.members(run)
-            ]  # deletes thinned the recent page
-        return sorted(live, key=lambda r: (r.created, r.id), reverse=True)[:n]
+        """The ``n`` newest checkpoints of the bank, newest first.
+
+        The recent page holds the root's newest records, so those of them
+        still there are the root's newest; with at least ``n`` of them, the
+        answer is among them and the pending adds. Fewer (deletes thinned the
+        page), and a pending add from a machine whose clock lags could sort
+        below root records off the page: then each run's newest are merged,
+        reading only as many of its pages as the answer needs.
+        """
+        on_page = self._page_records(self.root.recent) if self.root.recent is not None else []
+        kept = [r for r in on_page if r.id not in self.hidden]
+        pending = [r for r in self.added.values() if r.id not in self.hidden]
+        key = _newest_key
+        if len(kept) >= n or len(on_page) >= self.root.count:
+            return sorted({r.id: r for r in [*kept, *pending]}.values(), key=key)[:n]
+        runs = [self.newest(run) for run in self.run_names()]
+        merged = heapq.merge(*runs, key=key)
+        out: list[CatalogRecord] = []
+        seen: set[str] = set()
+        for rec in merged:
+            if rec.id not in seen:
+                seen.add(rec.id)
+                out.append(rec)
+                if len(out) == n:
+                    break
+        return out
 
     def everything(self) -> Iterator[CatalogRecord]:
         """Every committed checkpoint, run by run (oldest first within a run)."""
