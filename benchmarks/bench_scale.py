@@ -48,11 +48,13 @@ step: ratio ≤ 1.25 × the size ratio). A ``repack`` section runs when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import hashlib
 import inspect
 import itertools
 import json
+import math
 import os
 import shlex
 import shutil
@@ -73,6 +75,9 @@ import torch
 import weightbank as wb
 from bench_bank import git_commit, machine_info  # sibling modules of this script
 from bench_common import tree_bytes
+from weightbank.bank.layout import manifest_key
+from weightbank.format.hashing import digest
+from weightbank.format.jsonsafe import encode
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -246,6 +251,103 @@ def local_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     marker.write_text(json.dumps(built, indent=1))
     built["reused"] = False
     return path, built
+
+
+def synth_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """A bank of ``n`` checkpoints made from the built ``--synth-base`` bank without saving each one.
+
+    Building a 100,000-checkpoint bank save by save takes hours here (#12 allows generating it
+    "directly through the library"): the base bank is cloned (hard links), each run gets
+    ``n - base`` more checkpoints whose manifests are the run's newest one with a new step,
+    parent, time and ``val_loss`` (so they share its chunks: tiny states), written straight into
+    ``manifests/``; then ``repair_index()`` builds the catalog index from every manifest (the
+    path an upgrade takes), the tags move to run0's newest, 1% of the new checkpoints are deleted
+    through the library, and the bank is compacted and collected.
+    """
+    home = WORK / f"n{n}"
+    path, marker = home / "bank", home / "built.json"
+    want = {"recipe": RECIPE, "n": n, "runs": args.runs, "tag_every": args.tag_every, "layout": args.layout}
+    want["synth_base"] = args.synth_base
+    if marker.exists() and path.is_dir() and not args.rebuild:
+        built = json.loads(marker.read_text())
+        if all(built.get(k) == v for k, v in want.items()) and built.get("live") == n:
+            print(f"[n={n:,}] reusing the synthesized bank ({path})", flush=True)
+            built["reused"] = True
+            return path, built
+    base_path, base = local_bank(args.synth_base, args)
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    shutil.copytree(base_path, path, copy_function=os.link)
+    print(f"[n={n:,}] synthesizing from the {args.synth_base:,}-checkpoint bank …", flush=True)
+    t0 = time.perf_counter()
+    runs = sorted(base["latest"])
+    extra = n - int(base["live"])
+    made: dict[str, list[str]] = {r: [] for r in runs}
+    with wb.open(path, create=False, cache=False) as bank:
+        now = time.time()
+        for r, k in zip(runs, split(int(extra * 1.0102) + 1, len(runs)), strict=True):
+            tmpl = bank._catalog.get(base["latest"][r])
+            step, prev = (tmpl.step or 0) + 1, base["latest"][r]
+            for j in range(k):
+                loss = 0.5 + 0.4 * math.sin(0.37 * step + len(r))
+                m = dataclasses.replace(
+                    tmpl,
+                    step=step,
+                    parent=prev,
+                    created=now + j * 1e-3,
+                    metrics=encode({"val_loss": loss}, "metrics"),
+                )
+                data = m.to_bytes()
+                cid = digest(data)
+                target = path / manifest_key(cid)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)  # no fsync: a benchmark fixture, not a save
+                made[r].append(cid)
+                step, prev = step + 1, cid
+        wrote_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        bank.repair_index()
+        index_s = time.perf_counter() - t1
+        newest = made[RUN][-1]
+        for name in TAGS:
+            bank.tag(name, newest, why="synthesized")
+        doomed = [cid for r in runs for cid in made[r][:-1:100]]
+        live_now = int(base["live"]) + sum(len(v) for v in made.values())
+        for cid in doomed[: max(0, live_now - n)]:
+            bank.delete(cid, why="bench prune")
+        bank.compact()
+        bank.gc(grace=0)
+        live = len(bank.log())
+        latest = {r: bank.resolve(f"{r}@latest") for r in runs}
+        history = len(bank.tag_history("prod"))
+    built = {
+        **base,
+        **want,
+        "live": live,
+        "saved": int(base["saved"]),
+        "synthesized": sum(len(v) for v in made.values()),
+        "seconds": time.perf_counter() - t0,
+        "synth_write_s": wrote_s,
+        "synth_index_s": index_s,
+        "saves_per_s": 0.0,
+        "next_step": int(bank_step(latest[RUN], path)) + 1,
+        "latest": latest,
+        "prod_history": history,
+        "commit": args.commit,
+    }
+    print(
+        f"[n={n:,}] synthesized {built['synthesized']:,} manifests in {wrote_s:.1f} s, index rebuilt in"
+        f" {index_s:.1f} s, {live:,} live",
+        flush=True,
+    )
+    marker.write_text(json.dumps(built, indent=1))
+    built["reused"] = False
+    return path, built
+
+
+def bank_step(cid: str, path: Path) -> int:
+    with wb.open(path, create=False, cache=False) as bank:
+        return int(bank.info(cid).step or 0)
 
 
 def layout_version() -> int:
@@ -664,6 +766,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--tag-every", type=int, default=200, help="a worker moves its tags every N saves (default 200)"
     )
     p.add_argument("--rebuild", action="store_true", help="build the banks again even if built ones match")
+    p.add_argument(
+        "--build-max",
+        type=int,
+        default=20_000,
+        help="sizes above this are synthesized from the --synth-base bank (default 20,000)",
+    )
+    p.add_argument(
+        "--synth-base", type=int, default=10_000, help="the built bank a synthesized one grows from"
+    )
     p.add_argument("--seaweed", action="store_true", help="also count requests on SeaweedFS (sizes ≤ 1,000)")
     p.add_argument("--no-repack", action="store_true", help="skip the repack section")
     p.add_argument("--label", default=None, help="record in RESULTS.md as a subsection with this title")
@@ -692,7 +803,7 @@ def main(argv: list[str]) -> int:
     print(
         f"weightbank {wb.__version__} from {code_source()} (commit {args.commit[:12]}), bank layout {args.layout}"
     )
-    banks = {n: local_bank(n, args) for n in args.sizes}
+    banks = {n: (synth_bank(n, args) if n > args.build_max else local_bank(n, args)) for n in args.sizes}
     samples = measure(banks, args.repeats)
     out: list[str] = []
     misses: list[str] = []
