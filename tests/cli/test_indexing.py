@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import weightbank as wb
+from weightbank.bank.index.gc import PAGE_GRACE
 from weightbank.cli.exitcodes import CORRUPT
 
 from .test_cli import as_json, fails, ok, run, state
@@ -110,6 +113,10 @@ def test_gc_reports_index_pages_it_removed(bank_dir: Path) -> None:
         for step in (5, 6, 7, 8):
             b.save(state(step), run="r", step=step)
             b.compact()
+    # Pages younger than PAGE_GRACE stay whatever gc's grace (a compaction may not have published yet).
+    old = time.time() - 2 * PAGE_GRACE
+    for page in (bank_dir / "index" / "pages").rglob("*.zst"):
+        os.utime(page, (old, old))
     assert "catalog index page(s)" in ok("gc", "--grace", "0", bank=bank_dir).stdout
     assert as_json("gc", "--grace", "0", bank=bank_dir)["index_pages_deleted"] == 0  # nothing left to remove
 
@@ -180,7 +187,7 @@ def test_a_damaged_index_in_a_real_process(bank_dir: Path) -> None:
     assert "repair-index" in one_warning(proc.stderr)
 
 
-def test_verify_fix_cannot_rebuild_past_a_damaged_manifest(bank_dir: Path) -> None:
+def test_verify_fix_rebuilds_past_a_damaged_manifest_and_still_reports_it(bank_dir: Path) -> None:
     ok("compact", bank=bank_dir)
     damage_newest_root(bank_dir)
     manifest = sorted((bank_dir / "manifests").rglob("*.json"))[0]
@@ -188,8 +195,10 @@ def test_verify_fix_cannot_rebuild_past_a_damaged_manifest(bank_dir: Path) -> No
     data[len(data) // 2] ^= 0xFF
     manifest.write_bytes(bytes(data))
     result = run("verify", "--fix", bank=bank_dir)
+    # The index is rebuilt without the unreadable manifest; verify goes on naming that manifest.
     assert result.exit_code == CORRUPT and flat(result.stdout).startswith("FAILED")
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("warning: ") and len(lines) == 2, result.stderr
-    assert lines[1].startswith("error: ") and "cannot be rebuilt" in lines[1]
+    assert lines[0].startswith("warning: ") and len(lines) == 1, result.stderr
+    again = run("verify", bank=bank_dir)
+    assert again.exit_code == CORRUPT and "warning" not in again.stderr
     assert "Traceback" not in result.output

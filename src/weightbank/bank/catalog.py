@@ -29,6 +29,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import threading
 import warnings
 from collections import OrderedDict
@@ -42,7 +44,7 @@ from . import marker
 from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
 from .index.records import CatalogRecord
 from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, raise_head, read_head, read_root
-from .index.view import Memo, PageCache, Snapshot, list_gens, list_seqs, load_snapshot
+from .index.view import Memo, PageCache, Snapshot, list_gens, list_seqs, load_snapshot, pending_count
 from .layout import log_key, manifest_key
 from .listing import ScanView, listed_ids, read_manifest, scan_manifests
 
@@ -90,6 +92,7 @@ class Catalog:
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
         self._pages = PageCache(storage)
         self._memo = Memo()
+        self._refresh_lock = threading.Lock()
         self._view: Snapshot | ScanView | None = None
         self._listed: dict[str, Manifest] = {}  # the listing's manifests (scan mode only)
         self.broken: dict[str, Exception] = {}
@@ -101,7 +104,8 @@ class Catalog:
         """Take a fresh picture of the bank (the index's newest state, or a new listing)."""
         if self.indexed:
             try:
-                snap = load_snapshot(self._storage, self._pages, self._memo)
+                with self._refresh_lock:  # the memo is one process's: one refresh at a time uses it
+                    snap = load_snapshot(self._storage, self._pages, self._memo)
             except IndexDamaged as e:
                 self.damage = e
                 self._warn(e)
@@ -110,6 +114,7 @@ class Catalog:
                 with self._lock:
                     self._view = snap
                     self.broken = {}
+                    self._listed = {}  # a listing's manifests prove nothing once the index answers again
                 return
         self._scan()
 
@@ -205,6 +210,11 @@ class Catalog:
             while len(self._manifests) > MANIFEST_CACHE:
                 self._manifests.popitem(last=False)
 
+    def evict(self, cid: str) -> None:
+        """Drop a cached manifest (its checkpoint is gone)."""
+        with self._lock:
+            self._manifests.pop(cid, None)
+
     def exists(self, cid: str) -> bool:
         """Whether checkpoint ``cid`` is committed and not deleted (its manifest decides)."""
         return self._storage.exists(manifest_key(cid))
@@ -260,7 +270,9 @@ class Catalog:
                 if newest is not None and newest.upto >= seq and seq not in newest.held:
                     self._storage.delete(log_key(seq))
                     continue
-            raise_head(self._storage, seq)
+            # A head left behind (this write failed) only weakens the gap check for a while.
+            with contextlib.suppress(Exception):
+                raise_head(self._storage, seq)
             return seq
         raise CorruptObject(log_key(0), detail="could not claim a catalog log entry after 256 tries")
 
@@ -283,8 +295,12 @@ class Catalog:
         with self._lock:
             view = self._view
             if isinstance(view, Snapshot):
-                view.added[cid] = CatalogRecord.of(cid, manifest)
-                view.hidden.discard(cid)
+                # A new picture, never the one other threads may be reading.
+                self._view = dataclasses.replace(
+                    view,
+                    added={**view.added, cid: CatalogRecord.of(cid, manifest)},
+                    hidden=view.hidden - {cid},
+                )
             elif view is not None:
                 self._listed[cid] = manifest
                 self._view = ScanView({c: CatalogRecord.of(c, m) for c, m in self._listed.items()})
@@ -295,8 +311,9 @@ class Catalog:
             self._manifests.pop(cid, None)
             view = self._view
             if isinstance(view, Snapshot):
-                view.added.pop(cid, None)
-                view.hidden.add(cid)
+                added = dict(view.added)
+                added.pop(cid, None)
+                self._view = dataclasses.replace(view, added=added, hidden=view.hidden | {cid})
             elif view is not None and cid in self._listed:
                 del self._listed[cid]
                 self._view = ScanView({c: CatalogRecord.of(c, m) for c, m in self._listed.items()})
@@ -311,11 +328,11 @@ class Catalog:
         if not self.indexed:
             return None
         try:
-            if len(list_seqs(self._storage)) < COMPACT_EVERY:
+            if pending_count(self._storage, self._memo) < COMPACT_EVERY:
                 return None
             return self.compact()
-        except (IndexDamaged, CorruptObject, MissingObject, UnsupportedFormat):
-            return None  # the next reader falls back and `verify` says why; a save is not failed for it
+        except Exception:
+            return None  # the next compaction folds the entries; a damaged index: `verify` says why
 
     def compact(self) -> CompactResult:
         """Fold the pending log entries into a new snapshot now."""
@@ -338,8 +355,10 @@ class Catalog:
 
         Idempotent and crash-safe: the index is complete before the marker
         says so, and a crash before that leaves a format-1 bank that upgrades
-        again. Old weightbank releases refuse a format-2 bank, so none can
-        write a checkpoint the index would miss.
+        again. Old weightbank releases refuse to open a format-2 bank; one that
+        had it open already goes on writing checkpoints the index misses
+        (``verify`` names them, ``repair_index`` adds them), so stop old
+        writers before the upgrade — the automatic one on a first save too.
         """
         with self._lock:
             if marker.bank_version(self._storage) >= marker.INDEXED_VERSION:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import difflib
 import re
 
-from ..errors import AmbiguousRef, CheckpointNotFound, CorruptObject, InvalidRef, TagNotFound
+from ..errors import AmbiguousRef, CheckpointNotFound, InvalidRef, TagNotFound
 from ..format.hashing import MIN_PREFIX, is_digest
 from .catalog import Catalog
 from .layout import check_name
@@ -184,12 +184,11 @@ def _existing(cid: str, ref: str, catalog: Catalog, what: str) -> str:
     """``cid`` if its checkpoint exists (a tag record may name one since deleted)."""
     if cid in catalog.broken:
         return cid  # exists, unreadable: loading it reports the damage
-    try:
-        catalog.get(cid)  # committed after our listing, or cached
-    except FileNotFoundError:
-        raise CheckpointNotFound(ref, detail=f"its {what} {cid[:12]} was deleted") from None
-    except CorruptObject:
-        return cid
+    # Asked of storage each time (one small request): a cached manifest proves nothing once
+    # another process may have deleted the checkpoint.
+    if not catalog.exists(cid):
+        catalog.evict(cid)
+        raise CheckpointNotFound(ref, detail=f"its {what} {cid[:12]} was deleted")
     return cid
 
 

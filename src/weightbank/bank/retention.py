@@ -89,9 +89,13 @@ def metric_value(metrics: Mapping[str, Any], name: str) -> float | None:
         (1.0, None)
     """
     v = metrics.get(name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
-    return float(v)
+    try:
+        number = float(v)  # an int past a float's range (10**400) is no usable metric either
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def best_first(values: Sequence[float | None], mode: Mode) -> list[int]:

@@ -55,6 +55,7 @@ from .pages import (
     id_dir,
     id_row,
     id_rows,
+    run_index,
 )
 from .records import CatalogRecord
 from .store import (
@@ -67,6 +68,7 @@ from .store import (
     raise_head,
     read_entry,
     read_head,
+    read_root,
     write_page,
 )
 from .view import PageCache, Snapshot, list_gens, list_seqs, load_snapshot
@@ -105,6 +107,16 @@ def _page_info(key: str, rows: Sequence[CatalogRecord]) -> RunPageInfo:
     return RunPageInfo(
         key, len(rows), rows[0].order, rows[-1].order, min(steps, default=-1), max(steps, default=-1), metrics
     )
+
+
+def _newest_of(snap: Snapshot, index_key: str, k: int) -> list[CatalogRecord]:
+    """Up to ``k`` newest records of the run whose run index page is ``index_key``."""
+    out: list[CatalogRecord] = []
+    for page in reversed(run_index(snap.pages.get(index_key), index_key)):
+        out.extend(snap._page_records(page.key))
+        if len(out) >= k:
+            break
+    return out
 
 
 def _write_records(storage: Storage, rows: Sequence[CatalogRecord]) -> str:
@@ -201,7 +213,9 @@ def _update_chunks(storage: Storage, snap: Snapshot, new: Iterable[ChunkEntry]) 
     for b, entries in sorted(by_bucket.items()):
         rows = bucket_rows(snap.pages.get(buckets[b][0]), buckets[b][0]) if b in buckets else {}
         for h, owner in entries:
-            rows.setdefault(h, owner)
+            # A chunk is written again only when a save could not reuse it (its owner was gone):
+            # the newest writer is the owner a later save finds alive.
+            rows[h] = owner
         key = write_page(storage, {"chunks": [[h, rows[h]] for h in sorted(rows)]})
         buckets[b] = (key, len(rows))
     if not buckets:
@@ -244,13 +258,16 @@ def _publish(
     present = set(removed_orders)
     ids = _update_ids(storage, snap, add, present) if add or present else snap.root.ids
     chunk_key = _update_chunks(storage, snap, chunks) if chunks else snap.root.chunks
-    recent_pool = {r.id: r for r in (snap._page_records(snap.root.recent) if snap.root.recent else [])}
-    recent_pool.update({r.id: r for r in add})
-    recent_rows = sorted(
-        (r for r in recent_pool.values() if r.id not in present),
-        key=lambda r: (r.created, r.id),
-        reverse=True,
-    )[:RECENT]
+    # The recent page must be exactly the new root's newest: its old rows still there are the old
+    # root's newest, so with RECENT of them left the answer is among them and the adds; with fewer
+    # (deletes thinned it), and more in the root, it is refilled from each run's newest pages.
+    on_page = snap._page_records(snap.root.recent) if snap.root.recent else []
+    kept = [r for r in on_page if r.id not in present]
+    pool = {r.id: r for r in [*kept, *add]}
+    if len(kept) < RECENT and snap.root.count > len(on_page):
+        for _, index_key, _ in runs.values():
+            pool.update({r.id: r for r in _newest_of(snap, index_key, RECENT)})
+    recent_rows = sorted(pool.values(), key=lambda r: (r.created, r.id), reverse=True)[:RECENT]
     recent = _write_records(storage, recent_rows) if recent_rows else None
     root = Root(
         gen=snap.root.gen + 1,
@@ -297,7 +314,9 @@ def compact(
     dropped = 0
     for seq, e in sorted(snap.entries.items()):
         if e.op == ADD and e.id in snap.inflight:
-            if live.intersection(e.save_ids):
+            # Leases are listed after the snapshot looked for the manifest: a save that committed
+            # and released its lease in between is seen here, so look again before dropping.
+            if live.intersection(e.save_ids) or storage.exists(manifest_key(e.id)):
                 held.append(seq)
             else:
                 dropped += 1
@@ -315,7 +334,9 @@ def compact(
     root = _publish(storage, snap, add, set(snap.hidden), chunks, held)
     if root is None:
         return CompactResult(0, 0, 0, 0)  # another compaction published this generation first
-    _clean(storage, root, done)
+    # Entries an earlier compaction folded but crashed before removing are left over: they go too.
+    stale = [x for x in list_seqs(storage) if x <= snap.root.upto and x not in snap.root.held]
+    _clean(storage, root, [*done, *stale])
     return CompactResult(root.gen, len(done) - dropped, len(held), dropped)
 
 
@@ -337,6 +358,10 @@ def rebuild(
     """
     cache = cache or PageCache(storage)
     top_root = max(list_gens(storage), default=0)
+    try:
+        head, _ = read_head(storage)  # before the listing: every number up to it is then listed
+    except IndexDamaged:
+        head = 0
     seqs = list_seqs(storage)
     entries = {}
     for s in seqs:
@@ -370,11 +395,16 @@ def rebuild(
                 held.append(s)
             else:
                 records.pop(e.id, None)
-    try:
-        head, _ = read_head(storage)
-    except IndexDamaged:
-        head = 0
-    top = max(max(seqs, default=0), head)
+    uptos = []
+    for gen in list_gens(storage):
+        try:
+            old_root = read_root(storage, gen)
+        except IndexDamaged:
+            continue
+        if old_root is not None:
+            uptos.append(old_root.upto)
+    # Numbers never go back: a long-lived reader keys what it read by them.
+    top = max(max(seqs, default=0), head, *uptos)
     empty = Root(top_root, 0, (), 0.0, 0, {}, None, None, None)
     snap = Snapshot(storage, empty, {}, top, cache)
     # A chunk owned by a checkpoint a delete entry took out is owned by nobody the index lists: a save

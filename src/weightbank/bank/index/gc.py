@@ -13,6 +13,8 @@ Example:
 
 from __future__ import annotations
 
+import time
+
 from ...errors import IndexDamaged, MissingObject
 from ...storage.base import Storage
 from ..layout import INDEX_PAGES
@@ -45,8 +47,15 @@ def referenced_pages(storage: Storage, cache: PageCache | None = None) -> set[st
     return out
 
 
+#: Pages younger than this are kept whatever gc's grace: a compaction writes its pages before the
+#: root that names them, and gc(grace=0) must not take them in between.
+PAGE_GRACE = 3600.0
+
+
 def sweep_pages(storage: Storage, older_than: float) -> int:
-    """Delete pages no root names whose mtime is before ``older_than`` (epoch seconds); how many went."""
+    """Delete pages no root names whose mtime is before ``older_than`` (epoch seconds) and older than
+    :data:`PAGE_GRACE`; how many went."""
+    older_than = min(older_than, time.time() - PAGE_GRACE)
     try:
         keep = referenced_pages(storage)
     except (IndexDamaged, MissingObject):

@@ -65,7 +65,7 @@ from .store import (
     read_root,
 )
 
-__all__ = ["Memo", "PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot"]
+__all__ = ["Memo", "PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot", "pending_count"]
 
 _ATTEMPTS = 16
 
@@ -134,6 +134,16 @@ class Memo:
         self.entries = {s: e for s, e in self.entries.items() if s in seqs}
 
 
+def pending_count(storage: Any, memo: Memo | None = None) -> int:
+    """How many log entries wait above the newest root's ``upto`` (held ones and leftovers aside)."""
+    gens = list_gens(storage)
+    if not gens:
+        return len(list_seqs(storage))
+    root = (memo.roots.get(gens[-1]) if memo else None) or read_root(storage, gens[-1])
+    upto = root.upto if root is not None else 0
+    return sum(1 for s in list_seqs(storage) if s > upto)
+
+
 def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | None = None) -> Snapshot:
     """The catalog as it stands now (see the module docstring). IndexDamaged if it cannot be trusted."""
     cache = pages or PageCache(storage)
@@ -146,17 +156,23 @@ def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | Non
             if found is None:
                 continue  # replaced meanwhile
             root = memo.roots[gens[-1]] = found
+        # The head first: a number is claimed (its entry put) before the head is raised, so every
+        # entry up to the head read here is in the listing that follows, unless it is lost.
+        head, _ = read_head(storage)
         seqs = list_seqs(storage)
-        head, _ = read_head(storage)  # entries up to the head must be there: a lost newest one is a gap
         top = max(max(seqs, default=0), head if head > root.upto else 0)
-        expected = set(root.held) | set(range(root.upto + 1, top + 1))
-        present = set(seqs)
-        wanted = sorted(expected & present)
+        above = [s for s in seqs if s > root.upto]
+        # Counted, never enumerated: the numbers come from storage, and a crafted one can be huge.
+        missing_above = (top - root.upto) - len(above)
+        wanted = sorted(set(above) | (set(root.held) & set(seqs)))
         fresh = [s for s in wanted if s not in memo.entries]
         read = _parallel(lambda s: read_entry(storage, s), fresh)
         memo.entries.update({s: e for s, e in zip(fresh, read, strict=True) if e is not None})
         entries = {s: memo.entries[s] for s in wanted if s in memo.entries}
-        missing = expected - set(entries)
+        lost = [s for s in root.held if s not in entries] + [s for s in above if s not in entries]
+        if missing_above > 0:
+            lost.append(next(s for s in range(root.upto + 1, top + 1) if s not in entries))
+        missing = set(lost)
         if list_gens(storage)[-1:] != gens[-1:]:
             continue  # a compaction published meanwhile: its entries may be gone
         if missing:
