@@ -26,6 +26,7 @@ from ..errors import (
     ConcurrentUpdate,
     IncompatibleState,
     InvalidArgument,
+    UnsupportedFormat,
 )
 from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
@@ -133,6 +134,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
         self.workers = workers or (REMOTE_LOAD_WORKERS if caching.is_remote(storage) else cpu_bound)
         # A storage handed over directly may have no marker yet: it is treated as a new bank.
         layout = marker.bank_version(storage, missing=marker.BANK_VERSION) if version is None else version
+        if layout > marker.BANK_VERSION:
+            raise UnsupportedFormat(storage.url, layout, marker.BANK_VERSION)
         self._catalog = Catalog(storage, indexed=layout >= marker.INDEXED_VERSION)
         self._tags = TagStore(storage)
         self._events = EventLog(storage)

@@ -205,6 +205,8 @@ def resolve(ref: str, catalog: Catalog, tags: TagStore) -> str:
     for i in range(up):
         rec = catalog.record(cid)
         parent = rec.parent if rec is not None else catalog.get(cid).parent
+        if parent is not None and catalog.record(parent) is None and parent not in catalog.broken:
+            raise CheckpointNotFound(ref, detail=f"{parent[:12]}, {i + 1} of {up} steps up, was deleted")
         if parent is None:
             raise CheckpointNotFound(ref, detail=f"{cid[:12]} has no parent ({i} of {up} steps up)")
         cid = parent
