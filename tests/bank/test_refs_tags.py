@@ -95,7 +95,9 @@ def test_ambiguous_prefix_lists_matches() -> None:
 
     class FakeCatalog(Catalog):
         def view(self) -> ScanView:
-            return ScanView({c: CatalogRecord(id=c, run="r", step=None, parent=None, created=0.0) for c in ids})
+            return ScanView(
+                {c: CatalogRecord(id=c, run="r", step=None, parent=None, created=0.0) for c in ids}
+            )
 
         def exists(self, cid: str) -> bool:
             return cid in ids
