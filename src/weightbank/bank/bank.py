@@ -28,7 +28,6 @@ from ..errors import (
     InvalidArgument,
     UnsupportedFormat,
 )
-from ..format.jsonsafe import decode
 from ..format.manifest import Manifest
 from ..format.tree import flatten, unflatten
 from ..storage import open_storage
@@ -39,6 +38,7 @@ from .diff import diff_manifests
 from .environment import warm_up, who
 from .events import EventLog
 from .handle import Handles
+from .index.records import CatalogRecord
 from .indexing import Indexing
 from .into import plan_into
 from .layout import check_name, check_new_name
@@ -202,23 +202,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
     ) -> CheckpointInfo:
         if tags_by_target is None:
             tags_by_target = self._tags_by_target()
-        return CheckpointInfo(
-            id=cid,
-            run=m.run,
-            step=m.step,
-            parent=m.parent,
-            created=m.created,
-            message=m.message,
-            metrics=decode(m.metrics),
-            config=decode(m.config),
-            meta=decode(m.meta),
-            env=dict(m.env),
-            nbytes=m.nbytes,
-            stored_bytes=m.stored_bytes,
-            n_tensors=len(m.tensors),
-            tags=tuple(sorted(tags_by_target.get(cid, []))),
-            lossy={name: summary.to_json() for name, summary in m.lossy.items()},
-        )
+        # One way from a manifest to its info: through the record the catalog index keeps of it.
+        return CatalogRecord.of(cid, m).info(tuple(sorted(tags_by_target.get(cid, []))))
 
     def _tags_by_target(self, *, strict: bool = False) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
