@@ -282,7 +282,13 @@ def test_chunk_equal_to_its_parent_is_reused_even_if_the_index_misses_it(tmp_pat
     g = torch.Generator().manual_seed(0)
     state = {"w": torch.randn(256, 256, generator=g)}
     first = bank.save(state, run="r", step=1)
-    bank._catalog.chunk_index = lambda: {}  # type: ignore[method-assign]  # as if another thread just cleared it
+
+    class FindsNothing:
+        def get(self, h: str) -> None:
+            return None
+
+    # As if the bank-wide chunk index knew nothing of the parent's chunks.
+    bank._catalog.chunk_finder = FindsNothing  # type: ignore[method-assign, assignment]
     second = bank.save(state, run="r", step=2)
     assert second.parent == first.id and second.save_stats is not None
     assert second.save_stats.written_bytes == 0

@@ -94,7 +94,7 @@ class History:
         self.ids: dict[tuple[str, int], str] = {}  # (run, step) -> the original checkpoint
         self.every: list[str] = []  # every id ever committed (deleted ones too)
 
-    def save(self, run: str, step: int, *, salt: float = 0.0, **kw: object) -> str:
+    def save(self, run: str, step: int, *, salt: float = 0.0, **kw: Any) -> str:
         cid = self.bank.save(_state(run, step, salt), run=run, step=step, codec="zstd", **kw).id
         self.ids.setdefault((run, step), cid)
         self.every.append(cid)

@@ -242,6 +242,7 @@ def test_two_processes_saving_one_run_and_compacting_at_once(where: str, childre
     for proc in children.procs:
         read_line(proc, "ready")
     for proc in children.procs:
+        assert proc.stdin is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
     saved: dict[str, int] = {}

@@ -20,6 +20,7 @@ catalog is sure to notice must make it answer from a listing at once.
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import tempfile
@@ -317,7 +318,7 @@ class IndexMachine(RuleBasedStateMachine):
             assert scanning == self.model.damaged, f"scanning={scanning}, damage={self.bank._catalog.damage}"
         want = self.model.expected()
         want.update({cid[:10]: "!CheckpointNotFound" for cid in self.deleted})
-        got = {ref: self._outcome(lambda ref=ref: self.bank.resolve(ref)) for ref in want}
+        got = {ref: self._outcome(functools.partial(self.bank.resolve, ref)) for ref in want}
         assert got == want
         newest_first = sorted(self.model.live.values(), key=lambda c: c.n, reverse=True)
         assert [c.id for c in self.bank.log()] == [c.cid for c in newest_first]
@@ -335,7 +336,7 @@ def _local() -> Location:
     return f"{path}/bank", None, lambda: shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(location: Callable[[], Location], monkeypatch: pytest.MonkeyPatch, **limits: int) -> None:
+def _run(location: Callable[[], Location], monkeypatch: pytest.MonkeyPatch, **limits: Any) -> None:
     small_pages(monkeypatch, page=3, every=3, recent=5)
     machine = type("Machine", (IndexMachine,), {"new_location": staticmethod(location)})
     with warnings.catch_warnings():

@@ -48,7 +48,14 @@ from .index.view import Memo, PageCache, Snapshot, list_gens, list_seqs, load_sn
 from .layout import log_key, manifest_key
 from .listing import ScanView, listed_ids, read_manifest, scan_manifests
 
-__all__ = ["Catalog", "ChunkFinder", "ChunkLocation", "IndexFallbackWarning", "read_manifest"]
+__all__ = [
+    "COMPACT_EVERY",
+    "Catalog",
+    "ChunkFinder",
+    "ChunkLocation",
+    "IndexFallbackWarning",
+    "read_manifest",
+]
 
 ChunkLocation = tuple[str, ChunkRecord]
 """A chunk's pack key and record, as found in some committed manifest."""
