@@ -10,10 +10,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any
 
 import typer
 
+from ..errors import CheckpointNotFound
 from . import render
 from .common import DEFAULT_BANK, BankOpt, JsonOpt, WhyOpt, emit, emit_json, open_existing
 
@@ -100,7 +102,12 @@ def register(app: typer.Typer) -> None:
         with open_existing(bank) as b:
             if name is None and not history:
                 live = b.tags()
-                infos = {c.id: c for c in b.log()}
+                # Each target's record from the catalog index: the cost follows the tags, not the bank.
+                infos = {}
+                for t in live:
+                    if t.target is not None and t.target not in infos:
+                        with contextlib.suppress(CheckpointNotFound):
+                            infos[t.target] = b.info(t.target)
                 if as_json:
                     emit_json(live)
                 elif not live:
