@@ -235,8 +235,8 @@ def test_delete_cut_short_before_its_trash_stamp_is_collected_by_one_gc(tmp_path
     doomed = bank.save(make_state("r", 1), run="r", step=1, chunk_size=CHUNK)
     own = set(bank.show(doomed.id).packs) - set(bank.show(keep.id).packs)
     assert own, "the doomed checkpoint should have a pack of its own"
-    # The trash entry and the catalog's delete entry land, the manifest goes, the stamp write fails.
-    faulty = wb.Bank(FaultStorage(LocalStorage(path), fail_after_writes=2))
+    # The trash entry, the catalog's delete entry and its head land, the manifest goes, the stamp fails.
+    faulty = wb.Bank(FaultStorage(LocalStorage(path), fail_after_writes=3))
     with pytest.raises(OSError, match="injected fault"):
         faulty.delete(doomed.id)
     assert [c.id for c in bank.log()] == [keep.id]

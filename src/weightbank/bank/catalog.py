@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 import warnings
@@ -277,9 +276,8 @@ class Catalog:
                 if newest is not None and newest.upto >= seq and seq not in newest.held:
                     self._storage.delete(log_key(seq))
                     continue
-            # A head left behind (this write failed) only weakens the gap check for a while.
-            with contextlib.suppress(Exception):
-                raise_head(self._storage, seq)
+            # If this fails the entry is there and its manifest is not (the caller stops): harmless.
+            raise_head(self._storage, seq)
             return seq
         raise CorruptObject(log_key(0), detail="could not claim a catalog log entry after 256 tries")
 
