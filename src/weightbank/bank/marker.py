@@ -91,6 +91,8 @@ def init_storage(storage: Storage, *, create: bool) -> int:
 
 
 def _refs_work(storage: Storage) -> bool:
+    if storage.properties.conditional_refs:
+        return True  # compare-and-swap claimed; a save's check_refs verifies it (S3 probes once, then)
     try:
         storage.check_refs()
     except StorageError:
