@@ -226,17 +226,32 @@ def build_bank(
     }
 
 
+def _wanted(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """What a built bank's ``built.json`` must say for the bank to be reused."""
+    return {"recipe": RECIPE, "n": n, "runs": args.runs, "tag_every": args.tag_every, "layout": args.layout}
+
+
+def _reusable(
+    n: int, path: Path, marker: Path, want: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any] | None:
+    """The built bank's record if it matches ``want`` and holds ``n`` checkpoints (None: build again)."""
+    if not marker.exists() or not path.is_dir() or args.rebuild:
+        return None
+    built: dict[str, Any] = json.loads(marker.read_text())
+    if not all(built.get(k) == v for k, v in want.items()) or built.get("live") != n:
+        return None
+    built["reused"] = True
+    return built
+
+
 def local_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """The built bank of ``n`` checkpoints on disk: reused if its marker matches, else built now."""
     home = WORK / f"n{n}"
     path, marker = home / "bank", home / "built.json"
-    want = {"recipe": RECIPE, "n": n, "runs": args.runs, "tag_every": args.tag_every, "layout": args.layout}
-    if marker.exists() and path.is_dir() and not args.rebuild:
-        built = json.loads(marker.read_text())
-        if all(built.get(k) == v for k, v in want.items()) and built.get("live") == n:
-            print(f"[n={n:,}] reusing the bank built by {built['commit'][:12]} ({path})", flush=True)
-            built["reused"] = True
-            return path, built
+    found = _reusable(n, path, marker, _wanted(n, args), args)
+    if found is not None:
+        print(f"[n={n:,}] reusing the bank built by {found['commit'][:12]} ({path})", flush=True)
+        return path, found
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
     workers = max(1, min(args.runs, args.workers))
@@ -266,14 +281,11 @@ def synth_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """
     home = WORK / f"n{n}"
     path, marker = home / "bank", home / "built.json"
-    want = {"recipe": RECIPE, "n": n, "runs": args.runs, "tag_every": args.tag_every, "layout": args.layout}
-    want["synth_base"] = args.synth_base
-    if marker.exists() and path.is_dir() and not args.rebuild:
-        built = json.loads(marker.read_text())
-        if all(built.get(k) == v for k, v in want.items()) and built.get("live") == n:
-            print(f"[n={n:,}] reusing the synthesized bank ({path})", flush=True)
-            built["reused"] = True
-            return path, built
+    want = {**_wanted(n, args), "synth_base": args.synth_base}
+    found = _reusable(n, path, marker, want, args)
+    if found is not None:
+        print(f"[n={n:,}] reusing the synthesized bank ({path})", flush=True)
+        return path, found
     base_path, base = local_bank(args.synth_base, args)
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
