@@ -18,6 +18,7 @@ import torch
 
 import weightbank as wb
 from weightbank.bank.layout import manifest_key
+from weightbank.bank.listing import read_manifest
 from weightbank.format.hashing import digest
 
 
@@ -43,9 +44,15 @@ def sample_bank(root: Path) -> Sample:
 
 
 def good_manifest(sample: Sample) -> dict[str, Any]:
-    """The JSON of the sample's newest manifest, to mutate into an attack."""
-    data = (sample.root / manifest_key(sample.second)).read_bytes()
-    obj: dict[str, Any] = json.loads(data)
+    """The sample's newest manifest as a one-document (format 1) manifest, to mutate into an attack.
+
+    The bank stores it as format 3 (content and locations apart); format-1/2
+    documents stay readable forever, so their parser faces the attacks here
+    (tests/attacks/test_compact.py attacks the format-3 objects).
+    """
+    obj: dict[str, Any] = read_manifest(sample.bank.storage, sample.second).to_json()
+    obj["format"] = 1
+    del obj["segments"]
     return obj
 
 

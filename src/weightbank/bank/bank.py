@@ -26,9 +26,10 @@ from ..errors import (
     ConcurrentUpdate,
     IncompatibleState,
     InvalidArgument,
+    MissingObject,
     UnsupportedFormat,
 )
-from ..format.manifest import Manifest
+from ..format.manifest import COMPACT_FORMAT, Manifest
 from ..format.tree import flatten, unflatten
 from ..storage import open_storage
 from ..storage.base import Storage
@@ -41,7 +42,7 @@ from .handle import Handles
 from .index.records import CatalogRecord
 from .indexing import Indexing
 from .into import plan_into
-from .layout import check_name, check_new_name
+from .layout import PACKS, check_name, check_new_name
 from .marker import init_storage
 from .reader import check_device
 from .refs import resolve
@@ -136,7 +137,9 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
         layout = marker.bank_version(storage, missing=marker.BANK_VERSION) if version is None else version
         if layout > marker.BANK_VERSION:
             raise UnsupportedFormat(storage.url, layout, marker.BANK_VERSION)
-        self._catalog = Catalog(storage, indexed=layout >= marker.INDEXED_VERSION)
+        self._catalog = Catalog(
+            storage, indexed=layout >= marker.INDEXED_VERSION, compact=layout >= marker.COMPACT_VERSION
+        )
         self._tags = TagStore(storage)
         self._events = EventLog(storage)
         self._pool_lock = threading.Lock()
@@ -161,7 +164,20 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
     def _read(self, cid: str, m: Manifest, idx: Sequence[int], **kw: Any) -> dict[int, torch.Tensor]:
         """``read_tensors`` (sharded tensors assembled) with this bank's storage, workers, pool and disk cache."""
         pool, cache = self._pool(), self.cache
-        return read_assembled(self.storage, cid, m, idx, workers=self.workers, pool=pool, cache=cache, **kw)
+        try:
+            return read_assembled(
+                self.storage, cid, m, idx, workers=self.workers, pool=pool, cache=cache, **kw
+            )
+        except MissingObject as e:
+            if m.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
+                raise
+            # A repack moved its chunks since ``m`` was read (and gc freed the old packs): read again.
+            moved = self._catalog.fresh(cid)
+            if moved is None or moved.packs == m.packs:
+                raise
+            return read_assembled(
+                self.storage, cid, moved, idx, workers=self.workers, pool=pool, cache=cache, **kw
+            )
 
     def close(self) -> None:
         """Release the backend's resources and worker threads (reopen with :func:`open`)."""

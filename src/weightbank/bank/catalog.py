@@ -37,7 +37,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, cast
 
 from ..errors import CorruptObject, IndexDamaged, MissingObject, StorageError, UnsupportedFormat
-from ..format.manifest import ChunkRecord, Manifest
+from ..format.hashing import digest
+from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..storage.base import Storage
 from . import marker
 from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
@@ -91,11 +92,14 @@ class View(Protocol):
 class Catalog:
     """Committed checkpoints of one bank: queries, cached manifests, and the index's write protocol."""
 
-    def __init__(self, storage: Storage, *, indexed: bool) -> None:
+    def __init__(self, storage: Storage, *, indexed: bool, compact: bool = False) -> None:
         self._storage = storage
         self.indexed = indexed
+        #: Whether saves write format-3 manifests (layout 3: ids over content, locations apart).
+        self.compact_manifests = compact
         self._lock = threading.RLock()
         self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._stored: dict[str, str] = {}  # digest of the stored object a cached format-3 manifest came from
         self._pages = PageCache(storage)
         self._memo = Memo()
         self._refresh_lock = threading.Lock()
@@ -210,16 +214,54 @@ class Catalog:
         self._remember(cid, m)
         return m
 
+    def fresh(self, cid: str) -> Manifest | None:
+        """The manifest of ``cid`` as storage holds it now; None if the checkpoint is gone.
+
+        A format-3 manifest's locations change when a repack moves its chunks
+        (its id does not), so a save reuses chunks only at locations read this
+        way, after its lease began: the manifest object is read again (a few
+        KiB) and parsed again only if it changed. A format-1/2 manifest never
+        changes: its existence is all that is asked. CorruptObject /
+        UnsupportedFormat as :meth:`get`.
+        """
+        with self._lock:
+            cached = self._manifests.get(cid)
+            tag = self._stored.get(cid)
+        if cached is not None and cached.format < COMPACT_FORMAT:
+            if self.exists(cid):
+                return cached
+            self.evict(cid)
+            return None
+        try:
+            data = self._storage.read(manifest_key(cid))
+        except FileNotFoundError:
+            self.evict(cid)
+            return None
+        now = digest(data)
+        if cached is not None and tag == now:
+            return cached
+        try:
+            m = read_manifest(self._storage, cid, data)
+        except MissingObject:
+            self.evict(cid)
+            return None
+        self._remember(cid, m)
+        with self._lock:
+            self._stored[cid] = now
+        return m
+
     def _remember(self, cid: str, m: Manifest) -> None:
         with self._lock:
             self._manifests[cid] = m
             while len(self._manifests) > MANIFEST_CACHE:
-                self._manifests.popitem(last=False)
+                gone, _ = self._manifests.popitem(last=False)
+                self._stored.pop(gone, None)
 
     def evict(self, cid: str) -> None:
-        """Drop a cached manifest (its checkpoint is gone)."""
+        """Drop a cached manifest (its checkpoint is gone, or its chunks moved)."""
         with self._lock:
             self._manifests.pop(cid, None)
+            self._stored.pop(cid, None)
 
     def exists(self, cid: str) -> bool:
         """Whether checkpoint ``cid`` is committed and not deleted (its manifest decides)."""
@@ -242,6 +284,8 @@ class Catalog:
                 raise StorageError(
                     f"{e} (a save writes the catalog index's log, which is made of refs)"
                 ) from e
+            if not self.compact_manifests:
+                self.upgrade()  # layout 2 → 3: the index is there; the marker says format-3 manifests follow
             return
         try:
             self._storage.check_refs()
@@ -356,19 +400,27 @@ class Catalog:
         return done
 
     def upgrade(self) -> bool:
-        """Give a format-1 bank its catalog index, then mark it format 2; False if it had one already.
+        """Bring the bank to the newest layout (3); False if it was there already.
 
+        Layout 1 gets its catalog index first; layout 2 has one, and only the
+        marker changes (saves from then on write format-3 manifests; the
+        older ones stay as they are, readable, their ids unchanged).
         Idempotent and crash-safe: the index is complete before the marker
-        says so, and a crash before that leaves a format-1 bank that upgrades
-        again. Old weightbank releases refuse to open a format-2 bank; one that
+        says so, and a crash before that leaves a layout-1 bank that upgrades
+        again. Old weightbank releases refuse to open a newer layout; one that
         had it open already goes on writing checkpoints the index misses
         (``verify`` names them, ``repair_index`` adds them), so stop old
         writers before the upgrade — the automatic one on a first save too.
         """
         with self._lock:
-            if marker.bank_version(self._storage) >= marker.INDEXED_VERSION:
-                self.indexed = True
+            version = marker.bank_version(self._storage)
+            if version >= marker.BANK_VERSION:
+                self.indexed = self.compact_manifests = True
                 return False
+            if version >= marker.INDEXED_VERSION:
+                marker.mark_indexed(self._storage)  # the index is complete already
+                self.indexed = self.compact_manifests = True
+                return True
             self.indexed = True
             try:
                 self.rebuild()
@@ -376,6 +428,7 @@ class Catalog:
                 self.indexed = False
                 raise
             marker.mark_indexed(self._storage)
+            self.compact_manifests = True
             return True
 
     # -- dedup ---------------------------------------------------------------
@@ -410,8 +463,11 @@ class ChunkFinder:
 
     def _index(self, cid: str) -> bool:
         try:
-            m = self._catalog.get(cid)
+            # Read now, after the lease began: it exists, and its locations are today's.
+            m = self._catalog.fresh(cid)
         except (MissingObject, CorruptObject, UnsupportedFormat, FileNotFoundError):
+            return False
+        if m is None:
             return False
         for c in m.chunks:
             self._known.setdefault(c.hash, (m.packs[c.pack], c))
@@ -431,7 +487,7 @@ class ChunkFinder:
             owner = self._buckets[b].get(h)
             if owner is not None and owner not in self._owners:
                 # Its manifest must exist now, after the lease began (a cached copy proves nothing).
-                self._owners[owner] = self._catalog.exists(owner) and self._index(owner)
+                self._owners[owner] = self._index(owner)
             loc = self._known.get(h)
             if loc is None and self._pending:
                 pending, self._pending = self._pending, None

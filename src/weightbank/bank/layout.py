@@ -5,10 +5,12 @@
     weightbank.json                   format marker {"format": "weightbank", "version": N}
     packs/<ab>/<save-id>-<n>.pack     chunk payloads, written once by one save
     manifests/<ab>/<checkpoint-id>.json
+    segments/<hh>/<save-id>.<hash>.zst  part of a format-3 manifest (its body or locations), written by one save
     refs/tags/<name>.json             tag target + full history (compare-and-swap)
     refs/events/<run>.json            the run's event log (rollbacks, preemptions...)
     leases/<save-id>.json             a save in flight (gc keeps its data)
     trash/<checkpoint-id>.json        deleted manifests, kept until gc may drop their data
+    released/<repack-id>.json         packs a repack moved out of, kept until gc may drop them
     quarantine/<key>.<ns>             damaged records set aside when replaced (untag --force, a reset event log)
     index/log/<seq>.json              catalog log entry: one checkpoint added or deleted (put-if-absent)
     index/head.json                   the highest log sequence number written (only grows; compare-and-swap)
@@ -42,11 +44,14 @@ __all__ = [
     "MANIFESTS",
     "PACKS",
     "QUARANTINE",
+    "RELEASED",
+    "SEGMENTS",
     "TAGS",
     "TRASH",
     "check_name",
     "check_new_name",
     "is_pack_key",
+    "is_segment_key",
     "lease_key",
     "log_key",
     "log_seq_from_key",
@@ -55,10 +60,14 @@ __all__ = [
     "pack_key",
     "page_key",
     "quarantine_key",
+    "release_key",
     "root_gen_from_key",
     "root_key",
     "sanitize_name",
     "save_id_from_pack",
+    "save_id_from_segment",
+    "segment_hash_from_key",
+    "segment_key",
     "tag_key",
     "trash_key",
 ]
@@ -66,10 +75,12 @@ __all__ = [
 FORMAT_KEY = "weightbank.json"
 PACKS = "packs/"
 MANIFESTS = "manifests/"
+SEGMENTS = "segments/"
 TAGS = "refs/tags/"
 EVENTS = "refs/events/"
 LEASES = "leases/"
 TRASH = "trash/"
+RELEASED = "released/"
 QUARANTINE = "quarantine/"
 INDEX_LOG = "index/log/"
 INDEX_ROOTS = "index/roots/"
@@ -190,8 +201,44 @@ def save_id_from_pack(key: str) -> str:
     return name.rsplit("-", 1)[0]
 
 
+_SEGMENT_KEY = re.compile(re.escape(SEGMENTS) + r"([0-9a-f]{2})/([0-9A-Za-z_-]{1,128})\.([0-9a-f]{64})\.zst")
+
+
+def segment_key(save_id: str, h: str) -> str:
+    """Where the save ``save_id`` stores the manifest segment whose text hashes to ``h``.
+
+    Named by the save as packs are, so gc keeps it by the same rules (a
+    save's lease, the manifests and trash entries that name it).
+
+    Example:
+        >>> k = segment_key("s1", "cd" * 32); is_segment_key(k), save_id_from_segment(k), is_segment_key("x")
+        (True, 's1', False)
+    """
+    return f"{SEGMENTS}{h[:2]}/{save_id}.{h}.zst"
+
+
+def is_segment_key(key: object) -> bool:
+    """Whether ``key`` is one :func:`segment_key` makes (a key read from a manifest is untrusted)."""
+    if not isinstance(key, str):
+        return False
+    m = _SEGMENT_KEY.fullmatch(key)
+    return m is not None and m.group(1) == m.group(3)[:2]
+
+
+def save_id_from_segment(key: str) -> str:
+    return key.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def segment_hash_from_key(key: str) -> str:
+    return key.rsplit("/", 1)[-1].split(".")[1]
+
+
 def tag_key(name: str) -> str:
     return f"{TAGS}{check_name('tag', name)}.json"
+
+
+def release_key(repack_id: str) -> str:
+    return f"{RELEASED}{check_name('repack', repack_id)}.json"
 
 
 def lease_key(save_id: str) -> str:

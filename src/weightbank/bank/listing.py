@@ -23,32 +23,91 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import CorruptObject, MissingObject, UnsupportedFormat
 from ..format.hashing import digest
 from ..format.manifest import Manifest
+from ..format.stored import is_compact, open_object, open_segment
 from ..storage.base import Storage
 from .index.records import CatalogRecord
-from .layout import MANIFESTS, is_pack_key, manifest_id_from_key, manifest_key
+from .layout import (
+    MANIFESTS,
+    is_pack_key,
+    is_segment_key,
+    manifest_id_from_key,
+    manifest_key,
+    segment_hash_from_key,
+)
 from .retention import best_first, metric_value
 
-__all__ = ["ScanView", "listed_ids", "read_manifest", "scan_manifests"]
+__all__ = ["ScanView", "listed_ids", "read_compact", "read_manifest", "scan_manifests"]
 
 
-def read_manifest(storage: Storage, cid: str) -> Manifest:
+def read_manifest(storage: Storage, cid: str, data: bytes | None = None) -> Manifest:
     """Read one manifest and check it against its id, then all of its content.
 
-    CorruptObject for damaged bytes or a malformed manifest, UnsupportedFormat
-    for one written by a newer weightbank, MissingObject if it is gone.
+    A format-3 manifest's segments are read too (in parallel), each checked
+    against its hash. CorruptObject for damaged bytes or a malformed manifest
+    (a segment gone counts: the manifest cannot be read whole), UnsupportedFormat
+    for one written by a newer weightbank, MissingObject if the manifest is gone.
+    ``data``: the manifest object's bytes, when the caller has just read them.
     """
     key = manifest_key(cid)
-    data = storage.read(key)
-    actual = digest(data)
-    if actual != cid:
-        raise CorruptObject(key, expected=cid, actual=actual, checkpoint=cid, detail="manifest bytes changed")
-    m = Manifest.from_bytes(data, key)
+    if data is None:
+        data = storage.read(key)
+    if is_compact(data):
+        m = _read_compact(storage, key, cid, data)
+    else:
+        actual = digest(data)
+        if actual != cid:
+            raise CorruptObject(
+                key, expected=cid, actual=actual, checkpoint=cid, detail="manifest bytes changed"
+            )
+        m = Manifest.from_bytes(data, key)
     bad = next((p for p in m.packs if not is_pack_key(p)), None)
     if bad is not None:
         raise CorruptObject(
             key, checkpoint=cid, detail=f"manifest names {bad[:80]!r}, which is not a pack key"
         )
     return m
+
+
+def read_compact(storage: Storage, cid: str) -> tuple[bytes, Manifest]:
+    """A format-3 manifest's stored object and the manifest (for a repack, which keeps its content).
+
+    CorruptObject if the manifest is not format 3 (or is damaged).
+    """
+    key = manifest_key(cid)
+    data = storage.read(key)
+    if not is_compact(data):
+        raise CorruptObject(key, checkpoint=cid, detail="not a format-3 manifest")
+    return data, _read_compact(storage, key, cid, data)
+
+
+def _read_compact(storage: Storage, key: str, cid: str, data: bytes) -> Manifest:
+    opened = open_object(data, key, cid)
+    bad = next((k for _, k, _ in opened.needed if not is_segment_key(k)), None)
+    if bad is not None:
+        raise CorruptObject(
+            key, checkpoint=cid, detail=f"manifest names {bad[:80]!r}, which is not a segment key"
+        )
+    wrong = next((k for h, k, _ in opened.needed if segment_hash_from_key(k) != h), None)
+    if wrong is not None:
+        raise CorruptObject(key, checkpoint=cid, detail=f"segment key {wrong[:80]!r} names another hash")
+
+    def one(need: tuple[str, str, int]) -> tuple[str, bytes]:
+        h, k, n = need
+        try:
+            return h, open_segment(storage.read(k), h, k, n)
+        except MissingObject:
+            if not storage.exists(key):
+                raise  # the checkpoint was deleted (and its data freed) while it was read: gone
+            raise CorruptObject(
+                k, checkpoint=cid, detail=f"segment of checkpoint {cid[:12]} is gone"
+            ) from None
+
+    if len(opened.needed) > 2:
+        with ThreadPoolExecutor(max_workers=min(8, len(opened.needed)), thread_name_prefix="wb-seg") as pool:
+            texts = dict(pool.map(one, opened.needed))
+    else:
+        texts = dict(map(one, opened.needed))
+    return opened.manifest(texts)
 
 
 def listed_ids(storage: Storage) -> list[str]:

@@ -65,10 +65,19 @@ from ..format.manifest import Manifest
 from ..format.schema import finite, hex_digest
 from ..format.sealed import seal, unseal
 from ..storage.base import Storage
-from . import leases
+from . import leases, releases
 from .catalog import Catalog, View
 from .index import gc as index_gc
-from .layout import PACKS, TRASH, manifest_key, save_id_from_pack, trash_key
+from .layout import (
+    PACKS,
+    SEGMENTS,
+    TRASH,
+    is_segment_key,
+    manifest_key,
+    save_id_from_pack,
+    save_id_from_segment,
+    trash_key,
+)
 from .listing import scan_manifests
 from .results import GcReport
 
@@ -204,6 +213,7 @@ def gc(
     for cid, result in scan_manifests(storage, workers=workers):
         if isinstance(result, Manifest):
             needed.update(result.packs)
+            needed.update(result.segments)
         else:
             broken.append(cid)
     if broken:
@@ -228,9 +238,11 @@ def gc(
         # No time yet (a delete in progress: its manifest may still be listed) protects too.
         if entry.manifest is not None:
             needed.update(entry.manifest.packs)
+            needed.update(entry.manifest.segments)
         if entry.deleted_at is None and entry.key in crashed:
             stamp.append(entry.key)
     inflight = {lease.save_id for lease in live_leases}
+    drop_released, stamp_released = _released(storage, protect_after, inflight, needed)
     deleted: list[str] = []
     freed = 0
     kept_inflight = 0
@@ -244,11 +256,23 @@ def gc(
             continue
         deleted.append(info.key)
         freed += info.size
+    # Manifest segments follow the packs' rules: named by the save that wrote them.
+    segments: list[str] = []
+    for info in storage.list(SEGMENTS):
+        if info.key in needed or not is_segment_key(info.key) or save_id_from_segment(info.key) in inflight:
+            continue
+        if info.mtime < started - grace:
+            segments.append(info.key)
+            freed += info.size
     swept = pages_deleted = 0
     if not dry_run:
-        for key in deleted:
+        for key in [*deleted, *segments]:
             storage.delete(key)
         for key in drop_trash:
+            storage.delete(key)
+        for rel in stamp_released:
+            releases.stamp(storage, rel.repack, rel.packs, gone_by)
+        for key in drop_released:
             storage.delete(key)
         for key in stamp:
             _stamp(storage, key, gone_by)
@@ -265,7 +289,29 @@ def gc(
         dry_run=dry_run,
         incomplete_bytes_freed=swept,
         index_pages_deleted=pages_deleted,
+        segments_deleted=len(segments),
     )
+
+
+def _released(
+    storage: Storage, protect_after: float, inflight: set[str], needed: set[str]
+) -> tuple[list[str], list[releases.Release]]:
+    """Protect the packs of release records that may still be read (see :mod:`.releases`);
+    (records to drop, records of dead repacks to stamp)."""
+    drop: list[str] = []
+    stamp: list[releases.Release] = []
+    for rel in releases.read_all(storage):
+        if rel.problem:
+            raise CorruptObject(rel.key, detail=f"gc refuses to run: {rel.problem}; run `weightbank verify`")
+        if rel.released_at is None:
+            needed.update(rel.packs)  # the repack may still be rewriting manifests (or died doing it)
+            if rel.repack not in inflight:
+                stamp.append(rel)  # its lease is gone: its manifests are as they will stay
+        elif rel.released_at >= protect_after:
+            needed.update(rel.packs)
+        else:
+            drop.append(rel.key)
+    return drop, stamp
 
 
 def packs_freed(storage: Storage, view: View, doomed: Sequence[str]) -> int:

@@ -4,7 +4,7 @@ Example:
     >>> from weightbank.storage import MemoryStorage
     >>> from weightbank.bank.marker import init_storage
     >>> init_storage(MemoryStorage(), create=True)
-    2
+    3
 """
 
 from __future__ import annotations
@@ -17,12 +17,22 @@ from ..errors import NotABank, StorageError, UnsupportedFormat
 from ..storage.base import Storage
 from .layout import FORMAT_KEY
 
-__all__ = ["BANK_VERSION", "INDEXED_VERSION", "bank_version", "init_storage", "mark_indexed"]
+__all__ = [
+    "BANK_VERSION",
+    "COMPACT_VERSION",
+    "INDEXED_VERSION",
+    "bank_version",
+    "init_storage",
+    "mark_indexed",
+]
 
-#: The bank layout this code writes: 1 = manifests only; 2 = manifests + the catalog index.
-BANK_VERSION = 2
+#: The bank layout this code writes: 1 = manifests only; 2 = manifests + the catalog index;
+#: 3 = as 2, and saves write format-3 manifests (id over content, locations apart, segments).
+BANK_VERSION = 3
 #: The first layout with a catalog index (older releases refuse it, so none writes past the index).
 INDEXED_VERSION = 2
+#: The first layout whose saves write format-3 manifests (older releases cannot read those).
+COMPACT_VERSION = 3
 
 
 def _parse(storage: Storage, raw: bytes) -> dict[str, object]:
@@ -49,7 +59,7 @@ def bank_version(storage: Storage, *, missing: int | None = None) -> int:
 
 
 def mark_indexed(storage: Storage) -> None:
-    """Say the bank keeps the catalog index (the last step of an upgrade: the index is complete)."""
+    """Say the bank is of the newest layout (the last step of an upgrade: the index is complete)."""
     marker = _parse(storage, storage.read(FORMAT_KEY))
     marker.update(version=BANK_VERSION, upgraded=time.time(), upgraded_by=__version__)
     storage.write(FORMAT_KEY, json.dumps(marker).encode())
@@ -65,7 +75,7 @@ def init_storage(storage: Storage, *, create: bool) -> int:
     Example:
         >>> from weightbank.storage import MemoryStorage
         >>> s = MemoryStorage(); init_storage(s, create=True), init_storage(s, create=False)
-        (2, 2)
+        (3, 3)
     """
     try:
         raw = storage.read(FORMAT_KEY)

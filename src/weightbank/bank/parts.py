@@ -59,11 +59,12 @@ from ..format.manifest import (
     check_tiling,
 )
 from ..format.schema import LossySums, int_tuple, typed
+from ..format.stored import Draft, encode, open_object, seal_segment
 from ..format.tree import TensorRef, flatten_refs, map_tensors
 from ..storage.base import Storage
 from . import leases
 from .catalog import Catalog
-from .layout import manifest_key, save_id_from_pack
+from .layout import manifest_key, save_id_from_pack, segment_key
 from .part_checks import part_problem
 from .pieces import Piece, TensorShard, pieces_of
 from .results import SaveStats
@@ -132,6 +133,10 @@ class SavePart:
     tensors: tuple[PartTensor, ...]
     lossy: dict[str, LossySums] = field(default_factory=dict)
     stats: SaveStats = field(default_factory=lambda: SaveStats(0, 0, 0, 0, 0, 0.0))
+    #: Manifest segments (hash → key) of checkpoints this part's save read after its lease began:
+    #: the commit names them instead of writing them again. Not in ``to_json``: a part read back
+    #: proves nothing about them, and its commit writes every segment.
+    segments: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def own_packs(self) -> list[str]:
         """The packs this part wrote (the others hold chunks it reused)."""
@@ -327,11 +332,17 @@ def _place(
 
 @dataclass(frozen=True)
 class Merged:
-    """A manifest built from parts, checked, not written yet: its id, the record and its bytes."""
+    """A manifest built from parts, checked, not written yet: its id, the record and its bytes.
+
+    A format-3 manifest comes as a ``draft`` (``data`` is then empty): its
+    stored object names where its segments are, which :func:`publish` decides.
+    """
 
     cid: str
     manifest: Manifest
     data: bytes
+    draft: Draft | None = None
+    segment_bytes: int = 0  # what storing its segments wrote
 
 
 def merge_parts(
@@ -340,9 +351,12 @@ def merge_parts(
     header: dict[str, Any],
     state: object = None,
     tree: tuple[dict[str, Any], list[str]] | None = None,
+    compact: bool = False,
 ) -> Merged:
     """Merge ``parts`` into one manifest, checked as a reader will check it; nothing is written.
 
+    ``compact``: a format-3 manifest (what a bank of layout 3 writes: id over
+    the content alone, see :mod:`weightbank.format.stored`); else format 1/2.
     ``state`` / ``tree``: as for :func:`commit_parts`. InvalidState if the
     parts do not fit together (or the manifest they make would not load),
     CorruptObject if a part is malformed.
@@ -391,15 +405,23 @@ def merge_parts(
         format=SHARDED_FORMAT if any(t.shards for t in tensors) else FORMAT_VERSION,
         **header,
     )
-    data = manifest.to_bytes()
-    cid = digest(data)
+    draft = encode(manifest) if compact else None
+    data = b"" if draft is not None else manifest.to_bytes()
+    cid = draft.cid if draft is not None else digest(data)
     try:
         # Every reader (log, load, gc) parses the manifest like this: one it would refuse must never be
         # written, or it would stop gc and log for the whole bank.
-        for rec in Manifest.from_bytes(data, manifest_key(cid)).tensors:
+        if draft is not None:
+            probe = open_object(draft.object({h: h for h in draft.segments}), manifest_key(cid), cid)
+            check = probe.manifest(draft.segments)
+        else:
+            check = Manifest.from_bytes(data, manifest_key(cid))
+        for rec in check.tensors:
             dtype_from_name(rec.dtype)
     except (CorruptObject, UnsupportedFormat) as e:
         raise InvalidState("<parts>", f"the parts make a manifest no reader would accept: {e}") from None
+    if draft is not None:
+        return Merged(cid, draft.manifest, b"", draft)
     return Merged(cid, manifest, data)
 
 
@@ -430,6 +452,27 @@ def require_packs(storage: Storage, packs: Sequence[str], pool: Executor | None 
         )
 
 
+def _place_segments(storage: Storage, parts: Sequence[SavePart], merged: Merged) -> Merged:
+    """A draft's segments stored (those a part's save proved present are named, not written again);
+    the merged manifest with its stored bytes."""
+    draft = merged.draft
+    if draft is None:
+        return merged
+    known = {h: k for p in parts for h, k in p.segments.items()}
+    keys = {h: known.get(h) or segment_key(parts[0].save_id, h) for h in draft.segments}
+    todo = [(keys[h], seal_segment(text)) for h, text in draft.segments.items() if h not in known]
+    # Under the first part's lease, which is held until the manifest is written: gc keeps them.
+    if len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=min(8, len(todo)), thread_name_prefix="wb-seg") as pool:
+            list(pool.map(lambda kv: storage.write(*kv), todo))
+    else:
+        for k, data in todo:
+            storage.write(k, data)
+    extra = sum(len(data) for _, data in todo)
+    manifest = draft.placed(keys)
+    return Merged(merged.cid, manifest, draft.object(keys), None, extra)
+
+
 def publish(
     storage: Storage,
     catalog: Catalog,
@@ -446,9 +489,10 @@ def publish(
     success. Otherwise the error propagates with every lease held and every
     pack in place — never delete packs once their manifest may exist.
     """
-    stats = _sum_stats([p.stats for p in parts], len(merged.data))
-    key = manifest_key(merged.cid)
     catalog.writable()
+    merged = _place_segments(storage, parts, merged)
+    stats = _sum_stats([p.stats for p in parts], len(merged.data) + merged.segment_bytes)
+    key = manifest_key(merged.cid)
     # The catalog's add entry goes first: a manifest never exists without one, and an entry
     # without its manifest counts for nothing (readers check), so a crash between is harmless.
     wrote = sorted({k for p in parts for k in p.own_packs()})
@@ -500,7 +544,7 @@ def commit_parts(
     manifest write itself fails, see :func:`publish` (the parts stay as they
     were, so the commit can be retried).
     """
-    merged = merge_parts(parts, header=header, state=state, tree=tree)
+    merged = merge_parts(parts, header=header, state=state, tree=tree, compact=catalog.compact_manifests)
     if check_packs:
         require_packs(storage, merged.manifest.packs, pool)
     return publish(storage, catalog, parts, merged)

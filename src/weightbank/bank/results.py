@@ -20,6 +20,7 @@ __all__ = [
     "LoadResult",
     "PrefetchReport",
     "PruneReport",
+    "RepackReport",
     "RunEvent",
     "SaveResult",
     "SaveStats",
@@ -242,6 +243,30 @@ class GcReport:
     """Bytes of writes that never committed (e.g. temp files of killed writers) swept away."""
     index_pages_deleted: int = 0
     """Catalog index pages no snapshot names any more, removed."""
+    segments_deleted: int = 0
+    """Manifest segments no checkpoint names any more, removed (their bytes are in ``bytes_freed``)."""
+
+
+@dataclass(frozen=True)
+class RepackReport:
+    """What ``repack`` rewrote (or, with ``dry_run``, would rewrite).
+
+    ``bytes_before``: the size of the packs chosen; ``bytes_copied``: their
+    live bytes, copied into ``packs_written``. The old packs are freed by a
+    ``gc`` once no reader can still hold their locations (see
+    :mod:`weightbank.bank.releases`): ``bytes_before - bytes_copied`` is what
+    that gains. ``packs_pinned``: partly live packs that could not be
+    rewritten (a format-1/2 manifest uses them, or a save in flight).
+    """
+
+    packs_rewritten: tuple[str, ...]
+    bytes_before: int
+    bytes_copied: int
+    packs_written: tuple[str, ...]
+    manifests_rewritten: int
+    packs_pinned: int
+    dry_run: bool
+    seconds: float
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFound, IncompatibleState, InvalidArgument
 from . import maintenance, retention
+from . import repack as repack_mod
 from . import verify as verify_mod
 from .environment import who
 from .layout import check_name
-from .results import DuReport, GcReport, PruneReport, VerifyReport
+from .results import DuReport, GcReport, PruneReport, RepackReport, VerifyReport
 
 if TYPE_CHECKING:
     from ..format.manifest import Manifest
@@ -34,7 +35,7 @@ __all__ = ["Upkeep"]
 
 
 class Upkeep:
-    """``delete`` / ``prune`` / ``gc`` / ``verify`` / ``du`` for :class:`~weightbank.Bank`."""
+    """``delete`` / ``prune`` / ``gc`` / ``repack`` / ``verify`` / ``du`` for :class:`~weightbank.Bank`."""
 
     if TYPE_CHECKING:
         storage: Storage
@@ -136,6 +137,33 @@ class Upkeep:
         object-store listings; ``gc(grace=0)`` is safe on one machine.
         """
         return maintenance.gc(self.storage, grace=grace, dry_run=dry_run, workers=max(8, self.workers))
+
+    def repack(self, *, min_dead: float = repack_mod.DEFAULT_MIN_DEAD, dry_run: bool = False) -> RepackReport:
+        """Copy the live chunks of packs at least ``min_dead`` dead into new packs; no id changes.
+
+        The manifests that used them get new locations (format-3 manifests:
+        their id covers their content, not where it lies); the old packs are
+        freed by the next ``gc`` that may (see :mod:`weightbank.bank.repack`).
+        Packs that format-1/2 manifests use stay as they are.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> ids = [bank.save({"w": torch.full((64,), float(s))}, run="r", step=s, codec="raw").id for s in range(2)]
+            >>> bank.repack(dry_run=True).packs_rewritten
+            ()
+        """
+        if isinstance(min_dead, bool) or not isinstance(min_dead, (int, float)) or not 0 < min_dead <= 1:
+            raise InvalidArgument("min_dead", min_dead, "a share of dead bytes in (0, 1]")
+        if not dry_run:
+            self._catalog.writable()
+        return repack_mod.repack(
+            self.storage,
+            self._catalog,
+            min_dead=float(min_dead),
+            dry_run=dry_run,
+            workers=max(8, self.workers),
+        )
 
     def verify(self, ref: str | None = None, *, full: bool = True) -> VerifyReport:
         """Check manifests, chunk hashes (``full``) or just presence, and tags; report problems.

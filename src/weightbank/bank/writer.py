@@ -51,7 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CorruptObject, InvalidState, MissingObject
+from ..errors import CorruptObject, InvalidState, MissingObject, UnsupportedFormat
 from ..format import planner
 from ..format.chunking import chunk_bytes, chunk_spans, tensor_nbytes
 from ..format.delta import DELTA
@@ -67,7 +67,7 @@ from ..storage.base import ObjectWriter, Storage
 from . import leases
 from .catalog import Catalog, ChunkLocation
 from .chunks import base_planes, chain_of, records_by_hash
-from .layout import pack_key
+from .layout import pack_key, segment_hash_from_key
 from .parts import PartTensor, Piece, SavePart, abandon_part, merge_parts, publish
 from .results import SaveStats
 
@@ -248,12 +248,12 @@ class _Parent:
             return None
         # Asked after the lease began (a cached copy proves nothing): a parent deleted since the
         # save chose it may have its data collected, so its chunks are not reused.
-        if not catalog.exists(cid):
-            return None
         try:
-            m = catalog.get(cid)
-        except (MissingObject, CorruptObject, FileNotFoundError):
-            return None  # deleted or damaged meanwhile: code standalone
+            m = catalog.fresh(cid)  # its locations as they are now (a repack may have moved them)
+        except (MissingObject, CorruptObject, UnsupportedFormat, FileNotFoundError):
+            return None  # damaged: code standalone
+        if m is None:
+            return None  # deleted meanwhile
         if m.chunk_size != chunk_size:
             return None  # chunk j would cover other bytes
         return cls(m, records_by_hash(m), {t.name: t for t in m.tensors if t.alias_of is None})
@@ -279,6 +279,20 @@ class _Parent:
     def location(self, h: str) -> ChunkLocation | None:
         rec = self.index.get(h)
         return None if rec is None else (self.manifest.packs[rec.pack], rec)
+
+
+def _parent_segments(catalog: Catalog, parent: str | None, known: _Parent | None) -> dict[str, str]:
+    """The parent's manifest segments (hash → key), asked after the lease began (gc then keeps them)."""
+    if known is not None:
+        m: Manifest | None = known.manifest
+    elif parent is None:
+        m = None
+    else:
+        try:
+            m = catalog.fresh(parent)
+        except (MissingObject, CorruptObject, UnsupportedFormat, FileNotFoundError):
+            m = None
+    return {} if m is None else {segment_hash_from_key(k): k for k in m.segments}
 
 
 def _lossy_sums(codec: str, stats: list[LossyStats]) -> LossySums:
@@ -473,6 +487,7 @@ def write_part(
         per_codec=per_codec,
     )
     return SavePart(
+        segments=_parent_segments(catalog, parent, parent_m),
         save_id=save_id,
         chunk_size=options.chunk_size,
         packs=tuple(packs),
@@ -502,7 +517,12 @@ def write_checkpoint(
     pieces = [Piece(leaf.name, leaf.tensor, alias_of=leaf.alias_of, numpy=leaf.numpy) for leaf in leaves]
     part = write_part(storage, catalog, pieces, options, parent=header.get("parent"))
     try:
-        merged = merge_parts([part], tree=(spec, [leaf.name for leaf in leaves]), header=header)
+        merged = merge_parts(
+            [part],
+            tree=(spec, [leaf.name for leaf in leaves]),
+            header=header,
+            compact=catalog.compact_manifests,
+        )
     except BaseException:
         abandon_part(storage, part)  # nothing was written that could point at its packs
         raise

@@ -19,7 +19,7 @@ import typer
 from rich.text import Text
 
 from ..bank.indexing import CompactResult
-from ..bank.marker import INDEXED_VERSION
+from ..bank.marker import BANK_VERSION
 from . import render
 from .common import DEFAULT_BANK, BankOpt, JsonOpt, emit, emit_json, open_existing
 
@@ -73,20 +73,21 @@ def repair_line(result: CompactResult) -> Text:
     )
 
 
-def upgrade_line(url: str, upgraded: bool, version: int = INDEXED_VERSION) -> Text:
+def upgrade_line(url: str, upgraded: bool, version: int = BANK_VERSION) -> Text:
     """``upgrade``: whether the bank was upgraded, and what that means for older releases.
 
     Example:
         >>> print(upgrade_line("/b", False))
-        /b already has a catalog index (bank format 2); nothing to upgrade
+        /b is bank format 3 already; nothing to upgrade
     """
     if not upgraded:
-        return Text(f"{url} already has a catalog index (bank format {version}); nothing to upgrade")
+        return Text(f"{url} is bank format {version} already; nothing to upgrade")
     out = Text(
-        f"upgraded {url} to bank format {version}: it keeps a catalog index now, built from every manifest\n"
+        f"upgraded {url} to bank format {version}: it keeps a catalog index (built from every manifest if it had"
+        " none), and new checkpoints get format-3 manifests, whose ids cover their content, not where it lies\n"
     )
     out.append(
-        "weightbank 0.1 and older refuse to open it from now on: every process that uses it needs this release"
+        "older weightbank releases refuse to open it from now on: every process that uses it needs this one"
     )
     return out
 
@@ -97,16 +98,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def upgrade(bank: BankOpt = DEFAULT_BANK, as_json: JsonOpt = False) -> None:
-        """Give a bank made by weightbank 0.1 (format 1) its catalog index; older releases refuse it afterwards.
+        """Bring an older bank to format 3 (a catalog index, format-3 manifests); older releases refuse it afterwards.
 
-        Reads every manifest once and rewrites nothing already in the bank. The
-        first save into an old bank does the same on its own.
+        A format-1 bank's manifests are read once to build the index; nothing
+        already in the bank is rewritten, and every id stays. The first save
+        into an old bank does the same on its own.
         """
         with open_existing(bank) as b, render.busy("upgrading"):
             upgraded = b.upgrade()
             url = b.url
         if as_json:
-            emit_json({"url": url, "upgraded": upgraded, "format": INDEXED_VERSION})
+            emit_json({"url": url, "upgraded": upgraded, "format": BANK_VERSION})
         else:
             emit(upgrade_line(url, upgraded))
 

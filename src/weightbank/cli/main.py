@@ -29,6 +29,7 @@ from ..errors import CheckpointNotFound, CorruptObject, NotABank
 from . import drill as drill_command
 from . import indexing as indexing_command
 from . import render
+from . import repack as repack_command
 from . import serve as serve_command
 from . import tags as tags_command
 from .common import (
@@ -503,6 +504,7 @@ def prune(
 
 # -- the catalog index (cli/indexing.py), listed here in --help ------------------------
 indexing_command.register(app)
+repack_command.register(app)
 
 
 # -- demo -----------------------------------------------------------------------------

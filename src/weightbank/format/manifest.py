@@ -27,9 +27,14 @@ no overlap), so a reader assembles it whatever the writer's world size was::
                 {"offsets": [4, 0], "shape": [4, 4], "chunks": [1]}]}
 
 ``format`` is bumped only for changes an older reader would misread; such
-readers refuse with UnsupportedFormat. A manifest is written with format 1
-unless it holds a sharded tensor (format 2), so single-process checkpoints stay
-readable by every weightbank release.
+readers refuse with UnsupportedFormat. Format 1 is every manifest without
+sharded tensors, format 2 one with them; both are one JSON document whose
+hash is the checkpoint id. Format 3 (what banks of layout 3 write) stores the
+same fields apart: the content, whose hash is the id, and the locations
+(pack, offset, codec, stored length), which a repack may rewrite — see
+:mod:`.stored`. In memory every format is this one :class:`Manifest`, and
+:meth:`Manifest.to_json` gives the one-document form of any of them (trash
+entries keep that).
 
 Example:
     >>> from weightbank.format.manifest import Manifest
@@ -58,6 +63,7 @@ from .schema import MAX_READ_CHUNK_SIZE, DeltaArgs, LossySummary, hex_digest, in
 from .tree import check_tree
 
 __all__ = [
+    "COMPACT_FORMAT",
     "FORMAT_VERSION",
     "MAX_CORNERS",
     "MAX_SHARDS",
@@ -74,8 +80,12 @@ __all__ = [
 FORMAT_VERSION = 1
 #: The format of a manifest holding sharded tensors (older readers refuse it, never misread it).
 SHARDED_FORMAT = 2
+#: The format of a manifest stored as content + locations (:mod:`.stored`): id over content only.
+COMPACT_FORMAT = 3
 #: The newest manifest format this code reads.
-NEWEST_FORMAT = SHARDED_FORMAT
+NEWEST_FORMAT = COMPACT_FORMAT
+#: More segments than this in one manifest is refused as malformed.
+MAX_SEGMENT_KEYS = 1 << 20
 #: More dimensions than this in one tensor is refused as malformed.
 MAX_DIMS = 64
 #: More shards than this in one tensor is refused as malformed.
@@ -239,6 +249,8 @@ class Manifest:
     chunks: tuple[ChunkRecord, ...] = ()
     lossy: dict[str, LossySummary] = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    #: Storage keys of the segments a format-3 manifest is stored in (what gc must keep for it).
+    segments: tuple[str, ...] = ()
 
     # -- derived -----------------------------------------------------------
     @property
@@ -296,6 +308,8 @@ class Manifest:
         }
         if self.lossy:
             out["lossy"] = {name: summary.to_json() for name, summary in self.lossy.items()}
+        if self.format >= COMPACT_FORMAT:
+            out["segments"] = list(self.segments)
         return out
 
     def to_bytes(self) -> bytes:
@@ -367,8 +381,15 @@ class Manifest:
         }
         if not set(lossy) <= names:
             raise ValueError("lossy names a tensor the manifest does not hold")
+        segments: tuple[str, ...] = ()
+        if fmt >= COMPACT_FORMAT:
+            keys = typed(obj.get("segments", []), list, "segments")
+            if len(keys) > MAX_SEGMENT_KEYS:
+                raise ValueError("too many segments")
+            segments = tuple(typed(k, str, "segment key") for k in keys)
         return cls(
             format=fmt,
+            segments=segments,
             run=typed(obj["run"], str, "run"),
             step=step,
             parent=None if obj.get("parent") is None else hex_digest(obj["parent"], "parent"),

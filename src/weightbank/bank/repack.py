@@ -1,0 +1,260 @@
+"""Repack: copy the live chunks of partly dead packs into new packs, so gc can free the old ones.
+
+gc frees whole packs only. After a prune a pack often holds a few chunks
+that surviving checkpoints still use next to many that nobody does; its
+bytes stay until every one of them is dead. A repack copies the live chunks
+of such packs (as stored: same codec, same bytes; every later read still
+verifies them against their hash) into new packs and rewrites the *location
+head* of each format-3 manifest that used them. A format-3 id covers the
+content alone (:mod:`weightbank.format.stored`), so no id, tag, lineage link
+or run history changes.
+
+The steps, each durable before the next, make it crash-safe like a save:
+
+1. take a lease (gc keeps the new packs and location segments while it lives);
+2. list the leases and read every manifest (as gc does: the index is never
+   trusted for data), and pick the packs whose dead share is at least
+   ``min_dead``. Packs a format-1/2 manifest uses are *pinned* (their
+   locations are part of those ids) and so are packs of saves in flight;
+3. write the new packs;
+4. write a release record naming the old packs (:mod:`.releases`: until it
+   is stamped, gc keeps them);
+5. rewrite each affected manifest object in place (same content, new
+   locations) — an atomic replace, so a reader sees the old head or the new,
+   both valid while the old packs exist;
+6. stamp the release record, drop the lease.
+
+A crash before 4 leaves only unreferenced new packs (gc frees them once the
+lease is stale); after 4, every manifest points at packs that exist, and gc
+stamps the record of a dead repack itself. Readers holding old locations keep
+working for the grace period, and a load that finds an old pack gone reads
+the manifest again (:meth:`~weightbank.Bank.load`); a save reuses chunks only
+at locations it read after its lease began (:meth:`.Catalog.fresh`), and
+the release rule keeps the old packs for every lease older than the stamp.
+
+Two repacks at once are safe (each manifest ends at one of them, the other's
+packs are unreferenced and freed by gc) but wasteful: run one at a time.
+
+Example:
+    >>> import torch, weightbank as wb
+    >>> bank = wb.open("memory://")
+    >>> for s in range(4): _ = bank.save({"a": torch.full((64,), float(s)), "b": torch.ones(64)}, run="r", step=s, codec="raw", pack_size=1)
+    >>> _ = bank.prune(keep_last=1); report = bank.repack()
+    >>> report.manifests_rewritten, bank.load("r@latest")["a"][0].item()
+    (1, 3.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import CorruptObject, MissingObject
+from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
+from ..format.stored import relocate, seal_segment, split_object
+from ..storage.base import ObjectWriter, Storage
+from . import leases, releases
+from .catalog import Catalog
+from .layout import PACKS, manifest_key, pack_key, save_id_from_pack, segment_hash_from_key, segment_key
+from .listing import read_compact, scan_manifests
+from .results import RepackReport
+
+__all__ = ["DEFAULT_MIN_DEAD", "repack"]
+
+#: A pack is rewritten once at least this share of its bytes is dead.
+DEFAULT_MIN_DEAD = 0.2
+#: New packs roll over at this size.
+REPACK_PACK_SIZE = 512 << 20
+_ALIGN = 64  # as a save aligns chunks (weightbank.bank.writer.CHUNK_ALIGN)
+
+Extent = tuple[int, int]  # (offset, stored_len) of one chunk's bytes in a pack
+
+
+class _Writer:
+    """New packs of one repack, written chunk after chunk."""
+
+    def __init__(self, storage: Storage, repack_id: str) -> None:
+        self.storage = storage
+        self.repack_id = repack_id
+        self.done: list[str] = []
+        self.bytes = 0
+        self._w: ObjectWriter | None = None
+        self._key = ""
+        self._offset = 0
+
+    def append(self, data: bytes) -> tuple[str, int]:
+        if self._w is None or self._offset >= REPACK_PACK_SIZE:
+            self.close()
+            self._key = pack_key(self.repack_id, len(self.done))
+            self._w = self.storage.open_writer(self._key)
+            self._offset = 0
+        pad = -self._offset % _ALIGN
+        if pad:
+            self._w.write(bytes(pad))
+            self._offset += pad
+        at = self._offset
+        self._w.write(data)
+        self._offset += len(data)
+        self.bytes += len(data)
+        return self._key, at
+
+    def close(self) -> None:
+        if self._w is not None:
+            self._w.commit()
+            self.done.append(self._key)
+            self._w = None
+
+    def abort(self) -> None:
+        if self._w is not None:
+            with contextlib.suppress(Exception):
+                self._w.abort()
+            self._w = None
+
+
+def _survey(
+    storage: Storage, inflight: set[str], workers: int
+) -> tuple[dict[str, dict[int, int]], dict[str, set[str]], set[str]]:
+    """(live extents by pack, format-3 manifests by pack, pinned packs), from every manifest."""
+    live: dict[str, dict[int, int]] = {}
+    users: dict[str, set[str]] = {}
+    pinned: set[str] = set()
+    broken = []
+    for cid, m in scan_manifests(storage, workers=workers):
+        if not isinstance(m, Manifest):
+            broken.append(cid)
+            continue
+        for c in m.chunks:
+            live.setdefault(m.packs[c.pack], {})[c.offset] = c.stored_len
+        if m.format >= COMPACT_FORMAT:
+            for p in m.packs:
+                users.setdefault(p, set()).add(cid)
+        else:
+            pinned.update(m.packs)  # their locations are part of their ids
+    if broken:
+        bad = ", ".join(c[:12] for c in broken[:8])
+        raise CorruptObject(
+            manifest_key(broken[0]),
+            detail=f"repack refuses to run while manifests are unreadable ({bad}); run `weightbank verify`",
+        )
+    pinned.update(p for p in live if save_id_from_pack(p) in inflight)
+    return live, users, pinned
+
+
+def _moved(m: Manifest, moves: dict[tuple[str, int], tuple[str, int]]) -> Manifest | None:
+    """``m`` with its chunks at their new places (None if none of them moved)."""
+    packs: dict[str, int] = {}
+    chunks: list[ChunkRecord] = []
+    changed = False
+    for c in m.chunks:
+        old = m.packs[c.pack]
+        new = moves.get((old, c.offset))
+        pack, offset = new if new is not None else (old, c.offset)
+        changed |= new is not None
+        chunks.append(dataclasses.replace(c, pack=packs.setdefault(pack, len(packs)), offset=offset))
+    if not changed:
+        return None
+    return dataclasses.replace(m, packs=tuple(packs), chunks=tuple(chunks))
+
+
+def _rewrite(
+    storage: Storage, repack_id: str, cid: str, moves: dict[tuple[str, int], tuple[str, int]]
+) -> bool:
+    """Give manifest ``cid`` its new locations (same content, so the same id); False if it is gone."""
+    try:
+        data, m = read_compact(storage, cid)
+    except MissingObject:
+        return False  # deleted meanwhile
+    moved = _moved(m, moves)
+    if moved is None:
+        return False
+    content, _ = split_object(data, manifest_key(cid))
+    draft = relocate(content, cid, moved)
+    old_keys = {segment_hash_from_key(k): k for k in m.segments}
+    keys = {}
+    for h, text in draft.segments.items():
+        if h in old_keys:
+            keys[h] = old_keys[h]
+        else:
+            keys[h] = segment_key(repack_id, h)
+            storage.write(keys[h], seal_segment(text))
+    storage.write(manifest_key(cid), draft.object(keys))
+    return True
+
+
+def _chosen(
+    storage: Storage, live: dict[str, dict[int, int]], pinned: set[str], min_dead: float
+) -> tuple[list[str], int, int]:
+    """(packs to rewrite, their bytes, their live bytes)."""
+    chosen, total, kept = [], 0, 0
+    for info in storage.list(PACKS):
+        extents = live.get(info.key)
+        if not extents or info.key in pinned or info.size <= 0:
+            continue  # wholly dead (gc's work), pinned, or in flight
+        used = sum(extents.values())
+        if 1 - used / info.size >= min_dead:
+            chosen.append(info.key)
+            total += info.size
+            kept += used
+    return sorted(chosen), total, kept
+
+
+def repack(
+    storage: Storage,
+    catalog: Catalog,
+    *,
+    min_dead: float = DEFAULT_MIN_DEAD,
+    dry_run: bool = False,
+    lease_ttl: float = leases.DEFAULT_TTL,
+    workers: int = 8,
+) -> RepackReport:
+    """Rewrite packs at least ``min_dead`` dead (see the module docstring); what it did."""
+    t0 = time.perf_counter()
+    repack_id = f"{int(time.time()):x}{uuid.uuid4().hex[:20]}"
+    if not dry_run:
+        leases.acquire(storage, repack_id)
+    try:
+        now = time.time()
+        inflight = {lease.save_id for lease in leases.all_leases(storage) if not lease.stale(now, lease_ttl)}
+        inflight.discard(repack_id)
+        live, users, pinned = _survey(storage, inflight, workers)
+        chosen, before, kept = _chosen(storage, live, pinned, min_dead)
+        pinned_count = len(pinned & set(live))
+        if dry_run or not chosen:
+            return RepackReport((), before, kept, (), 0, pinned_count, dry_run, time.perf_counter() - t0)
+        writer = _Writer(storage, repack_id)
+        moves: dict[tuple[str, int], tuple[str, int]] = {}
+        try:
+            for pack in chosen:
+                for offset, n in sorted(live[pack].items()):
+                    data = storage.read(pack, offset, n)
+                    if len(data) != n:
+                        raise CorruptObject(pack, detail=f"pack ends before the chunk at {offset} (+{n})")
+                    moves[(pack, offset)] = writer.append(data)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        releases.begin(storage, repack_id, chosen)
+        touched = sorted({cid for p in chosen for cid in users.get(p, ())})
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(touched)))) as pool:
+            done = list(pool.map(lambda c: _rewrite(storage, repack_id, c, moves), touched))
+        for cid in touched:
+            catalog.evict(cid)
+        releases.stamp(storage, repack_id, chosen)
+        return RepackReport(
+            tuple(chosen),
+            before,
+            writer.bytes,
+            tuple(writer.done),
+            sum(done),
+            pinned_count,
+            False,
+            time.perf_counter() - t0,
+        )
+    finally:
+        if not dry_run:
+            with contextlib.suppress(Exception):
+                leases.release(storage, repack_id)
