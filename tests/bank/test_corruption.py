@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import zstandard
 
 import weightbank as wb
+from weightbank.format.stored import MAGIC, split_object
 
 from ..conftest import seeded
 
@@ -71,8 +73,15 @@ def test_truncated_and_missing_packs(local_bank: wb.Bank) -> None:
 def test_tampered_manifest_detected_by_its_id(local_bank: wb.Bank) -> None:
     info = local_bank.save({"w": torch.ones(4)}, run="r", step=1, metrics={"loss": 1.0})
     path = Path(local_bank.url) / "manifests" / info.id[:2] / f"{info.id}.json"
-    path.write_bytes(path.read_bytes().replace(b'"loss":1.0', b'"loss":0.1'))
-    with pytest.raises(wb.CorruptObject, match="manifest"):
+    content, head = split_object(path.read_bytes(), "m")
+    forged = MAGIC + content.replace(b'"loss":1.0', b'"loss":0.1') + b"\x00" + head
+    path.write_bytes(zstandard.ZstdCompressor().compress(forged))  # a valid frame: only the id can tell
+    with pytest.raises(wb.CorruptObject, match="manifest content changed"):
+        wb.open(local_bank.url).load(info.id)
+    path.write_bytes(
+        zstandard.ZstdCompressor(write_checksum=True).compress(MAGIC + content + b"\x00" + head)[:-3]
+    )
+    with pytest.raises(wb.CorruptObject, match="zstd"):
         wb.open(local_bank.url).load(info.id)
 
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import weightbank as wb
-from weightbank.bank import leases
+from weightbank.bank import leases, marker
 from weightbank.bank.catalog import IndexFallbackWarning
 from weightbank.bank.index.store import ADD, read_entry, read_root
 from weightbank.bank.index.view import list_gens, list_seqs
@@ -661,7 +661,7 @@ def test_a_format_1_bank_reads_by_listing_and_upgrades_once(legacy: Path) -> Non
     assert not list(bank.storage.list_refs("index/")), "reading writes nothing"
     assert bank.upgrade() is True
     assert bank.upgrade() is False
-    assert bank_version(bank.storage) == 2
+    assert bank_version(bank.storage) == marker.BANK_VERSION
     assert json.loads(bank.storage.read(FORMAT_KEY))["format"] == "weightbank"
     assert not bank._catalog.scanning
     _assert_legacy_answers(bank)
@@ -677,7 +677,7 @@ def test_a_format_1_bank_reads_by_listing_and_upgrades_once(legacy: Path) -> Non
 def test_the_first_save_into_a_format_1_bank_upgrades_it(legacy: Path) -> None:
     with wb.open(legacy) as bank:
         info = bank.save({"w": torch.ones(4)}, run="tts", step=4, metrics={"val_loss": 0.1})
-        assert bank_version(bank.storage) == 2
+        assert bank_version(bank.storage) == marker.BANK_VERSION
         assert info.parent == _expected()["steps"]["3"]
     with wb.open(legacy, create=False) as fresh:
         assert not fresh._catalog.scanning
@@ -688,11 +688,36 @@ def test_the_first_save_into_a_format_1_bank_upgrades_it(legacy: Path) -> None:
         assert {p.kind for p in fresh.verify().problems} <= {"orphan"}
 
 
+def test_a_layout_2_bank_turns_3_on_its_first_save_and_keeps_every_old_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bank of the previous release (index, one-document manifests) needs only its marker changed."""
+    path = tmp_path / "b2"
+    with monkeypatch.context() as m:
+        m.setattr(marker, "BANK_VERSION", 2)  # this code, as the release before format-3 manifests
+        with wb.open(path) as old:
+            first = old.save({"w": torch.arange(6.0), "b": torch.ones(2)}, run="r", step=1, tags=["prod"])
+            assert bank_version(old.storage) == 2
+            assert old.checkpoint(first.id).manifest.format == 1
+    raw = (path / manifest_key(first.id)).read_bytes()
+    assert raw.startswith(b"{") and digest(raw) == first.id  # a one-document manifest, named by its bytes
+    with wb.open(path, create=False) as bank:
+        assert bank.resolve("prod") == first.id and torch.equal(bank.load("prod")["w"], torch.arange(6.0))
+        second = bank.save({"w": torch.arange(6.0), "b": torch.zeros(2)}, run="r", step=2)
+        assert bank_version(bank.storage) == marker.BANK_VERSION
+        assert bank.checkpoint(second.id).manifest.format == 3 and second.parent == first.id
+        assert (path / manifest_key(first.id)).read_bytes() == raw  # nothing old was rewritten
+    with wb.open(path, create=False) as fresh:
+        assert [c.id for c in fresh.log("r")] == [second.id, first.id]
+        assert torch.equal(fresh.load(second.id)["w"], torch.arange(6.0))
+        assert fresh.verify().ok
+
+
 def test_a_delete_into_a_format_1_bank_upgrades_it_first(legacy: Path) -> None:
     exp = _expected()
     with wb.open(legacy) as bank:
         bank.delete(str(exp["ft"]))
-        assert bank_version(bank.storage) == 2
+        assert bank_version(bank.storage) == marker.BANK_VERSION
     with wb.open(legacy, create=False) as fresh:
         assert not fresh._catalog.scanning
         assert fresh.runs() == ["dist", "tts"]
@@ -705,15 +730,13 @@ def test_a_bank_marked_by_a_newer_weightbank_is_refused(
     with wb.open(legacy) as bank:
         bank.upgrade()
     # an old reader (this code, believing it reads only format 1) refuses the upgraded bank
-    from weightbank.bank import marker
-
     with monkeypatch.context() as m:
         m.setattr(marker, "BANK_VERSION", 1)
         with pytest.raises(wb.UnsupportedFormat):
             wb.open(legacy, create=False)
-    # and this reader refuses a bank a newer release marked version 3
+    # and this reader refuses a bank a newer release marked with a newer version
     raw = json.loads((legacy / FORMAT_KEY).read_text())
-    (legacy / FORMAT_KEY).write_text(json.dumps({**raw, "version": 3}))
+    (legacy / FORMAT_KEY).write_text(json.dumps({**raw, "version": marker.BANK_VERSION + 1}))
     with pytest.raises(wb.UnsupportedFormat):
         wb.open(legacy, create=False)
     with pytest.raises(wb.UnsupportedFormat):
@@ -722,7 +745,7 @@ def test_a_bank_marked_by_a_newer_weightbank_is_refused(
 
 def test_a_bank_built_on_a_too_new_marker_refuses_to_write(legacy: Path) -> None:
     raw = json.loads((legacy / FORMAT_KEY).read_text())
-    (legacy / FORMAT_KEY).write_text(json.dumps({**raw, "version": 3}))
+    (legacy / FORMAT_KEY).write_text(json.dumps({**raw, "version": marker.BANK_VERSION + 1}))
     with pytest.raises(wb.UnsupportedFormat):
         wb.Bank(LocalStorage(legacy)).save({"w": torch.ones(2)}, run="tts", step=9)
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import weightbank as wb
 from weightbank.bank import leases
-from weightbank.format.manifest import FORMAT_VERSION, SHARDED_FORMAT
+from weightbank.format.manifest import COMPACT_FORMAT
 
 
 def _rows(t: torch.Tensor, n: int) -> list[wb.TensorShard]:
@@ -40,16 +40,16 @@ def test_parts_commit_one_checkpoint_and_release_their_leases() -> None:
     # "b" was written by all three parts (nobody deduplicated it for them): listed once
     assert info.save_stats.written_bytes == w.numel() * 4 + 3 * 12
     m = bank._manifest(info.id)[1]
-    assert m.format == SHARDED_FORMAT and [len(t.shards) for t in m.tensors] == [3, 0]
+    assert m.format == COMPACT_FORMAT and [len(t.shards) for t in m.tensors] == [3, 0]
 
 
-def test_a_whole_piece_is_an_ordinary_tensor_and_the_manifest_stays_format_1() -> None:
+def test_a_whole_piece_is_an_ordinary_tensor() -> None:
     bank = wb.open("memory://")
     w = torch.randn(4, 4)
     part = bank.save_part({"w": wb.TensorShard(w, offsets=(0, 0), shape=(4, 4))})
     info = bank.commit([part])
     m = bank._manifest(info.id)[1]
-    assert m.format == FORMAT_VERSION and not m.tensors[0].shards
+    assert m.format == COMPACT_FORMAT and not m.tensors[0].shards
     # identical to what bank.save makes of the same tensor: same chunks, same content key
     plain = bank.save({"w": w}, run="other")
     assert bank.show(info.id).tensors[0].content_key == bank.show(plain.id).tensors[0].content_key

@@ -66,11 +66,11 @@ def test_upgrade_a_legacy_bank(legacy: Path) -> None:
     assert json.loads((legacy / "weightbank.json").read_text())["version"] == 1
 
     out = flat(ok("upgrade", bank=legacy).stdout)
-    assert out.startswith(f"upgraded {legacy} to bank format 2") and "0.1 and older refuse to open it" in out
-    assert json.loads((legacy / "weightbank.json").read_text())["version"] == 2
+    assert out.startswith(f"upgraded {legacy} to bank format 3") and "older weightbank releases refuse" in out
+    assert json.loads((legacy / "weightbank.json").read_text())["version"] == 3
     assert list((legacy / "index" / "roots").iterdir())
 
-    assert as_json("upgrade", bank=legacy) == {"url": str(legacy), "upgraded": False, "format": 2}
+    assert as_json("upgrade", bank=legacy) == {"url": str(legacy), "upgraded": False, "format": 3}
     assert flat(ok("upgrade", bank=legacy).stdout).endswith("nothing to upgrade")
     after = run("log", "--json", bank=legacy)
     assert after.stderr == "" and json.loads(after.stdout) == json.loads(before.stdout)
@@ -79,7 +79,7 @@ def test_upgrade_a_legacy_bank(legacy: Path) -> None:
 
 
 def test_upgrade_json_on_a_legacy_bank(legacy: Path) -> None:
-    assert as_json("upgrade", bank=legacy) == {"url": str(legacy), "upgraded": True, "format": 2}
+    assert as_json("upgrade", bank=legacy) == {"url": str(legacy), "upgraded": True, "format": 3}
 
 
 def test_upgrade_needs_a_bank(tmp_path: Path) -> None:

@@ -415,7 +415,8 @@ class Catalog:
         with self._lock:
             version = marker.bank_version(self._storage)
             if version >= marker.BANK_VERSION:
-                self.indexed = self.compact_manifests = True
+                self.indexed = True
+                self.compact_manifests = version >= marker.COMPACT_VERSION
                 return False
             if version >= marker.INDEXED_VERSION:
                 marker.mark_indexed(self._storage)  # the index is complete already

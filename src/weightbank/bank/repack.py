@@ -38,10 +38,12 @@ packs are unreferenced and freed by gc) but wasteful: run one at a time.
 Example:
     >>> import torch, weightbank as wb
     >>> bank = wb.open("memory://")
-    >>> for s in range(4): _ = bank.save({"a": torch.full((64,), float(s)), "b": torch.ones(64)}, run="r", step=s, codec="raw", pack_size=1)
-    >>> _ = bank.prune(keep_last=1); report = bank.repack()
-    >>> report.manifests_rewritten, bank.load("r@latest")["a"][0].item()
-    (1, 3.0)
+    >>> for s in range(2): _ = bank.save({"a": torch.full((64,), float(s)), "b": torch.ones(64)}, run="r", step=s, codec="raw")
+    >>> _ = bank.prune(keep_last=1)  # step 0's pack: its "a" is dead, its "b" is step 1's
+    >>> report = bank.repack(); report.manifests_rewritten, len(report.packs_rewritten)
+    (1, 1)
+    >>> bank.gc(grace=0).bytes_freed, bank.load("r@latest")["a"][0].item()
+    (512, 1.0)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Example:
     >>> import typer
     >>> from weightbank.cli.repack import register
     >>> app = typer.Typer(); register(app)
-    >>> [c.name for c in app.registered_commands]
+    >>> [c.name or c.callback.__name__ for c in app.registered_commands]
     ['repack']
 """
 
