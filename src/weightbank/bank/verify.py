@@ -31,7 +31,7 @@ from .catalog import Catalog
 from .chunks import chain_of, decode_record, records_by_hash
 from .events import EventLog
 from .index.records import CatalogRecord
-from .layout import MANIFESTS, PACKS, manifest_key, tag_key
+from .layout import MANIFESTS, PACKS, SEGMENTS, manifest_key, tag_key
 from .listing import scan_manifests
 from .results import DuReport, VerifyProblem, VerifyReport
 from .tags import TagStore
@@ -302,7 +302,8 @@ def disk_usage(storage: Storage, catalog: Catalog) -> DuReport:
         pack_bytes += info.size
         if info.key not in needed:
             orphan += info.size
-    manifest_bytes = sum(info.size for info in storage.list(MANIFESTS))
+    # A format-3 manifest is its object and its segments (shared between checkpoints: counted once).
+    manifest_bytes = sum(info.size for prefix in (MANIFESTS, SEGMENTS) for info in storage.list(prefix))
     return DuReport(
         checkpoints=n,
         logical_bytes=logical,
