@@ -10,9 +10,11 @@ Every read is verified against the chunk hashes like any load, and uses the
 bank's storage, load threads and disk cache as they are at the time of the
 read (:class:`ReadOptions`, from :meth:`Bank.read_options <weightbank.Bank.read_options>`).
 
-A checkpoint is immutable, so a handle never goes stale; a handle kept after
-the checkpoint was deleted reads its data until ``gc`` removes it (then a
-read raises MissingObject), as an open file outlives its name.
+A checkpoint's content is immutable, so a handle never goes stale: when a
+``repack`` has moved its chunks and ``gc`` has freed the old packs, ``read``
+and ``read_regions`` read the manifest's new locations and go on. A handle
+kept after the checkpoint was deleted reads its data until ``gc`` removes it
+(then a read raises MissingObject), as an open file outlives its name.
 
 Example:
     >>> import torch, weightbank as wb
@@ -27,20 +29,23 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from ..errors import IncompatibleState
-from ..format.manifest import Manifest
+from ..errors import IncompatibleState, MissingObject
+from ..format.manifest import COMPACT_FORMAT, Manifest
 from ..format.tree import tensor_indices, unflatten
 from ..storage.base import Storage
 from ..storage.diskcache import DiskCache
+from .layout import PACKS
 from .reader import check_device
 from .results import CheckpointInfo
 from .shards import Region, iter_regions, read_assembled, read_regions
 
 __all__ = ["Checkpoint", "ReadOptions"]
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ class ReadOptions:
     """The bank's load threads (kept across reads: a small read pays no thread start-up)."""
     cache: DiskCache | None
     """The local disk cache reads go through first (None: they read storage)."""
+    fresh: Callable[[str], Manifest | None] | None = None
+    """The manifest of an id as storage holds it now (None if gone): how a read follows a repack."""
 
     def kwargs(self) -> dict[str, Any]:
         """The keyword arguments (``workers``, ``pool``, ``cache``) of the readers in :mod:`weightbank.bank.reader`.
@@ -125,15 +132,25 @@ class Checkpoint:
         """
         dev = check_device(device)
         opts = self.options()
-        return read_assembled(
-            opts.storage,
-            self.id,
-            self.manifest,
-            indices,
-            device=dev,
-            into=None if into is None else dict(into),
-            **opts.kwargs(),
+        target = None if into is None else dict(into)
+        return self._moved_ok(
+            opts,
+            lambda m: read_assembled(
+                opts.storage, self.id, m, indices, device=dev, into=target, **opts.kwargs()
+            ),
         )
+
+    def _moved_ok(self, opts: ReadOptions, read: Callable[[Manifest], _T]) -> _T:
+        """``read(manifest)``, once more with the manifest's new locations if a repack moved its chunks."""
+        try:
+            return read(self.manifest)
+        except MissingObject as e:
+            if opts.fresh is None or self.manifest.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
+                raise
+            moved = opts.fresh(self.id)
+            if moved is None or moved.packs == self.manifest.packs:
+                raise
+            return read(moved)
 
     def load_tensors(
         self, names: Sequence[str], *, device: str | torch.device | None = None
@@ -204,4 +221,6 @@ class Checkpoint:
             [[2.0, 3.0]]
         """
         opts = self.options()
-        return read_regions(opts.storage, self.id, self.manifest, regions, **opts.kwargs())
+        return self._moved_ok(
+            opts, lambda m: read_regions(opts.storage, self.id, m, regions, **opts.kwargs())
+        )

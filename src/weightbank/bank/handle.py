@@ -94,4 +94,10 @@ class Handles:
             >>> bank.read_options().workers, bank.read_options().pool is bank.read_options().pool
             (2, True)
         """
-        return ReadOptions(storage=self.storage, workers=self.workers, pool=self._pool(), cache=self.cache)
+        return ReadOptions(
+            storage=self.storage,
+            workers=self.workers,
+            pool=self._pool(),
+            cache=self.cache,
+            fresh=self._catalog.fresh,
+        )
