@@ -18,8 +18,18 @@ instant.
 * a pack holding any chunk of a live manifest, or of a trashed manifest
   deleted after the oldest live lease began or after gc itself began;
 * a pack written by a save that still holds a live lease;
+* a pack a repack released (:mod:`.releases`) while its record has no time,
+  or was stamped after the oldest live lease began or within ``grace``: a
+  reader or a save may still hold the old locations;
 * anything younger than ``grace`` seconds (covers clock skew and saves whose
   lease this gc could not see yet).
+
+Manifest segments (``segments/``, the shared tables of format-3 manifests)
+follow the packs' rules: they are named by the save that wrote them, kept
+while a live or protected trashed manifest names them, while that save's
+lease lives, and while younger than ``grace``. A save names a segment it did
+not write only if its parent's manifest, read after the lease began, names
+it — the same argument as for the chunks it reuses.
 
 Leases are listed *before* manifests are read, so a save that starts after
 that listing only reuses chunks of manifests this gc sees as live (or trashed
@@ -194,7 +204,7 @@ def gc(
     dry_run: bool = False,
     workers: int = 8,
 ) -> GcReport:
-    """Remove unreferenced packs (see module docstring for what is never removed)."""
+    """Remove unreferenced packs and manifest segments (see module docstring for what is never removed)."""
     # Entries of deletes that crashed before stamping: their manifests were gone by `gone_by`,
     # strictly before this gc begins (time.time() can repeat a value: order them explicitly).
     crashed = _crashed_deletes(storage)
