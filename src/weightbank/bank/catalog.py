@@ -41,6 +41,7 @@ from ..format.hashing import digest
 from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..storage.base import Storage
 from . import marker
+from .index import bloom
 from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
 from .index.records import CatalogRecord
 from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, raise_head, read_head, read_root
@@ -330,7 +331,9 @@ class Catalog:
         if not self.indexed:
             return
         record = CatalogRecord.of(cid, manifest)
-        self._claim(lambda seq: LogEntry(seq, ADD, cid, record, tuple(save_ids), tuple(wrote)))
+        own = set(wrote)
+        chunks = bloom.build(c.hash for c in manifest.chunks if manifest.packs[c.pack] in own)
+        self._claim(lambda seq: LogEntry(seq, ADD, cid, record, tuple(save_ids), tuple(wrote), chunks))
 
     def tombstone(self, cid: str) -> None:
         """Record that ``cid`` is being deleted (call before its manifest is removed)."""
@@ -456,8 +459,12 @@ class ChunkFinder:
         self._known: dict[str, ChunkLocation] = {}
         self._buckets: dict[str, dict[str, str]] = {}
         self._owners: dict[str, bool] = {}
-        # Checkpoints committed since the last compaction: read only on the first miss of the buckets.
-        self._pending: list[str] | None = sorted(view.added) if isinstance(view, Snapshot) else None
+        # Checkpoints committed since the last compaction, each with the filter of the chunks it wrote
+        # (None: unknown), read only when a bucket misses a chunk their filter may hold.
+        self._pending: dict[str, bytes | None] = {}
+        if isinstance(view, Snapshot):
+            filters = {e.id: e.chunks for e in view.entries.values() if e.op == ADD}
+            self._pending = {cid: filters.get(cid) for cid in sorted(view.added)}
         if isinstance(view, ScanView):
             for cid in sorted(view.records):
                 self._index(cid)
@@ -491,8 +498,9 @@ class ChunkFinder:
                 self._owners[owner] = self._index(owner)
             loc = self._known.get(h)
             if loc is None and self._pending:
-                pending, self._pending = self._pending, None
-                for cid in pending:
+                maybe = [c for c, f in self._pending.items() if f is None or bloom.may_contain(f, h)]
+                for cid in maybe:
+                    del self._pending[cid]
                     self._index(cid)
                 loc = self._known.get(h)
             return loc

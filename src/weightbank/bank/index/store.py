@@ -39,6 +39,7 @@ from ...format.schema import hex_digest, typed
 from ...format.sealed import seal, unseal
 from ...storage.base import Storage
 from ..layout import INDEX_HEAD, INDEX_PAGES, is_pack_key, log_key, page_key, root_key
+from . import bloom
 from .records import CatalogRecord
 
 __all__ = [
@@ -107,6 +108,9 @@ class LogEntry:
     record: CatalogRecord | None = None
     save_ids: tuple[str, ...] = ()
     wrote: tuple[str, ...] = ()  # packs the save wrote (their chunks go into the chunk index)
+    #: A Bloom filter of the chunks the save wrote (:mod:`.bloom`), its bit array; None: not known
+    #: (an entry of an older release, which a save must read the manifest of to know).
+    chunks: bytes | None = None
 
     def to_bytes(self) -> bytes:
         body: dict[str, Any] = {
@@ -117,6 +121,8 @@ class LogEntry:
             "save_ids": list(self.save_ids),
             "wrote": list(self.wrote),
         }
+        if self.chunks is not None:
+            body["chunks"] = bloom.encode(self.chunks)
         return seal(body)
 
 
@@ -139,11 +145,12 @@ def read_entry(storage: Storage, seq: int) -> LogEntry | None:
         wrote = tuple(typed(x, str, "pack") for x in typed(body["wrote"], list, "wrote"))
         if not all(is_pack_key(p) for p in wrote):
             raise ValueError("entry names something that is not a pack key")
+        chunks = None if body.get("chunks") is None else bloom.check(body["chunks"])
     except CorruptObject as e:
         raise IndexDamaged(key, e.detail or str(e)) from None
     except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise IndexDamaged(key, f"malformed entry ({type(e).__name__}: {e})") from None
-    return LogEntry(seq, op, cid, record, save_ids, wrote)
+    return LogEntry(seq, op, cid, record, save_ids, wrote, chunks)
 
 
 def put_entry(storage: Storage, entry: LogEntry) -> bool:
