@@ -22,15 +22,13 @@ Each attack in :data:`ATTACKS` is planted where it makes sense:
   and ``repack`` refuse.
 
 A readable head that moves a chunk inside its pack is caught by the chunk's
-hash: a CorruptObject, never other bytes. Two bugs of e905294 are strict
-xfails while their fixes (in progress when these were written) are absent:
-frames past ``MAX_TEXT`` decompress whole, and ``verify(ref)`` checks a
-cached manifest rather than the stored object.
+hash: a CorruptObject, never other bytes. Frames past ``MAX_TEXT`` (declared
+or not) are refused before they are decompressed, and ``verify(ref)`` checks
+the stored object, not a cached manifest (two bugs these tests found).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from collections.abc import Callable
@@ -43,7 +41,6 @@ import torch
 import zstandard
 
 import weightbank as wb
-from weightbank.bank import verify as verify_mod
 from weightbank.bank.layout import manifest_key, segment_hash_from_key, segment_key
 from weightbank.errors import WeightbankError
 from weightbank.format import stored
@@ -711,17 +708,8 @@ def _declared_size(frame: bytes, size: int) -> bytes:
 
 
 #: The bound on decompressed manifest objects and segments (MAX_TEXT) is not applied before
-#: weightbank.format.frames (a change in progress when these tests were written): xfail until it exists.
-UNBOUNDED_FRAMES = importlib.util.find_spec("weightbank.format.frames") is None
 
 
-@pytest.mark.xfail(
-    UNBOUNDED_FRAMES,
-    strict=True,
-    raises=MemoryError,
-    reason="bug: stored._decompress trusts a frame's declared content size (max_output_size is ignored "
-    "when the header has one), so a 28-byte object claiming 2**62 bytes raises MemoryError, untyped",
-)
 def test_a_frame_declaring_a_huge_content_size_is_corrupt(sample: Sample) -> None:
     small = zstandard.ZstdCompressor(write_checksum=True, write_content_size=False).compress(MAGIC + b"{}")
     bomb = _declared_size(small, 1 << 62)
@@ -731,12 +719,6 @@ def test_a_frame_declaring_a_huge_content_size_is_corrupt(sample: Sample) -> Non
     still_usable(sample, bad_refs=(bad,))
 
 
-@pytest.mark.xfail(
-    UNBOUNDED_FRAMES,
-    strict=True,
-    reason="bug: stored._decompress passes max_output_size=MAX_TEXT, which zstandard ignores for a frame "
-    "whose header declares its content size (every frame zstandard writes): a manifest past MAX_TEXT loads",
-)
 def test_a_manifest_past_max_text_is_refused(sample: Sample, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stored, "MAX_TEXT", 8 << 10)
     s = Stored.of(sample.root, sample.second)
@@ -747,12 +729,6 @@ def test_a_manifest_past_max_text_is_refused(sample: Sample, monkeypatch: pytest
     _refused_everywhere(sample, cid, wb.CorruptObject)
 
 
-@pytest.mark.xfail(
-    UNBOUNDED_FRAMES,
-    strict=True,
-    reason="bug: open_segment decompresses with the same unbounded call: a segment past MAX_TEXT is "
-    "decompressed whole before its size is compared",
-)
 def test_a_segment_past_max_text_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(stored, "MAX_TEXT", 8 << 10)
     text = b" " * (64 << 10)
@@ -802,29 +778,11 @@ def test_a_process_loads_a_checkpoint_another_one_repacked(tmp_path: Path) -> No
     assert bank.verify(cid).ok and bank.verify().ok
 
 
-#: verify(ref) checks the catalog's cached manifest until verify.py reads the stored one (``_fresh``, a fix
-#: in progress when these tests were written): xfail until it exists.
-VERIFY_USES_CACHE = not hasattr(verify_mod, "_fresh")
-
-
-@pytest.mark.xfail(
-    VERIFY_USES_CACHE,
-    strict=True,
-    reason="bug: Bank.verify(ref) checks the manifest the catalog cached (verify.py, verify(): "
-    "`catalog.get(cid)` for named ids), not the stored object; a format-3 head changes under its id, so "
-    "after another process's repack + gc it reports the healthy checkpoint's old pack as missing",
-)
 def test_verify_of_one_checkpoint_reads_the_locations_stored_now(tmp_path: Path) -> None:
     bank, cid = _repacked_elsewhere(tmp_path / "bank")
     assert bank.verify(cid).problems == ()
 
 
-@pytest.mark.xfail(
-    VERIFY_USES_CACHE,
-    strict=True,
-    reason="bug: Bank.verify(ref) checks the catalog's cached manifest, not the stored object (verify.py, "
-    "verify(): `catalog.get(cid)`): a location head damaged after this process read it is not reported",
-)
 def test_verify_of_one_checkpoint_sees_its_damaged_head(sample: Sample) -> None:
     sample.bank.load(sample.first)  # this process has read (and cached) the manifest
     _craft(sample, sample.first, ATTACKS["location rows fewer than content chunk rows"][0], copy=False)

@@ -36,7 +36,7 @@ from weightbank.bank.listing import ScanView, scan_manifests
 from weightbank.bank.refs import resolve
 from weightbank.bank.tags import TagStore
 from weightbank.format.hashing import digest
-from weightbank.format.manifest import Manifest
+from weightbank.format.manifest import FORMAT_VERSION, SHARDED_FORMAT, Manifest
 from weightbank.storage.base import Storage
 from weightbank.storage.memory import MemoryStorage
 
@@ -50,6 +50,7 @@ __all__ = [
     "index_snapshot",
     "missing_page_root",
     "newest_root",
+    "one_document",
     "oracle",
     "outcomes",
     "pending_seqs",
@@ -249,8 +250,16 @@ def pending_seqs(storage: Storage) -> list[int]:
 # -- crafted commits -----------------------------------------------------------------------------
 
 
+def one_document(manifest: Manifest) -> Manifest:
+    """``manifest`` as a format-1/2 document (id = hash of its bytes): what crafted commits write, simply."""
+    return dataclasses.replace(
+        manifest, format=SHARDED_FORMAT if manifest.sharded else FORMAT_VERSION, segments=()
+    )
+
+
 def commit_copy(bank: wb.Bank, manifest: Manifest) -> str:
     """Commit ``manifest`` (a copy of a committed one, other metadata) as a save's commit does: entry, manifest."""
+    manifest = one_document(manifest)
     data = manifest.to_bytes()
     cid = digest(data)
     bank._catalog.intend(cid, manifest, [], [])
@@ -266,6 +275,7 @@ def twins(manifest: Manifest, run: str, limit: int = 200_000) -> tuple[Manifest,
     so it ends within a second or two.
     """
     marker = "twin-0000000000"
+    manifest = one_document(manifest)
     template = dataclasses.replace(manifest, run=run, message=marker).to_bytes()
     assert template.count(marker.encode()) == 1
     seen: dict[str, str] = {}

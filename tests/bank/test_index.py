@@ -57,6 +57,7 @@ from .indexcheck import (
     garble_ref,
     index_snapshot,
     missing_page_root,
+    one_document,
     oracle,
     outcomes,
     pending_seqs,
@@ -480,6 +481,7 @@ def test_a_checkpoint_deleted_by_another_process_stops_resolving(tmp_path: Path)
 def _uncommitted(bank: wb.Bank, like: str, step: int) -> tuple[str, Manifest]:
     """A manifest a save would have written (a copy of ``like`` at ``step``, created now): (id, manifest)."""
     m = dataclasses.replace(bank._catalog.get(like), step=step, created=time.time(), message="in flight")
+    m = one_document(m)
     return digest(m.to_bytes()), m
 
 

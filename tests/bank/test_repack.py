@@ -20,8 +20,8 @@ check the whole contract:
 8. gc and release records (unstamped, stamped, damaged, left by a dead repack);
 9. manifest segments are collected with their checkpoints.
 
-Tests marked ``xfail(strict=True)`` show bugs found while writing these
-(each reason says what goes wrong).
+The races and crossings of a delete, a save in flight and a load with a
+repack (tests 5) are the bugs these tests found first; each is fixed.
 """
 
 from __future__ import annotations
@@ -378,7 +378,8 @@ def test_packs_of_the_legacy_format_1_manifests_are_pinned(legacy: Path) -> None
         report = bank.repack(min_dead=0.005)
         assert (dry.bytes_before, dry.bytes_copied) == (report.bytes_before, report.bytes_copied)
         assert set(report.packs_rewritten) == new_packs
-        assert report.packs_pinned == dry.packs_pinned == len(old_packs)
+        # Counted: the pinned packs at least min_dead dead (the others would stay anyway).
+        assert report.packs_pinned == dry.packs_pinned >= 1
         assert report.manifests_rewritten == 1
         bank.gc(grace=0)
         assert old_packs <= pack_keys(bank.storage)
@@ -491,12 +492,6 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
         assert (real.bytes_before, real.bytes_copied) == (dry.bytes_before, dry.bytes_copied)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repack(dry_run=True) returns packs_rewritten=() whatever it would rewrite (repack.py: the "
-    "early `return RepackReport((), before, kept, ...)` for `dry_run or not chosen`), so the report "
-    "contradicts its own bytes_before and `weightbank repack --dry-run` prints 'nothing to repack'",
-)
 def test_dry_run_lists_the_packs_it_would_rewrite(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=3)
     with wb.open(hd.path, create=False) as bank:
@@ -686,31 +681,42 @@ def test_a_save_in_flight_in_a_thread_across_repack_and_gc(tmp_path: Path) -> No
     assert_compact(hd.path, [*hd.slim, info.id])
 
 
-def test_two_repacks_at_once_leave_every_manifest_at_one_of_them(tmp_path: Path) -> None:
-    """A second repack runs to the end while the first is between its new packs and its record:
-    each manifest ends at one repack's packs, the other's are unreferenced, and gc frees them."""
+def test_a_second_repack_is_refused_while_one_runs(tmp_path: Path) -> None:
+    """Two repacks at once could each move a manifest's chunks while a save reuses them: the second,
+    started while the first is between its new packs and its record, is refused and writes nothing."""
     hd = build_half_dead(tmp_path / "bank", pairs=3)
-    second: list[wb.RepackReport] = []
+    refused: list[BaseException] = []
 
     def on_op(n: int, name: str, key: str) -> None:
-        if name == "write" and key.startswith(RELEASED) and not second:
+        if name == "write" and key.startswith(RELEASED) and not refused:
             with wb.open(hd.path, create=False) as other:
-                second.append(other.repack())
+                try:
+                    other.repack()
+                except wb.ConcurrentUpdate as e:
+                    refused.append(e)
 
     first = wb.Bank(FaultStorage(LocalStorage(hd.path), on_op=on_op), workers=2).repack()
-    (late,) = second
-    assert set(first.packs_rewritten) == set(late.packs_rewritten)
-    assert late.manifests_rewritten == len(hd.slim)
-    assert first.manifests_rewritten == 0  # its moves no longer match the manifests' places
+    (error,) = refused
+    assert "repack lock is held" in str(error)
+    assert first.manifests_rewritten == len(hd.slim)
     assert_loads(hd.path, hd.states)
     with wb.open(hd.path, create=False) as bank:
-        for cid in hd.slim:
-            assert set(manifest(bank.storage, cid).packs) <= set(late.packs_written)
-        report = bank.gc(grace=0)
-        assert set(first.packs_written) <= set(report.packs_deleted)
+        assert not list(bank.storage.list_refs("refs/locks/")), "the lock goes with its repack"
+        assert bank.repack().packs_rewritten == ()  # nothing left to do, and the lock is free again
         collect(bank)
     assert_loads(hd.path, hd.states)
     assert_compact(hd.path, hd.slim)
+
+
+def test_a_stale_repack_lock_is_taken_over(tmp_path: Path) -> None:
+    """A repack that died holding the lock (its pid is gone) does not block the next one."""
+    hd = build_half_dead(tmp_path / "bank", pairs=2)
+    body = {"holder": "dead", "host": socket.gethostname(), "pid": dead_pid(), "started": time.time()}
+    LocalStorage(hd.path).put_ref("refs/locks/repack.json", seal(body), None)
+    with wb.open(hd.path, create=False) as bank:
+        assert bank.repack().manifests_rewritten == len(hd.slim)
+        collect(bank)
+    assert_loads(hd.path, hd.states)
 
 
 def test_a_repack_while_a_save_commits_a_child(tmp_path: Path) -> None:
@@ -1011,12 +1017,6 @@ def test_gc_refuses_to_run_on_a_damaged_release_record(tmp_path: Path, damage: s
         assert s.exists(pack), "gc deleted data while refusing"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify() does not read release records: gc refuses to run on a damaged one and says "
-    "'run `weightbank verify`', yet verify reports the bank ok (verify.py _record_problems checks "
-    "tags, events, trash and leases only)",
-)
 def test_verify_reports_a_damaged_release_record(tmp_path: Path) -> None:
     with wb.open(tmp_path / "bank") as bank:
         bank.save({"w": noise(0, 64)})
@@ -1105,14 +1105,6 @@ def _location_segment_bank(path: Path, k: int = 1500) -> tuple[str, dict[str, to
     return p.id, keep
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repack replaces a manifest's location segments but its release record lists only packs: "
-    "a save in flight that read the parent before the repack names the parent's old location segments "
-    "(SavePart.segments, parts._place_segments does not rewrite 'known' ones), gc(grace=0) deletes them "
-    "(no live manifest names them, their save id is not in flight), and the commit publishes a manifest "
-    "whose segment is gone: the checkpoint is unreadable and gc refuses to run",
-)
 def test_a_save_in_flight_keeps_the_location_segments_it_shares_with_a_repacked_parent(
     tmp_path: Path,
 ) -> None:
@@ -1143,12 +1135,6 @@ class _AfterRead(FaultStorage):
         return data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a load that read a manifest object just before a repack rewrote it reads the old location "
-    "segments next; gc frees those at once whatever the grace (their mtime is old and no release record "
-    "covers segments), so the load fails with CorruptObject 'segment ... is gone' instead of reading again",
-)
 def test_a_load_reading_a_manifest_while_it_is_repacked_and_collected(tmp_path: Path) -> None:
     path = tmp_path / "bank"
     parent, keep = _location_segment_bank(path)
@@ -1156,12 +1142,6 @@ def test_a_load_reading_a_manifest_while_it_is_repacked_and_collected(tmp_path: 
     assert_same_state(reader.load(parent), keep)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="repack._rewrite reads a manifest, then writes it back unconditionally: a delete that lands "
-    "in between (trash entry written, manifest removed) is undone — the deleted checkpoint reappears in "
-    "log() and loads again, though delete() returned",
-)
 def test_a_checkpoint_deleted_while_repack_rewrites_it_stays_deleted(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     victim = hd.slim[0]
@@ -1179,13 +1159,6 @@ def test_a_checkpoint_deleted_while_repack_rewrites_it_stays_deleted(tmp_path: P
         assert not fresh.storage.exists(manifest_key(victim))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="delete()/prune() trash the manifest the bank has cached (Catalog.get), not the one stored: "
-    "after another bank's repack the trash entry names the old packs, so gc frees the new pack that a "
-    "save in flight (which read the parent fresh, after its lease began) reuses; its commit then fails "
-    "with MissingObject",
-)
 def test_delete_with_a_stale_cached_manifest_keeps_what_a_save_in_flight_reuses(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     parent = hd.slim[1]
@@ -1204,11 +1177,6 @@ def test_delete_with_a_stale_cached_manifest_keeps_what_a_save_in_flight_reuses(
     assert_loads(hd.path, {info.id: {"keep": hd.states[parent]["keep"]}})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Bank.prefetch uses the cached manifest and has no retry: after another bank's repack + gc "
-    "it raises MissingObject for a live checkpoint (Bank.load of the same ref works)",
-)
 def test_prefetch_after_another_bank_repacks_and_collects(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     with wb.open(hd.path, create=False, cache=tmp_path / "cache") as bank:
@@ -1218,11 +1186,6 @@ def test_prefetch_after_another_bank_repacks_and_collects(tmp_path: Path) -> Non
     assert report.enabled
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify(ref) checks the manifest the bank has cached (verify.py: `catalog.get(cid)` for named "
-    "ids): after another bank's repack + gc it reports the healthy checkpoint's old pack as missing",
-)
 def test_verify_of_one_checkpoint_after_another_bank_repacks_and_collects(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     with wb.open(hd.path, create=False) as bank:
@@ -1232,12 +1195,6 @@ def test_verify_of_one_checkpoint_after_another_bank_repacks_and_collects(tmp_pa
         assert bank.verify(hd.slim[0]).problems == ()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prune's bytes_freed (maintenance.packs_freed) reads the packs from the catalog index's "
-    "records, which a repack does not update: after repack + gc it names packs that are gone and "
-    "reports 0 bytes for a prune that frees the whole new pack",
-)
 def test_prune_estimate_after_a_repack(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     with wb.open(hd.path, create=False) as bank:

@@ -15,9 +15,9 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -63,6 +63,8 @@ from .upkeep import Upkeep
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
 
 __all__ = ["AUTO", "Auto", "Bank", "CheckpointDetail", "open"]
+
+_T = TypeVar("_T")
 
 
 #: Load threads of a remote bank: its reads mostly wait on the network.
@@ -164,20 +166,26 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
     def _read(self, cid: str, m: Manifest, idx: Sequence[int], **kw: Any) -> dict[int, torch.Tensor]:
         """``read_tensors`` (sharded tensors assembled) with this bank's storage, workers, pool and disk cache."""
         pool, cache = self._pool(), self.cache
+        return self._following(
+            cid,
+            m,
+            lambda mm: read_assembled(
+                self.storage, cid, mm, idx, workers=self.workers, pool=pool, cache=cache, **kw
+            ),
+        )
+
+    def _following(self, cid: str, m: Manifest, read: Callable[[Manifest], _T]) -> _T:
+        """``read(m)``; once more with the manifest as stored now if a repack moved its chunks since ``m``
+        was read (and gc freed the old packs)."""
         try:
-            return read_assembled(
-                self.storage, cid, m, idx, workers=self.workers, pool=pool, cache=cache, **kw
-            )
+            return read(m)
         except MissingObject as e:
             if m.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
                 raise
-            # A repack moved its chunks since ``m`` was read (and gc freed the old packs): read again.
             moved = self._catalog.fresh(cid)
             if moved is None or moved.packs == m.packs:
                 raise
-            return read_assembled(
-                self.storage, cid, moved, idx, workers=self.workers, pool=pool, cache=cache, **kw
-            )
+            return read(moved)
 
     def close(self) -> None:
         """Release the backend's resources and worker threads (reopen with :func:`open`)."""
@@ -413,7 +421,9 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
         """
         cid, m = self._manifest(ref)
         chosen = _select([t.name for t in m.tensors], select)
-        return caching.prefetch(self.storage, self.cache, cid, m, chosen, self._pool())
+        return self._following(
+            cid, m, lambda mm: caching.prefetch(self.storage, self.cache, cid, mm, chosen, self._pool())
+        )
 
     # -- inspection ---------------------------------------------------------------
     def log(self, run: str | None = None, *, limit: int | None = None) -> list[CheckpointInfo]:

@@ -211,8 +211,9 @@ class Catalog:
             return m
         if err is not None:
             raise err
-        m = read_manifest(self._storage, cid)
-        self._remember(cid, m)
+        data = self._storage.read(manifest_key(cid))
+        m = read_manifest(self._storage, cid, data)
+        self._remember(cid, m, data)
         return m
 
     def fresh(self, cid: str) -> Manifest | None:
@@ -246,14 +247,17 @@ class Catalog:
         except MissingObject:
             self.evict(cid)
             return None
-        self._remember(cid, m)
-        with self._lock:
-            self._stored[cid] = now
+        self._remember(cid, m, data)
         return m
 
-    def _remember(self, cid: str, m: Manifest) -> None:
+    def _remember(self, cid: str, m: Manifest, stored: bytes | None = None) -> None:
+        """Cache ``m``; ``stored``: the object it was read from (what :meth:`fresh` compares with)."""
         with self._lock:
             self._manifests[cid] = m
+            if stored is not None and m.format >= COMPACT_FORMAT:
+                self._stored[cid] = digest(stored)
+            else:
+                self._stored.pop(cid, None)
             while len(self._manifests) > MANIFEST_CACHE:
                 gone, _ = self._manifests.popitem(last=False)
                 self._stored.pop(gone, None)
@@ -263,6 +267,7 @@ class Catalog:
         with self._lock:
             self._manifests.pop(cid, None)
             self._stored.pop(cid, None)
+            self._listed.pop(cid, None)
 
     def exists(self, cid: str) -> bool:
         """Whether checkpoint ``cid`` is committed and not deleted (its manifest decides)."""
@@ -341,9 +346,9 @@ class Catalog:
             return
         self._claim(lambda seq: LogEntry(seq, DEL, cid))
 
-    def add(self, cid: str, manifest: Manifest) -> None:
-        """This process just committed ``cid``: see it without a refresh."""
-        self._remember(cid, manifest)
+    def add(self, cid: str, manifest: Manifest, stored: bytes | None = None) -> None:
+        """This process just committed ``cid`` (``stored``: its manifest object): see it without a refresh."""
+        self._remember(cid, manifest, stored)
         with self._lock:
             view = self._view
             if isinstance(view, Snapshot):
@@ -465,26 +470,53 @@ class ChunkFinder:
         if isinstance(view, Snapshot):
             filters = {e.id: e.chunks for e in view.entries.values() if e.op == ADD}
             self._pending = {cid: filters.get(cid) for cid in sorted(view.added)}
+        # Format-3 manifests indexed from the listing's cache, whose locations must be read again
+        # before one is used (a repack may have moved them): by hash, the checkpoint to ask.
+        self._unchecked: dict[str, str] = {}
         if isinstance(view, ScanView):
+            # The listing was taken after the lease began: each of these existed then.
             for cid in sorted(view.records):
-                self._index(cid)
+                self._index(cid, listed=True)
 
-    def _index(self, cid: str) -> bool:
+    def _index(self, cid: str, *, listed: bool = False) -> bool:
         try:
             # Read now, after the lease began: it exists, and its locations are today's.
-            m = self._catalog.fresh(cid)
+            m = self._catalog.get(cid) if listed else self._catalog.fresh(cid)
         except (MissingObject, CorruptObject, UnsupportedFormat, FileNotFoundError):
             return False
         if m is None:
             return False
         for c in m.chunks:
-            self._known.setdefault(c.hash, (m.packs[c.pack], c))
+            if c.hash not in self._known:
+                self._known[c.hash] = (m.packs[c.pack], c)
+                if listed and m.format >= COMPACT_FORMAT:
+                    self._unchecked[c.hash] = cid
         return True
+
+    def _checked(self, h: str, loc: ChunkLocation | None) -> ChunkLocation | None:
+        owner = self._unchecked.pop(h, None)
+        if loc is None or owner is None:
+            return loc
+        try:
+            m = self._catalog.fresh(owner)
+        except (MissingObject, CorruptObject, UnsupportedFormat, FileNotFoundError):
+            m = None
+        rec = None if m is None else next((c for c in m.chunks if c.hash == h), None)
+        self._known.pop(h, None)
+        for k in [k for k, v in self._unchecked.items() if v == owner]:
+            del self._unchecked[k]
+            self._known.pop(k, None)  # gone, or to be taken from its fresh manifest below
+        if m is not None:
+            for c in m.chunks:
+                self._known[c.hash] = (m.packs[c.pack], c)
+        return None if m is None or rec is None else (m.packs[rec.pack], rec)
 
     def get(self, h: str) -> ChunkLocation | None:
         with self._lock:
             loc = self._known.get(h)
-            if loc is not None or not isinstance(self._view, Snapshot):
+            if not isinstance(self._view, Snapshot):
+                return self._checked(h, loc)
+            if loc is not None:
                 return loc
             b = h[:2]
             if b not in self._buckets:

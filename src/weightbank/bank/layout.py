@@ -8,6 +8,7 @@
     segments/<hh>/<save-id>.<hash>.zst  part of a format-3 manifest (its body or locations), written by one save
     refs/tags/<name>.json             tag target + full history (compare-and-swap)
     refs/events/<run>.json            the run's event log (rollbacks, preemptions...)
+    refs/locks/<name>.json            an exclusive maintenance lock (repack)
     leases/<save-id>.json             a save in flight (gc keeps its data)
     trash/<checkpoint-id>.json        deleted manifests, kept until gc may drop their data
     released/<repack-id>.json         packs a repack moved out of, kept until gc may drop them
@@ -41,6 +42,7 @@ __all__ = [
     "INDEX_PAGES",
     "INDEX_ROOTS",
     "LEASES",
+    "LOCKS",
     "MANIFESTS",
     "PACKS",
     "QUARANTINE",
@@ -53,6 +55,7 @@ __all__ = [
     "is_pack_key",
     "is_segment_key",
     "lease_key",
+    "lock_key",
     "log_key",
     "log_seq_from_key",
     "manifest_id_from_key",
@@ -78,6 +81,7 @@ MANIFESTS = "manifests/"
 SEGMENTS = "segments/"
 TAGS = "refs/tags/"
 EVENTS = "refs/events/"
+LOCKS = "refs/locks/"
 LEASES = "leases/"
 TRASH = "trash/"
 RELEASED = "released/"
@@ -239,6 +243,10 @@ def tag_key(name: str) -> str:
 
 def release_key(repack_id: str) -> str:
     return f"{RELEASED}{check_name('repack', repack_id)}.json"
+
+
+def lock_key(name: str) -> str:
+    return f"{LOCKS}{check_name('lock', name)}.json"
 
 
 def lease_key(save_id: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import uuid
 from dataclasses import dataclass
 
 from .._process import pid_alive
@@ -30,7 +31,7 @@ from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from .layout import LEASES, lease_key
 
-__all__ = ["DEFAULT_TTL", "Lease", "acquire", "all_leases", "live", "release"]
+__all__ = ["DEFAULT_TTL", "Lease", "acquire", "all_leases", "live", "new_id", "release"]
 
 #: A lease older than this (seconds) is presumed dead even if its process cannot be checked.
 DEFAULT_TTL = 24 * 3600.0
@@ -54,6 +55,11 @@ class Lease:
 
 
 _LEGACY_KEYS = ("save", "host", "pid", "started")
+
+
+def new_id() -> str:
+    """A fresh save id (hex seconds, then randomness): what names a save's lease, packs and segments."""
+    return f"{int(time.time()):x}{uuid.uuid4().hex[:20]}"
 
 
 def acquire(storage: Storage, save_id: str) -> None:

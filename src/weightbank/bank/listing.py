@@ -80,7 +80,25 @@ def read_compact(storage: Storage, cid: str) -> tuple[bytes, Manifest]:
     return data, _read_compact(storage, key, cid, data)
 
 
+class _Moved(Exception):
+    """A segment the manifest object named is gone and the object changed: a repack rewrote its head."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 def _read_compact(storage: Storage, key: str, cid: str, data: bytes) -> Manifest:
+    try:
+        return _read_compact_once(storage, key, cid, data)
+    except _Moved as moved:
+        # Read it again, once: its new head names segments that exist (gc keeps them for a while).
+        try:
+            return _read_compact_once(storage, key, cid, moved.data, retry=False)
+        except _Moved:
+            raise CorruptObject(key, checkpoint=cid, detail="a segment of this manifest is gone") from None
+
+
+def _read_compact_once(storage: Storage, key: str, cid: str, data: bytes, *, retry: bool = True) -> Manifest:
     opened = open_object(data, key, cid)
     bad = next((k for _, k, _ in opened.needed if not is_segment_key(k)), None)
     if bad is not None:
@@ -96,8 +114,12 @@ def _read_compact(storage: Storage, key: str, cid: str, data: bytes) -> Manifest
         try:
             return h, open_segment(storage.read(k), h, k, n)
         except MissingObject:
-            if not storage.exists(key):
-                raise  # the checkpoint was deleted (and its data freed) while it was read: gone
+            try:
+                now = storage.read(key)
+            except FileNotFoundError:
+                raise MissingObject(key, "deleted while it was read") from None  # gone, and its data freed
+            if retry and now != data:
+                raise _Moved(now) from None
             raise CorruptObject(
                 k, checkpoint=cid, detail=f"segment of checkpoint {cid[:12]} is gone"
             ) from None

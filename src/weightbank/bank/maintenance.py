@@ -66,13 +66,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CorruptObject, MissingObject, UnsupportedFormat
-from ..format.manifest import Manifest
-from ..format.schema import finite, hex_digest
+from ..format.manifest import COMPACT_FORMAT, Manifest
+from ..format.schema import finite, hex_digest, typed
 from ..format.sealed import seal, unseal
 from ..storage.base import Storage
 from . import leases, releases
@@ -82,6 +82,7 @@ from .layout import (
     PACKS,
     SEGMENTS,
     TRASH,
+    is_pack_key,
     is_segment_key,
     manifest_key,
     save_id_from_pack,
@@ -101,6 +102,7 @@ class TrashEntry:
     manifest: Manifest | None
     key: str
     problem: str = ""  # why the stored entry could not be read (then ``manifest`` is None)
+    also: tuple[str, ...] = ()  # packs and segments a repack's new head named while it was deleted
 
 
 _TRASH_LEGACY_KEYS = ("id", "deleted_at", "by", "why", "manifest")
@@ -122,6 +124,15 @@ def trash(storage: Storage, catalog: Catalog, cid: str, manifest: Manifest, *, b
         "manifest": manifest.to_json(),
     }
     storage.write(trash_key(cid), seal(body))
+    if manifest.format >= COMPACT_FORMAT:
+        # A repack may have moved its chunks since ``manifest`` was read, and a save may have read
+        # the new locations: the entry names those too (see :mod:`.releases` for the crossing).
+        now = catalog.fresh(cid)
+        if now is not None:
+            extra = (set(now.packs) | set(now.segments)) - set(manifest.packs) - set(manifest.segments)
+            if extra:
+                body["also"] = sorted(extra)
+                storage.write(trash_key(cid), seal(body))
     catalog.tombstone(cid)
     storage.delete(manifest_key(cid))
     catalog.forget(cid)
@@ -143,7 +154,10 @@ def _read_entry(storage: Storage, key: str, mtime: float) -> tuple[TrashEntry, d
             raise ValueError(f"the entry names checkpoint {cid[:12]}")
         when = body.get("deleted_at")
         m = Manifest.from_json(body.get("manifest"), key)
-        return TrashEntry(cid, None if when is None else finite(when, "deleted_at"), m, key), body
+        also = tuple(typed(k, str, "also") for k in typed(body.get("also", []), list, "also"))
+        if not all(is_pack_key(k) or is_segment_key(k) for k in also):
+            raise ValueError("the entry names something that is neither a pack nor a segment")
+        return TrashEntry(cid, None if when is None else finite(when, "deleted_at"), m, key, also=also), body
     except (
         CorruptObject,
         UnsupportedFormat,
@@ -235,6 +249,7 @@ def gc(
         )
     drop_trash = []
     stamp = []
+    trashed: set[str] = set()
     for entry in read_trash(storage):
         when = gone_by if entry.deleted_at is None and entry.key in crashed else entry.deleted_at
         if when is not None and when < protect_after:
@@ -249,17 +264,20 @@ def gc(
         if entry.manifest is not None:
             needed.update(entry.manifest.packs)
             needed.update(entry.manifest.segments)
+            needed.update(entry.also)
+            trashed.add(entry.cid)
         if entry.deleted_at is None and entry.key in crashed:
             stamp.append(entry.key)
     inflight = {lease.save_id for lease in live_leases}
-    drop_released, stamp_released = _released(storage, protect_after, inflight, needed)
+    drop_released, stamp_released, repacks = _released(storage, protect_after, inflight, needed, trashed)
+    keep_writers = inflight | repacks
     deleted: list[str] = []
     freed = 0
     kept_inflight = 0
     for info in storage.list(PACKS):
         if not info.key.endswith(".pack") or info.key in needed:
             continue
-        if save_id_from_pack(info.key) in inflight:
+        if save_id_from_pack(info.key) in keep_writers:
             kept_inflight += 1
             continue
         if info.mtime >= started - grace:
@@ -269,7 +287,11 @@ def gc(
     # Manifest segments follow the packs' rules: named by the save that wrote them.
     segments: list[str] = []
     for info in storage.list(SEGMENTS):
-        if info.key in needed or not is_segment_key(info.key) or save_id_from_segment(info.key) in inflight:
+        if (
+            info.key in needed
+            or not is_segment_key(info.key)
+            or save_id_from_segment(info.key) in keep_writers
+        ):
             continue
         if info.mtime < started - grace:
             segments.append(info.key)
@@ -281,7 +303,7 @@ def gc(
         for key in drop_trash:
             storage.delete(key)
         for rel in stamp_released:
-            releases.stamp(storage, rel.repack, rel.packs, gone_by)
+            releases.stamp(storage, rel, gone_by)
         for key in drop_released:
             storage.delete(key)
         for key in stamp:
@@ -304,35 +326,62 @@ def gc(
 
 
 def _released(
-    storage: Storage, protect_after: float, inflight: set[str], needed: set[str]
-) -> tuple[list[str], list[releases.Release]]:
-    """Protect the packs of release records that may still be read (see :mod:`.releases`);
-    (records to drop, records of dead repacks to stamp)."""
+    storage: Storage, protect_after: float, inflight: set[str], needed: set[str], trashed: set[str]
+) -> tuple[list[str], list[releases.Release], set[str]]:
+    """Protect what release records may still have readers for (see :mod:`.releases`).
+
+    ``trashed``: checkpoints whose trash entry still protects their data.
+    Returns (records to drop, records of dead repacks to stamp, the repacks
+    whose own packs and segments stay protected).
+    """
     drop: list[str] = []
     stamp: list[releases.Release] = []
+    writers: set[str] = set()
     for rel in releases.read_all(storage):
         if rel.problem:
             raise CorruptObject(rel.key, detail=f"gc refuses to run: {rel.problem}; run `weightbank verify`")
-        if rel.released_at is None:
-            needed.update(rel.packs)  # the repack may still be rewriting manifests (or died doing it)
-            if rel.repack not in inflight:
-                stamp.append(rel)  # its lease is gone: its manifests are as they will stay
-        elif rel.released_at >= protect_after:
+        guarded = [keys for cid, keys in rel.held.items() if cid in trashed]
+        for keys in guarded:
+            needed.update(keys)
+        if rel.released_at is None or rel.released_at >= protect_after:
+            # Unstamped: the repack may still be rewriting manifests (or died doing it).
             needed.update(rel.packs)
-        else:
+            needed.update(rel.segments)
+            writers.add(rel.repack)
+            if rel.released_at is None and rel.repack not in inflight:
+                stamp.append(rel)  # its lease is gone: its manifests are as they will stay
+        elif not guarded:
             drop.append(rel.key)
-    return drop, stamp
+    return drop, stamp, writers
 
 
-def packs_freed(storage: Storage, view: View, doomed: Sequence[str]) -> int:
-    """Bytes ``gc`` would free once ``doomed`` are deleted: packs no surviving checkpoint uses.
+def packs_freed(
+    storage: Storage,
+    view: View,
+    doomed: Sequence[str],
+    current: Callable[[str], Manifest | None] | None = None,
+) -> int:
+    """Bytes ``gc`` would free once ``doomed`` are deleted, at most: packs no surviving checkpoint uses.
 
     gc frees whole packs (it does not rewrite partly-live ones), so this
-    counts packs, not chunks. It reads the catalog's records (each lists the
-    packs its checkpoint uses), never a manifest.
+    counts packs, not chunks. The packs of the surviving checkpoints come from
+    the catalog's records (each lists the packs its checkpoint used when it was
+    saved), never from a manifest. Those of the doomed ones come from
+    ``current`` (their manifests as stored now: a repack may have moved their
+    chunks) when it is given, else from their records too. A repack's new
+    packs are in no record, so one a survivor shares with a doomed checkpoint
+    is counted as freed: an estimate from above.
     """
     gone = set(doomed)
-    candidates = {p for cid in gone if (r := view.record(cid)) is not None for p in r.packs}
+    candidates: set[str] = set()
+    for cid in gone:
+        r = view.record(cid)
+        # Only a format-3 checkpoint's chunks can have moved: the others' records are exact.
+        m = current(cid) if current is not None and (r is None or r.format >= COMPACT_FORMAT) else None
+        if m is not None:
+            candidates.update(m.packs)
+        elif r is not None:
+            candidates.update(r.packs)
     if not candidates:
         return 0
     live = {p for r in view.everything() if r.id not in gone for p in r.packs if p in candidates}

@@ -452,16 +452,16 @@ def require_packs(storage: Storage, packs: Sequence[str], pool: Executor | None 
         )
 
 
-def _place_segments(storage: Storage, parts: Sequence[SavePart], merged: Merged) -> Merged:
-    """A draft's segments stored (those a part's save proved present are named, not written again);
-    the merged manifest with its stored bytes."""
+def _place_segments(storage: Storage, parts: Sequence[SavePart], merged: Merged, writer: str) -> Merged:
+    """A draft's segments stored under the lease ``writer`` (those a part's save proved present are
+    named, not written again); the merged manifest with its stored bytes."""
     draft = merged.draft
     if draft is None:
         return merged
     known = {h: k for p in parts for h, k in p.segments.items()}
-    keys = {h: known.get(h) or segment_key(parts[0].save_id, h) for h in draft.segments}
+    keys = {h: known.get(h) or segment_key(writer, h) for h in draft.segments}
     todo = [(keys[h], seal_segment(text)) for h, text in draft.segments.items() if h not in known]
-    # Under the first part's lease, which is held until the manifest is written: gc keeps them.
+    # Named by a save holding a live lease until the manifest is written: gc keeps them.
     if len(todo) > 1:
         with ThreadPoolExecutor(max_workers=min(8, len(todo)), thread_name_prefix="wb-seg") as pool:
             list(pool.map(lambda kv: storage.write(*kv), todo))
@@ -480,6 +480,7 @@ def publish(
     merged: Merged,
     *,
     not_committed: Callable[[], None] | None = None,
+    lease_held: bool = False,
 ) -> tuple[str, Manifest, SaveStats]:
     """Write the manifest — the commit point — then release the parts' leases; (id, manifest, stats).
 
@@ -488,32 +489,56 @@ def publish(
     looked for, and if it is there the checkpoint exists and this returns as a
     success. Otherwise the error propagates with every lease held and every
     pack in place — never delete packs once their manifest may exist.
+
+    ``lease_held``: this process holds the first part's lease (a one-process
+    save), so a format-3 manifest's segments are written under it; otherwise
+    (parts from other processes, whose leases may be stale) under a lease of
+    the commit's own, held until the manifest is written.
     """
     catalog.writable()
-    merged = _place_segments(storage, parts, merged)
-    stats = _sum_stats([p.stats for p in parts], len(merged.data) + merged.segment_bytes)
-    key = manifest_key(merged.cid)
+    own = None if lease_held or merged.draft is None else leases.new_id()
+    if own is not None:
+        leases.acquire(storage, own)
+    try:
+        return _publish(storage, catalog, parts, merged, own or parts[0].save_id, not_committed)
+    finally:
+        if own is not None:
+            with contextlib.suppress(Exception):
+                leases.release(storage, own)
+
+
+def _publish(
+    storage: Storage,
+    catalog: Catalog,
+    parts: Sequence[SavePart],
+    merged: Merged,
+    writer: str,
+    not_committed: Callable[[], None] | None,
+) -> tuple[str, Manifest, SaveStats]:
     # The catalog's add entry goes first: a manifest never exists without one, and an entry
     # without its manifest counts for nothing (readers check), so a crash between is harmless.
     wrote = sorted({k for p in parts for k in p.own_packs()})
     try:
+        merged = _place_segments(storage, parts, merged, writer)
         catalog.intend(merged.cid, merged.manifest, [p.save_id for p in parts], wrote)
     except BaseException:
         if not_committed is not None:
             not_committed()  # no manifest was attempted: the caller may give the parts up
         raise
+    stats = _sum_stats([p.stats for p in parts], len(merged.data) + merged.segment_bytes)
+    key = manifest_key(merged.cid)
     try:
         storage.write(key, merged.data)
     except Exception:
         landed = False
         with contextlib.suppress(Exception):
-            landed = storage.exists(key)  # content-addressed: an object there holds exactly these bytes
+            landed = storage.exists(key)  # named by its content: an object there is this checkpoint
         if not landed:
             raise
     for part in parts:
         with contextlib.suppress(Exception):
             leases.release(storage, part.save_id)
-    catalog.add(merged.cid, merged.manifest)
+    catalog.add(merged.cid, merged.manifest, merged.data)
     catalog.maybe_compact()
     return merged.cid, merged.manifest, stats
 

@@ -50,17 +50,26 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from ..errors import CorruptObject, MissingObject
 from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..format.stored import relocate, seal_segment, split_object
 from ..storage.base import ObjectWriter, Storage
-from . import leases, releases
+from . import leases, locks, releases
 from .catalog import Catalog
-from .layout import PACKS, manifest_key, pack_key, save_id_from_pack, segment_hash_from_key, segment_key
+from .layout import (
+    PACKS,
+    manifest_key,
+    pack_key,
+    save_id_from_pack,
+    segment_hash_from_key,
+    segment_key,
+    trash_key,
+)
 from .listing import read_compact, scan_manifests
 from .results import RepackReport
 
@@ -116,13 +125,20 @@ class _Writer:
             self._w = None
 
 
-def _survey(
-    storage: Storage, inflight: set[str], workers: int
-) -> tuple[dict[str, dict[int, int]], dict[str, set[str]], set[str]]:
-    """(live extents by pack, format-3 manifests by pack, pinned packs), from every manifest."""
-    live: dict[str, dict[int, int]] = {}
-    users: dict[str, set[str]] = {}
-    pinned: set[str] = set()
+@dataclass
+class _Survey:
+    """What every manifest says: live extents by pack, format-3 users by pack, pinned packs, segments."""
+
+    live: dict[str, dict[int, int]] = field(default_factory=dict)
+    users: dict[str, set[str]] = field(default_factory=dict)
+    pinned: set[str] = field(default_factory=set)
+    segments: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _survey(storage: Storage, inflight: set[str], workers: int) -> _Survey:
+    """Read every manifest (as gc does: the index is never trusted for data)."""
+    out = _Survey()
+    live, users, pinned = out.live, out.users, out.pinned
     broken = []
     for cid, m in scan_manifests(storage, workers=workers):
         if not isinstance(m, Manifest):
@@ -133,6 +149,8 @@ def _survey(
         if m.format >= COMPACT_FORMAT:
             for p in m.packs:
                 users.setdefault(p, set()).add(cid)
+            if m.segments:
+                out.segments[cid] = m.segments
         else:
             pinned.update(m.packs)  # their locations are part of their ids
     if broken:
@@ -142,7 +160,7 @@ def _survey(
             detail=f"repack refuses to run while manifests are unreadable ({bad}); run `weightbank verify`",
         )
     pinned.update(p for p in live if save_id_from_pack(p) in inflight)
-    return live, users, pinned
+    return out
 
 
 def _moved(m: Manifest, moves: dict[tuple[str, int], tuple[str, int]]) -> Manifest | None:
@@ -161,10 +179,31 @@ def _moved(m: Manifest, moves: dict[tuple[str, int], tuple[str, int]]) -> Manife
     return dataclasses.replace(m, packs=tuple(packs), chunks=tuple(chunks))
 
 
+class _Record:
+    """The repack's release record, rewritten (durably) when a delete crosses a rewrite."""
+
+    def __init__(self, storage: Storage, rel: releases.Release) -> None:
+        self.storage = storage
+        self.rel = rel
+        self._lock = threading.Lock()
+
+    def hold(self, cid: str, keys: tuple[str, ...]) -> None:
+        with self._lock:
+            self.rel = dataclasses.replace(self.rel, held={**self.rel.held, cid: keys})
+            self.rel.write(self.storage)
+
+
 def _rewrite(
-    storage: Storage, repack_id: str, cid: str, moves: dict[tuple[str, int], tuple[str, int]]
+    storage: Storage, record: _Record, cid: str, moves: dict[tuple[str, int], tuple[str, int]]
 ) -> bool:
-    """Give manifest ``cid`` its new locations (same content, so the same id); False if it is gone."""
+    """Give manifest ``cid`` its new locations (same content, so the same id); False if not rewritten.
+
+    A checkpoint being deleted (its trash entry is there) is left alone; one
+    whose delete began while it was rewritten is deleted again, its new
+    head's keys held in the record (see :mod:`.releases`).
+    """
+    if storage.exists(trash_key(cid)):
+        return False  # being deleted: its data goes with it
     try:
         data, m = read_compact(storage, cid)
     except MissingObject:
@@ -180,27 +219,36 @@ def _rewrite(
         if h in old_keys:
             keys[h] = old_keys[h]
         else:
-            keys[h] = segment_key(repack_id, h)
+            keys[h] = segment_key(record.rel.repack, h)
             storage.write(keys[h], seal_segment(text))
     storage.write(manifest_key(cid), draft.object(keys))
+    if storage.exists(trash_key(cid)):
+        # A delete began meanwhile and may not have seen this head: keep what it names for as
+        # long as the trash entry protects the checkpoint, and finish the delete our write undid.
+        record.hold(cid, tuple(sorted({*moved.packs, *keys.values()})))
+        storage.delete(manifest_key(cid))
     return True
 
 
 def _chosen(
     storage: Storage, live: dict[str, dict[int, int]], pinned: set[str], min_dead: float
-) -> tuple[list[str], int, int]:
-    """(packs to rewrite, their bytes, their live bytes)."""
-    chosen, total, kept = [], 0, 0
+) -> tuple[list[str], int, int, int]:
+    """(packs to rewrite, their bytes, their live bytes, packs dead enough but pinned)."""
+    chosen, total, kept, held = [], 0, 0, 0
     for info in storage.list(PACKS):
         extents = live.get(info.key)
-        if not extents or info.key in pinned or info.size <= 0:
-            continue  # wholly dead (gc's work), pinned, or in flight
+        if not extents or info.size <= 0:
+            continue  # wholly dead: gc's work
         used = sum(extents.values())
-        if 1 - used / info.size >= min_dead:
-            chosen.append(info.key)
-            total += info.size
-            kept += used
-    return sorted(chosen), total, kept
+        if 1 - used / info.size < min_dead:
+            continue
+        if info.key in pinned:
+            held += 1  # dead enough, but a format-1/2 manifest (or a save in flight) uses it
+            continue
+        chosen.append(info.key)
+        total += info.size
+        kept += used
+    return sorted(chosen), total, kept, held
 
 
 def repack(
@@ -214,49 +262,69 @@ def repack(
 ) -> RepackReport:
     """Rewrite packs at least ``min_dead`` dead (see the module docstring); what it did."""
     t0 = time.perf_counter()
-    repack_id = f"{int(time.time()):x}{uuid.uuid4().hex[:20]}"
-    if not dry_run:
+    repack_id = leases.new_id()
+    if dry_run:
+        return _repack(storage, catalog, repack_id, min_dead, True, lease_ttl, workers, t0)
+    # One repack at a time: two could each move a manifest's chunks while a save reuses them.
+    with locks.hold(storage, "repack", repack_id, ttl=lease_ttl):
         leases.acquire(storage, repack_id)
-    try:
-        now = time.time()
-        inflight = {lease.save_id for lease in leases.all_leases(storage) if not lease.stale(now, lease_ttl)}
-        inflight.discard(repack_id)
-        live, users, pinned = _survey(storage, inflight, workers)
-        chosen, before, kept = _chosen(storage, live, pinned, min_dead)
-        pinned_count = len(pinned & set(live))
-        if dry_run or not chosen:
-            return RepackReport((), before, kept, (), 0, pinned_count, dry_run, time.perf_counter() - t0)
-        writer = _Writer(storage, repack_id)
-        moves: dict[tuple[str, int], tuple[str, int]] = {}
         try:
-            for pack in chosen:
-                for offset, n in sorted(live[pack].items()):
-                    data = storage.read(pack, offset, n)
-                    if len(data) != n:
-                        raise CorruptObject(pack, detail=f"pack ends before the chunk at {offset} (+{n})")
-                    moves[(pack, offset)] = writer.append(data)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        releases.begin(storage, repack_id, chosen)
-        touched = sorted({cid for p in chosen for cid in users.get(p, ())})
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(touched)))) as pool:
-            done = list(pool.map(lambda c: _rewrite(storage, repack_id, c, moves), touched))
-        for cid in touched:
-            catalog.evict(cid)
-        releases.stamp(storage, repack_id, chosen)
-        return RepackReport(
-            tuple(chosen),
-            before,
-            writer.bytes,
-            tuple(writer.done),
-            sum(done),
-            pinned_count,
-            False,
-            time.perf_counter() - t0,
-        )
-    finally:
-        if not dry_run:
+            return _repack(storage, catalog, repack_id, min_dead, False, lease_ttl, workers, t0)
+        finally:
             with contextlib.suppress(Exception):
                 leases.release(storage, repack_id)
+
+
+def _repack(
+    storage: Storage,
+    catalog: Catalog,
+    repack_id: str,
+    min_dead: float,
+    dry_run: bool,
+    lease_ttl: float,
+    workers: int,
+    t0: float,
+) -> RepackReport:
+    now = time.time()
+    inflight = {lease.save_id for lease in leases.all_leases(storage) if not lease.stale(now, lease_ttl)}
+    inflight.discard(repack_id)
+    survey = _survey(storage, inflight, workers)
+    live, users, pinned = survey.live, survey.users, survey.pinned
+    chosen, before, kept, pinned_count = _chosen(storage, live, pinned, min_dead)
+    if dry_run or not chosen:
+        return RepackReport(
+            tuple(chosen), before, kept, (), 0, pinned_count, dry_run, time.perf_counter() - t0
+        )
+    writer = _Writer(storage, repack_id)
+    moves: dict[tuple[str, int], tuple[str, int]] = {}
+    try:
+        for pack in chosen:
+            for offset, n in sorted(live[pack].items()):
+                data = storage.read(pack, offset, n)
+                if len(data) != n:
+                    raise CorruptObject(pack, detail=f"pack ends before the chunk at {offset} (+{n})")
+                moves[(pack, offset)] = writer.append(data)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    touched = sorted({cid for p in chosen for cid in users.get(p, ())})
+    # Every segment a rewritten head may stop naming (its location segments, which a save may
+    # have read): the record keeps them like the packs.
+    dropped = sorted({k for cid in touched for k in survey.segments.get(cid, ())})
+    record = _Record(storage, releases.begin(storage, repack_id, chosen, dropped))
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(touched)))) as pool:
+        done = list(pool.map(lambda c: _rewrite(storage, record, c, moves), touched))
+    for cid in touched:
+        catalog.evict(cid)
+    releases.stamp(storage, record.rel)
+    return RepackReport(
+        tuple(chosen),
+        before,
+        writer.bytes,
+        tuple(writer.done),
+        sum(done),
+        pinned_count,
+        False,
+        time.perf_counter() - t0,
+    )

@@ -208,7 +208,9 @@ class DiffResult:
 class VerifyProblem:
     """One thing ``verify`` found wrong."""
 
-    kind: Literal["corrupt", "missing", "manifest", "tag", "events", "trash", "lease", "orphan", "index"]
+    kind: Literal[
+        "corrupt", "missing", "manifest", "tag", "events", "trash", "lease", "release", "orphan", "index"
+    ]
     key: str
     detail: str
     checkpoint: str = ""

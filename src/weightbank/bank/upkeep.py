@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointNotFound, IncompatibleState, InvalidArgument
+from ..errors import CheckpointNotFound, CorruptObject, IncompatibleState, InvalidArgument, UnsupportedFormat
 from . import maintenance, retention
 from . import repack as repack_mod
 from . import verify as verify_mod
@@ -115,7 +115,7 @@ class Upkeep:
             keep |= retention.kept(newest_first, rules, now)
             candidates.extend(r.id for r in members)
         doomed = [cid for cid in candidates if cid not in keep]
-        freed = maintenance.packs_freed(self.storage, view, doomed)
+        freed = maintenance.packs_freed(self.storage, view, doomed, self._current_manifest)
         if not dry_run and doomed:
             self._catalog.writable()
             for cid in doomed:
@@ -129,6 +129,13 @@ class Upkeep:
             bytes_freed=freed,
             dry_run=dry_run,
         )
+
+    def _current_manifest(self, cid: str) -> Manifest | None:
+        """``cid``'s manifest as stored now; None if it is gone or unreadable (the caller falls back)."""
+        try:
+            return self._catalog.fresh(cid)
+        except (CorruptObject, UnsupportedFormat):
+            return None
 
     def gc(self, *, grace: float = 3600.0, dry_run: bool = False) -> GcReport:
         """Remove data no checkpoint needs; never touches data a save in flight may use.

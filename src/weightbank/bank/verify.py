@@ -22,11 +22,11 @@ import dataclasses
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import CorruptObject, MissingObject, WeightbankError
+from ..errors import CorruptObject, MissingObject, UnsupportedFormat, WeightbankError
 from ..format.hashing import digest
 from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..storage.base import Storage
-from . import leases, maintenance
+from . import leases, maintenance, releases
 from .catalog import Catalog
 from .chunks import chain_of, decode_record, records_by_hash
 from .events import EventLog
@@ -158,7 +158,7 @@ def verify(
     source: Iterable[tuple[str, Manifest | Exception]] = (
         scan_manifests(storage, workers=max(1, workers))
         if whole_bank
-        else ((cid, catalog.get(cid)) for cid in ids or [])
+        else ((cid, _fresh(catalog, cid)) for cid in ids or [])
     )
     batch: list[tuple[str, Manifest]] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -241,6 +241,15 @@ def _index_problems(
     return out
 
 
+def _fresh(catalog: Catalog, cid: str) -> Manifest | Exception:
+    """The manifest as stored now (a repack may have moved it since it was cached), or why not."""
+    try:
+        m = catalog.fresh(cid)
+    except (CorruptObject, UnsupportedFormat) as e:
+        return e
+    return m if m is not None else MissingObject(manifest_key(cid), "the checkpoint was deleted")
+
+
 def _differs(indexed: CatalogRecord, actual: CatalogRecord) -> bool:
     """Whether a record disagrees with its manifest. A format-3 record's packs are those at commit:
     a repack moves chunks (the id stays) without rewriting the index, so they are not compared."""
@@ -276,6 +285,7 @@ def _record_problems(storage: Storage, ids: set[str], tags: TagStore) -> list[Ve
         VerifyProblem("trash", e.key, e.problem) for e in maintenance.read_trash(storage) if e.problem
     ]
     problems += [VerifyProblem("lease", x.key, x.problem) for x in leases.all_leases(storage) if x.problem]
+    problems += [VerifyProblem("release", r.key, r.problem) for r in releases.read_all(storage) if r.problem]
     return problems
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -322,7 +321,7 @@ def write_part(
     which releases the lease, or abandons it.
     """
     t0 = time.perf_counter()
-    save_id = f"{int(time.time()):x}{uuid.uuid4().hex[:20]}"
+    save_id = leases.new_id()
     leases.acquire(storage, save_id)
     packer = _Packer(storage, save_id, options.pack_size)
     leaves = pieces  # the pipeline's own word for what it cuts into chunks
@@ -529,7 +528,12 @@ def write_checkpoint(
     try:
         # No pack check: the lease, held since before any chunk was chosen, kept gc away from them all.
         cid, manifest, stats = publish(
-            storage, catalog, [part], merged, not_committed=lambda: abandon_part(storage, part)
+            storage,
+            catalog,
+            [part],
+            merged,
+            not_committed=lambda: abandon_part(storage, part),
+            lease_held=True,
         )
     except BaseException:
         # The manifest may have landed even though its write failed: never delete the packs

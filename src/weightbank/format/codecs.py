@@ -34,6 +34,7 @@ from typing import Protocol
 import zstandard
 
 from ..errors import CorruptObject, UnsupportedFormat
+from .frames import decompress
 from .lossy import LOSSY_CODECS, dequantize
 from .planes import decode_planes
 
@@ -94,10 +95,7 @@ class ZstdCodec:
         return out
 
     def decode(self, payload: memoryview, out: memoryview) -> None:
-        try:
-            data = zstandard.ZstdDecompressor().decompress(payload, max_output_size=len(out))
-        except zstandard.ZstdError as e:
-            raise CorruptObject("<chunk>", detail=f"zstd payload does not decode: {e}") from e
+        data = decompress(payload, len(out), "<chunk>", "zstd payload")
         if len(data) != len(out):
             raise CorruptObject(
                 "<chunk>", detail=f"zstd payload decodes to {len(data)} bytes, expected {len(out)}"

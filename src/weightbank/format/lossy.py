@@ -36,6 +36,7 @@ import torch
 import zstandard
 
 from ..errors import CorruptObject
+from .frames import decompress
 
 __all__ = [
     "LOSSY_CODECS",
@@ -158,10 +159,7 @@ def dequantize(payload: memoryview, out: memoryview) -> None:
     scales = np.frombuffer(payload[_HEAD.size : pos], dtype=np.float32)
     body = payload[pos:]
     if mode == 1:
-        try:
-            body = memoryview(zstandard.ZstdDecompressor().decompress(body, max_output_size=n))
-        except zstandard.ZstdError as e:
-            raise CorruptObject("<chunk>", detail=f"lossy codes do not decode: {e}") from None
+        body = memoryview(decompress(body, n, "<chunk>", "lossy codes"))
     if len(body) != n:
         raise CorruptObject("<chunk>", detail=f"lossy payload has {len(body)} codes, expected {n}")
     codes = np.frombuffer(body, dtype=np.uint8)

@@ -84,7 +84,7 @@ SHARDED_FORMAT = 2
 COMPACT_FORMAT = 3
 #: The newest manifest format this code reads.
 NEWEST_FORMAT = COMPACT_FORMAT
-#: More segments than this in one manifest is refused as malformed.
+#: More segment keys than this in one manifest is refused as malformed (as :mod:`.stored` does).
 MAX_SEGMENT_KEYS = 1 << 20
 #: More dimensions than this in one tensor is refused as malformed.
 MAX_DIMS = 64
@@ -330,6 +330,9 @@ class Manifest:
             raise CorruptObject(key, detail=f"manifest is not valid JSON ({e})") from None
         except RecursionError:
             raise CorruptObject(key, detail="manifest is nested too deeply to be one") from None
+        if isinstance(obj, dict) and obj.get("format") == COMPACT_FORMAT:
+            # Format 3 is stored as content + locations (:mod:`.stored`), never as one document.
+            raise CorruptObject(key, detail="a one-document manifest claims format 3")
         return cls.from_json(obj, key)
 
     @classmethod

@@ -46,6 +46,7 @@ import numpy as np
 import zstandard
 
 from ..errors import CorruptObject
+from .frames import decompress
 
 __all__ = [
     "MIN_SAVING",
@@ -300,15 +301,7 @@ def _unpack(mode: int, data: memoryview, size: int, what: str) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8)
     if mode != _ZSTD:
         raise CorruptObject("<chunk>", detail=f"{what} has unknown mode {mode}")
-    try:
-        out = _dctx().decompress(data, max_output_size=size)
-    except zstandard.ZstdError as e:
-        raise CorruptObject("<chunk>", detail=f"{what} does not decode: {e}") from None
-    except MemoryError:
-        # A damaged header can declare an absurd size; zstd then fails to allocate the output.
-        raise CorruptObject(
-            "<chunk>", detail=f"{what} declares {size} bytes, more than can be decoded"
-        ) from None
+    out = decompress(data, size, "<chunk>", what, _dctx())
     if len(out) != size:
         raise CorruptObject("<chunk>", detail=f"{what} decodes to {len(out)} bytes, expected {size}")
     return np.frombuffer(out, dtype=np.uint8)

@@ -13,10 +13,13 @@ where its bytes lie:
 * the **location head** (JSON, not covered by the id): each chunk's
   ``[pack, offset, codec, stored_len, args?]`` — where its bytes lie and how
   they are coded — and the storage key of every segment. A repack rewrites
-  it (new packs, a re-encoded chain) and the id, every tag and every lineage
-  link stay as they were. It is still checked: every chunk read is verified
-  against its hash from the content, so a wrong location is a CorruptObject,
-  never wrong bytes.
+  it (new packs) and the id, every tag and every lineage link stay as they
+  were. It is still checked: every chunk read is verified against its hash
+  from the content, so a wrong location is a CorruptObject, never wrong bytes.
+  (A chunk's codec and delta args are in the head too, but the chunks a delta
+  chain needs as bases are rows of the content: a re-encoding onto *other*
+  bases would change the id. Moving base-only rows into the head is the
+  change that would allow it.)
 
 The stored object is one zstd frame (content checksum on)::
 
@@ -55,6 +58,7 @@ from typing import Any
 import zstandard
 
 from ..errors import CorruptObject, UnsupportedFormat
+from .frames import decompress
 from .hashing import digest
 from .manifest import COMPACT_FORMAT, NEWEST_FORMAT, Manifest
 from .schema import hex_digest, typed
@@ -100,10 +104,7 @@ def _compress(text: bytes) -> bytes:
 
 
 def _decompress(data: bytes, key: str) -> bytes:
-    try:
-        return zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_TEXT)
-    except zstandard.ZstdError as e:
-        raise CorruptObject(key, detail=f"not a whole zstd frame ({e})") from None
+    return decompress(data, MAX_TEXT, key)
 
 
 def is_compact(data: bytes) -> bool:
@@ -194,11 +195,13 @@ def _locations(m: Manifest) -> tuple[bytes | None, dict[str, bytes], tuple[str, 
     whole = _location_table(rows)
     if len(whole) <= INLINE_MAX:
         return whole, {}, ()
-    marks = [p.encode() + _json(r) for p, r in rows]
+    # Cut where the chunk hashes say (not the locations): the same rows wherever their bytes lie,
+    # so a repack changes only the segments whose rows moved, and as many of them.
+    marks = [c.hash.encode() for c in m.chunks]
     segments: dict[str, bytes] = {}
     order = []
     start = 0
-    for group in _cut(marks, marks):
+    for group in _cut([_json(r) for _, r in rows], marks):
         text = _location_table(rows[start : start + len(group)])
         start += len(group)
         h = digest(text)
@@ -335,7 +338,11 @@ class Opened:
             body = self.fields["body"]["inline"]
         typed(body, dict, "body")
         if self.location_refs:
-            tables = [_loads(texts[h], self.key, "location segment") for h, _ in self.location_refs]
+            parsed: dict[str, Any] = {}
+            for h, _ in self.location_refs:
+                if h not in parsed:
+                    parsed[h] = _loads(texts[h], self.key, "location segment")
+            tables = [parsed[h] for h, _ in self.location_refs]
         else:
             tables = [self.head["inline"]]
         packs: dict[str, int] = {}
@@ -405,6 +412,9 @@ def open_object(data: bytes, key: str, cid: str) -> Opened:
             for h, k in typed(head["keys"], dict, "keys").items()
         }
         location_refs = [] if "inline" in head else _segment_refs(head["segments"])
+        for refs, what in ((body_refs, "body"), (location_refs, "location table")):
+            if sum(n for _, n in refs) > MAX_TEXT:
+                raise ValueError(f"the {what} segments add up to more than {MAX_TEXT} bytes")
         sizes: dict[str, int] = {}
         for h, n in [*body_refs, *location_refs]:
             if sizes.setdefault(h, n) != n:

@@ -34,6 +34,7 @@ from typing import Any
 import zstandard
 
 from ...errors import ConcurrentUpdate, CorruptObject, IndexDamaged
+from ...format.frames import decompress
 from ...format.hashing import digest
 from ...format.schema import hex_digest, typed
 from ...format.sealed import seal, unseal
@@ -84,9 +85,9 @@ def read_page(storage: Storage, key: str) -> dict[str, Any]:
         raise IndexDamaged(key, "not a page key")
     data = storage.read(key)
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_PAGE_BYTES)
-    except zstandard.ZstdError as e:
-        raise IndexDamaged(key, f"not a zstd frame ({e})") from None
+        raw = decompress(data, MAX_PAGE_BYTES, key, "page")
+    except CorruptObject as e:
+        raise IndexDamaged(key, e.detail) from None
     if digest(raw) != h:
         raise IndexDamaged(key, "page bytes do not match their name")
     try:
