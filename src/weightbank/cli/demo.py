@@ -249,6 +249,7 @@ def _run_demo(bank_path: str, console: Console) -> None:
         "diff pretrain@15 finetune@latest",
         "tags --history",
         "prune --keep-last 2",
+        "repack --dry-run",
     ):
         console.print(f"  weightbank {args} --bank {shlex.quote(bank_path)}")
     if not report.ok:
