@@ -55,6 +55,7 @@ from weightbank.bank.layout import (
     release_key,
 )
 from weightbank.bank.listing import read_manifest
+from weightbank.bank.shards import region_of
 from weightbank.format.manifest import COMPACT_FORMAT, Manifest
 from weightbank.format.sealed import seal
 from weightbank.storage import LocalStorage
@@ -566,6 +567,26 @@ def test_a_checkpoint_handle_reads_after_another_bank_repacks_and_collects(tmp_p
         _repack_and_collect(hd.path)
         assert torch.equal(ck.load_tensors(["keep"])["keep"], hd.states[hd.slim[0]]["keep"])
         assert_same_state(ck.tree_value(ck.manifest.tree), hd.states[hd.slim[0]])
+
+
+def test_region_reads_of_a_handle_follow_a_repack(tmp_path: Path) -> None:
+    """What a resharding DCP load asks for: regions of stored boxes, from a handle resolved before."""
+    hd = build_half_dead(tmp_path / "bank", pairs=2)
+    cid = hd.slim[0]
+    with wb.open(hd.path, create=False) as bank:
+        ck = bank.checkpoint(cid)
+        i = ck.tensor_names.index("keep")
+        whole = hd.states[cid]["keep"]
+        regions = [
+            region_of(ck.manifest, i, None, (0,), (100,)),
+            region_of(ck.manifest, i, None, (100,), (28,)),
+        ]
+        _repack_and_collect(hd.path)
+        with wb.open(hd.path, create=False) as other:
+            assert set(other.checkpoint(cid).manifest.packs).isdisjoint(ck.manifest.packs), "all moved"
+        got = dict(ck.iter_regions(regions))
+        assert torch.equal(got[0], whole[:100]) and torch.equal(got[1], whole[100:128])
+        assert [t.tolist() for t in ck.read_regions(regions[1:])] == [whole[100:128].tolist()]
 
 
 @pytest.mark.parametrize("codec", ["raw", "auto"])

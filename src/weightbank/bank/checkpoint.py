@@ -11,8 +11,9 @@ bank's storage, load threads and disk cache as they are at the time of the
 read (:class:`ReadOptions`, from :meth:`Bank.read_options <weightbank.Bank.read_options>`).
 
 A checkpoint's content is immutable, so a handle never goes stale: when a
-``repack`` has moved its chunks and ``gc`` has freed the old packs, ``read``
-and ``read_regions`` read the manifest's new locations and go on. A handle
+``repack`` has moved its chunks and ``gc`` has freed the old packs, ``read``,
+``read_regions`` and ``iter_regions`` read the manifest's new locations and
+go on. A handle
 kept after the checkpoint was deleted reads its data until ``gc`` removes it
 (then a read raises MissingObject), as an open file outlives its name.
 
@@ -208,7 +209,22 @@ class Checkpoint:
             [(0, [[4.0, 5.0]])]
         """
         opts = self.options()
-        return iter_regions(opts.storage, self.id, self.manifest, regions, **opts.kwargs())
+        done: set[int] = set()
+        try:
+            for n, t in iter_regions(opts.storage, self.id, self.manifest, regions, **opts.kwargs()):
+                done.add(n)
+                yield n, t
+        except MissingObject as e:
+            # A repack moved its chunks and gc freed the old packs: the rest from the new locations.
+            if opts.fresh is None or self.manifest.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
+                raise
+            moved = opts.fresh(self.id)
+            if moved is None or moved.packs == self.manifest.packs:
+                raise
+            left = [i for i in range(len(regions)) if i not in done]
+            rest = [regions[i] for i in left]
+            for n, t in iter_regions(opts.storage, self.id, moved, rest, **opts.kwargs()):
+                yield left[n], t
 
     def read_regions(self, regions: Sequence[Region]) -> list[torch.Tensor]:
         """The tensors of ``regions``, in order, all held at once (see :meth:`iter_regions`).
