@@ -695,3 +695,29 @@ def test_is_compact_tells_format_3_objects_from_json_manifests() -> None:
     assert is_compact(draft.object({}))
     assert not is_compact(small_manifest().to_bytes())
     assert not is_compact(b"")
+
+
+def test_chunks_that_are_only_delta_bases_live_in_the_head_and_no_tensor_can_name_them() -> None:
+    """A delta chunk's base (its parent's chunk) is listed in the location head, not in the content,
+    so chains can be re-encoded without a new id; a content that makes a tensor name such a row is
+    refused (the head, which the id does not cover, would choose the tensor's bytes)."""
+    bank = wb.open("memory://")
+    w = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(1))
+    first = bank.save({"w": w}, run="r", step=0)
+    changed = w * (1 + 1e-4)  # a small update of every weight: an XOR delta against the parent's chunks
+    second = bank.save({"w": changed}, run="r", step=1, parent=first.id)
+    m = read_manifest(bank.storage, second.id)
+    assert any(c.codec == "delta" for c in m.chunks)
+    content_rows = len({i for t in m.tensors for i in t.chunks})
+    assert content_rows < len(m.chunks), "the chain's bases are in the table, after the tensors' chunks"
+    draft = encode(m)
+    assert draft.cid == second.id
+    content = json.loads(draft.content)
+    assert len(content["body"]["inline"]["chunks"]) == content_rows
+    # A content (so a new id) whose tensor names the first base-only row:
+    content["body"]["inline"]["tensors"][0]["chunks"][0] = content_rows
+    forged = json.dumps(content, separators=(",", ":")).encode()
+    _, head = split_object(draft.object({}), "m")
+    data = zstandard.ZstdCompressor().compress(MAGIC + forged + b"\x00" + head)
+    with pytest.raises(CorruptObject, match="a tensor names a chunk the content does not list"):
+        open_object(data, "m", digest(forged)).manifest({})

@@ -16,10 +16,11 @@ where its bytes lie:
   it (new packs) and the id, every tag and every lineage link stay as they
   were. It is still checked: every chunk read is verified against its hash
   from the content, so a wrong location is a CorruptObject, never wrong bytes.
-  (A chunk's codec and delta args are in the head too, but the chunks a delta
-  chain needs as bases are rows of the content: a re-encoding onto *other*
-  bases would change the id. Moving base-only rows into the head is the
-  change that would allow it.)
+  The content lists the chunks the tensors are made of; a chunk that is only
+  the base of a delta chain is a row of the head, ``[hash, raw_len, pack,
+  offset, codec, stored_len, args?]``, after the content's rows, so chains can
+  be re-encoded onto other bases (a newest keyframe, reverse deltas) without
+  changing the id either. A tensor may name content rows only.
 
 The stored object is one zstd frame (content checksum on)::
 
@@ -60,7 +61,7 @@ import zstandard
 from ..errors import CorruptObject, UnsupportedFormat
 from .frames import decompress
 from .hashing import digest
-from .manifest import COMPACT_FORMAT, NEWEST_FORMAT, Manifest
+from .manifest import COMPACT_FORMAT, NEWEST_FORMAT, Manifest, TensorRecord
 from .schema import hex_digest, typed
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "MAGIC",
     "Draft",
     "Opened",
+    "canonical",
     "encode",
     "is_compact",
     "open_object",
@@ -162,30 +164,63 @@ class Draft:
         return replace(self.manifest, format=COMPACT_FORMAT, segments=tuple(keys[h] for h in self.segments))
 
 
+def _referenced(m: Manifest) -> set[int]:
+    """Indices of the chunks some tensor is made of (the others are only bases of delta chains)."""
+    out = {c for t in m.tensors for c in t.chunks}
+    out.update(c for t in m.tensors for s in t.shards for c in s.chunks)
+    return out
+
+
+def canonical(m: Manifest) -> Manifest:
+    """``m`` with its chunk table in stored order: the chunks tensors are made of, in their order,
+    then the chunks that are only bases of delta chains (which the location head holds)."""
+    used = _referenced(m)
+    order = [i for i in range(len(m.chunks)) if i in used] + [
+        i for i in range(len(m.chunks)) if i not in used
+    ]
+    if order == list(range(len(m.chunks))):
+        return m
+    new = {old: i for i, old in enumerate(order)}
+
+    def remap(t: TensorRecord) -> TensorRecord:
+        shards = tuple(replace(s, chunks=tuple(new[c] for c in s.chunks)) for s in t.shards)
+        return replace(t, chunks=tuple(new[c] for c in t.chunks), shards=shards)
+
+    return replace(m, chunks=tuple(m.chunks[i] for i in order), tensors=tuple(map(remap, m.tensors)))
+
+
 def _body(m: Manifest) -> list[bytes]:
     rows = [b'{"tree":' + _json(m.tree) + b',"tensors":[']
     tensors = [_json(t.to_json()) for t in m.tensors]
     rows += [t + b"," for t in tensors[:-1]] + tensors[-1:]
     rows.append(b'],"chunks":[')
-    chunks = [f'["{c.hash}",{c.raw_len}]'.encode() for c in m.chunks]
+    chunks = [f'["{c.hash}",{c.raw_len}]'.encode() for c in m.chunks[: len(_referenced(m))]]
     rows += [c + b"," for c in chunks[:-1]] + chunks[-1:]
     rows.append(b"]}")
     return rows
 
 
 def _location_rows(m: Manifest) -> list[tuple[str, list[Any]]]:
+    """Each chunk's place and coding, in stored order; a base-only chunk's row starts with its
+    ``hash`` and ``raw_len`` (the content does not list it)."""
+    content = len(_referenced(m))
     out = []
-    for c in m.chunks:
+    for i, c in enumerate(m.chunks):
         row: list[Any] = [c.offset, c.codec, c.stored_len]
         if c.args is not None:
             row.append(c.args.to_json())
-        out.append((m.packs[c.pack], row))
+        out.append((m.packs[c.pack], row if i < content else [c.hash, c.raw_len, *row]))
     return out
 
 
 def _location_table(rows: list[tuple[str, list[Any]]]) -> bytes:
     packs: dict[str, int] = {}
-    table = [[packs.setdefault(p, len(packs)), *row] for p, row in rows]
+    table = [
+        [packs.setdefault(p, len(packs)), *row]
+        if not isinstance(row[0], str)
+        else [*row[:2], packs.setdefault(p, len(packs)), *row[2:]]
+        for p, row in rows
+    ]
     return _json({"packs": list(packs), "rows": table})
 
 
@@ -220,7 +255,11 @@ def _content(m: Manifest, body_ref: bytes) -> bytes:
 
 
 def encode(m: Manifest) -> Draft:
-    """``m`` as a format-3 draft: id, content text and segments (its ``packs``/offsets go to the head)."""
+    """``m`` as a format-3 draft: id, content text and segments (its ``packs``/offsets go to the head).
+
+    The draft's manifest has its chunk table in stored order (:func:`canonical`).
+    """
+    m = canonical(m)
     body_rows = _body(m)
     body_text = b"\n".join(body_rows)
     segments: dict[str, bytes] = {}
@@ -346,18 +385,24 @@ class Opened:
         else:
             tables = [self.head["inline"]]
         packs: dict[str, int] = {}
-        rows: list[list[Any]] = []
+        rows: list[list[Any]] = []  # [pack, offset, codec, stored_len, args?]
+        bases: list[list[Any]] = []  # [hash, raw_len, pack, offset, codec, stored_len, args?]
         for table in tables:
             typed(table, dict, "location table")
             names = [typed(p, str, "pack") for p in typed(table["packs"], list, "packs")]
             for row in typed(table["rows"], list, "rows"):
                 typed(row, list, "location")
-                if len(row) not in (4, 5):
-                    raise ValueError("location rows have 4 or 5 fields")
-                pidx = typed(row[0], int, "pack index")
+                base = bool(row) and isinstance(row[0], str)
+                if len(row) not in ((6, 7) if base else (4, 5)):
+                    raise ValueError("location rows have 4 or 5 fields (6 or 7 for a base-only chunk)")
+                if bases and not base:
+                    raise ValueError("a content chunk's location after a base-only chunk's")
+                at = 2 if base else 0
+                pidx = typed(row[at], int, "pack index")
                 if not 0 <= pidx < len(names):
                     raise ValueError("a location names a pack outside its table")
-                rows.append([packs.setdefault(names[pidx], len(packs)), *row[1:]])
+                fixed = [*row[:at], packs.setdefault(names[pidx], len(packs)), *row[at + 1 :]]
+                (bases if base else rows).append(fixed)
         content_rows = typed(body["chunks"], list, "chunks")
         if len(content_rows) != len(rows):
             raise ValueError(f"{len(content_rows)} chunks but {len(rows)} locations")
@@ -368,6 +413,7 @@ class Opened:
                 raise ValueError("content chunk rows have two fields")
             # [hash, raw_len, codec, pack, offset, stored_len, args?]: the format-1 row, checked as one.
             chunks.append([c[0], c[1], loc[2], loc[0], loc[1], loc[3], *loc[4:]])
+        chunks.extend([b[0], b[1], b[4], b[2], b[3], b[5], *b[6:]] for b in bases)
         whole = {k: v for k, v in self.fields.items() if k != "body"}
         whole.update(
             tree=body["tree"],
@@ -376,7 +422,12 @@ class Opened:
             chunks=chunks,
             segments=list(self.keys.values()),
         )
-        return Manifest.from_json(whole, self.key)
+        m = Manifest.from_json(whole, self.key)
+        # A tensor is made of content rows only: a base-only row comes from the head, which the id
+        # does not cover, so letting a tensor name one would let a head change what a load returns.
+        if any(i >= len(content_rows) for i in _referenced(m)):
+            raise ValueError("a tensor names a chunk the content does not list")
+        return m
 
 
 def open_object(data: bytes, key: str, cid: str) -> Opened:
