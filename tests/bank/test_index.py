@@ -36,6 +36,7 @@ import torch
 import weightbank as wb
 from weightbank.bank import leases, marker
 from weightbank.bank.catalog import IndexFallbackWarning
+from weightbank.bank.index import compact as compact_module
 from weightbank.bank.index.store import ADD, read_entry, read_root
 from weightbank.bank.index.view import list_gens, list_seqs
 from weightbank.bank.layout import FORMAT_KEY, INDEX_ROOTS, LEASES, MANIFESTS, log_key, manifest_key
@@ -402,13 +403,18 @@ def test_a_lost_newest_log_entry_is_noticed(tmp_path: Path) -> None:
 
 
 def test_compaction_removes_the_entries_it_folded(url: str) -> None:
-    """Folded log entries and old roots go, so the log stays short and saves compact every 32 entries
-    (memory:// once kept every ref)."""
+    """Folded log entries and old roots go, so the log stays short and saves compact every
+    COMPACT_EVERY entries (memory:// once kept every ref)."""
+    every = compact_module.COMPACT_EVERY
     with wb.open(url) as bank:
-        for step in range(40):
+        for step in range(every + 8):
             bank.save(_state("r", step), run="r", step=step)
-        assert len(list_seqs(bank.storage)) == 8, "40 saves: one compaction at 32, 8 entries since"
+        assert len(list_seqs(bank.storage)) == 8, "one compaction, 8 entries since"
         assert len(list_gens(bank.storage)) == 1
+        for step in range(every + 8, 4 * every + 8):
+            bank.save(_state("r", step), run="r", step=step)
+        assert len(list_seqs(bank.storage)) == 8, "three more compactions, 8 entries since"
+        assert len(list_gens(bank.storage)) <= 1 + compact_module.KEEP_ROOTS, "old roots go"
 
 
 def test_log_limit_is_exact_when_deletes_thinned_the_recent_page_and_a_clock_lags(
