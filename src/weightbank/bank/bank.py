@@ -29,12 +29,13 @@ from ..errors import (
     MissingObject,
     UnsupportedFormat,
 )
-from ..format.manifest import COMPACT_FORMAT, Manifest
+from ..format.manifest import Manifest
 from ..format.tree import flatten, unflatten
 from ..storage import open_storage
 from ..storage.base import Storage
 from . import caching, marker
 from .catalog import Catalog
+from .checkpoint import relocated
 from .diff import diff_manifests
 from .environment import warm_up, who
 from .events import EventLog
@@ -42,7 +43,7 @@ from .handle import Handles
 from .index.records import CatalogRecord
 from .indexing import Indexing
 from .into import plan_into
-from .layout import PACKS, check_name, check_new_name
+from .layout import check_name, check_new_name
 from .marker import init_storage
 from .reader import check_device
 from .refs import resolve
@@ -180,10 +181,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
         try:
             return read(m)
         except MissingObject as e:
-            if m.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
-                raise
-            moved = self._catalog.fresh(cid)
-            if moved is None or moved.packs == m.packs:
+            moved = relocated(cid, m, e, self._catalog.fresh)
+            if moved is None:
                 raise
             return read(moved)
 

@@ -44,9 +44,20 @@ from .reader import check_device
 from .results import CheckpointInfo
 from .shards import Region, iter_regions, read_assembled, read_regions
 
-__all__ = ["Checkpoint", "ReadOptions"]
+__all__ = ["Checkpoint", "ReadOptions", "relocated"]
 
 _T = TypeVar("_T")
+
+
+def relocated(
+    cid: str, m: Manifest, error: MissingObject, fresh: Callable[[str], Manifest | None] | None
+) -> Manifest | None:
+    """The manifest of ``cid`` as stored now, if ``error`` (a read through ``m``) is a pack a repack
+    moved the chunks out of and gc freed; None when that is not what happened (re-raise ``error``)."""
+    if fresh is None or m.format < COMPACT_FORMAT or not error.key.startswith(PACKS):
+        return None
+    moved = fresh(cid)
+    return None if moved is None or moved.packs == m.packs else moved
 
 
 @dataclass(frozen=True)
@@ -146,10 +157,8 @@ class Checkpoint:
         try:
             return read(self.manifest)
         except MissingObject as e:
-            if opts.fresh is None or self.manifest.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
-                raise
-            moved = opts.fresh(self.id)
-            if moved is None or moved.packs == self.manifest.packs:
+            moved = relocated(self.id, self.manifest, e, opts.fresh)
+            if moved is None:
                 raise
             return read(moved)
 
@@ -216,10 +225,8 @@ class Checkpoint:
                 yield n, t
         except MissingObject as e:
             # A repack moved its chunks and gc freed the old packs: the rest from the new locations.
-            if opts.fresh is None or self.manifest.format < COMPACT_FORMAT or not e.key.startswith(PACKS):
-                raise
-            moved = opts.fresh(self.id)
-            if moved is None or moved.packs == self.manifest.packs:
+            moved = relocated(self.id, self.manifest, e, opts.fresh)
+            if moved is None:
                 raise
             left = [i for i in range(len(regions)) if i not in done]
             rest = [regions[i] for i in left]
