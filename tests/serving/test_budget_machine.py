@@ -133,3 +133,18 @@ CacheMachine.TestCase.settings = settings(
     max_examples=50, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestBudgetNeverExceeded = CacheMachine.TestCase
+
+
+def test_a_sweep_whose_demotion_evicts_another_expired_entry_evicts_it_once() -> None:
+    """Found by the machine above: the pinned entry's demotion to the host made room by evicting an
+    entry the same sweep had found expired, which the sweep then evicted again (KeyError)."""
+    m = CacheMachine()
+    m.start(device=FULL + HEAD, host=FULL, min_residency=0.0)
+    m.pin(4)
+    m.load(0)
+    m.load(1)
+    m.unpin(4)
+    m.time_passes(31.0)
+    m.budget_never_exceeded()
+    m.counted_bytes_are_exactly_the_resident_checkpoints()
+    m.teardown()

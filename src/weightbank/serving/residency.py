@@ -261,9 +261,13 @@ class Residency:
     def sweep(self, now: float, ttl: float) -> int:
         """Evict (demoting from the device) every idle entry unused for ``ttl`` seconds."""
         expired = [e for e in self.entries.values() if now - e.last_used >= ttl and self.evictable(e, now)]
+        n = 0
         for e in expired:
+            if self.entries.get(e.cid) is not e:
+                continue  # gone already: an earlier entry's demotion made room on the host with it
             self.evict(e, "ttl", now=now, demote=True)
-        return len(expired)
+            n += 1
+        return n
 
     # -- reporting -------------------------------------------------------------------------
     def status(self, e: Entry) -> ModelStatus:
