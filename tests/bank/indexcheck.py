@@ -11,7 +11,9 @@
 * :func:`small_pages` shrinks the page and compaction constants where the code
   reads them (the modules that import them, not only the ones that define them).
 * The damage helpers break one index object the way a bad disk or a stray
-  ``rm`` would; :func:`drop_ref` removes a ref on every backend.
+  ``rm`` would; :func:`drop_ref` removes a ref on every backend;
+  :func:`forget_done` empties the head's list of done entries (readers then
+  read every entry and look for its manifest, as after writers that died).
 * :func:`commit_copy` commits a copy of a checkpoint with other metadata the way
   a save's commit does (add entry, then manifest), and :func:`twins` finds two
   such copies whose ids share a 6-hex-character prefix (an ambiguous prefix).
@@ -29,14 +31,15 @@ import pytest
 import weightbank as wb
 from weightbank.bank.catalog import Catalog
 from weightbank.bank.index.records import CatalogRecord
-from weightbank.bank.index.store import Root, put_root, read_root
+from weightbank.bank.index.store import Head, Root, put_root, read_head_state, read_root
 from weightbank.bank.index.view import Snapshot, list_gens, list_seqs
-from weightbank.bank.layout import INDEX_PAGES, manifest_key, page_key, root_key
+from weightbank.bank.layout import INDEX_HEAD, INDEX_PAGES, manifest_key, page_key, root_key
 from weightbank.bank.listing import ScanView, scan_manifests
 from weightbank.bank.refs import resolve
 from weightbank.bank.tags import TagStore
 from weightbank.format.hashing import digest
 from weightbank.format.manifest import FORMAT_VERSION, SHARDED_FORMAT, Manifest
+from weightbank.format.sealed import seal
 from weightbank.storage.base import Storage
 from weightbank.storage.memory import MemoryStorage
 
@@ -46,6 +49,7 @@ __all__ = [
     "delete_run_page",
     "drop_ref",
     "flip_root_byte",
+    "forget_done",
     "garble_ref",
     "index_snapshot",
     "missing_page_root",
@@ -175,6 +179,12 @@ def garble_ref(storage: Storage, key: str, data: bytes = b"\x00 not a sealed rec
     """Replace a ref's bytes (or create it) with garbage, through the ref API."""
     current = storage.get_ref(key)
     storage.put_ref(key, data, None if current is None else current.token)
+
+
+def forget_done(storage: Storage) -> None:
+    """Empty the head's list of done entries, as if every writer had died before marking its entry."""
+    head = read_head_state(storage)
+    storage.put_ref(INDEX_HEAD, seal(Head(head.seq, head.token, {}).body()), head.token)
 
 
 def newest_root(storage: Storage) -> Root:

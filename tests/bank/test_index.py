@@ -37,9 +37,17 @@ import weightbank as wb
 from weightbank.bank import leases, marker
 from weightbank.bank.catalog import IndexFallbackWarning
 from weightbank.bank.index import compact as compact_module
-from weightbank.bank.index.store import ADD, read_entry, read_root
+from weightbank.bank.index.store import ADD, Head, read_entry, read_head_state, read_root
 from weightbank.bank.index.view import list_gens, list_seqs
-from weightbank.bank.layout import FORMAT_KEY, INDEX_ROOTS, LEASES, MANIFESTS, log_key, manifest_key
+from weightbank.bank.layout import (
+    FORMAT_KEY,
+    INDEX_HEAD,
+    INDEX_ROOTS,
+    LEASES,
+    MANIFESTS,
+    log_key,
+    manifest_key,
+)
 from weightbank.bank.marker import bank_version, init_storage
 from weightbank.format.hashing import digest
 from weightbank.format.manifest import Manifest
@@ -55,6 +63,7 @@ from .indexcheck import (
     delete_run_page,
     drop_ref,
     flip_root_byte,
+    forget_done,
     garble_ref,
     index_snapshot,
     missing_page_root,
@@ -291,6 +300,7 @@ def _damage_garbage_entry(bank: wb.Bank) -> str:
 def _damage_garbage_over_entry(bank: wb.Bank) -> str:
     key = log_key(pending_seqs(bank.storage)[0])
     garble_ref(bank.storage, key, b'{"not": "sealed"}')
+    forget_done(bank.storage)  # else readers take the entry from the head (see the test below)
     return key
 
 
@@ -350,6 +360,64 @@ def test_damaged_index_answers_exactly_from_a_listing_and_verify_names_it(
     index = [p for p in report.problems if p.kind == "index"]
     assert index and index[0].key == key, report.problems
     assert {p.kind for p in report.problems} == {"index"}
+    bank.close()
+
+
+def test_a_damaged_entry_the_head_lists_as_done_answers_from_the_copy_and_verify_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bank"
+    answers, refs, log_ids = _damaged_bank(path, monkeypatch)
+    with wb.open(path) as bank:
+        key = log_key(pending_seqs(bank.storage)[0])
+        garble_ref(bank.storage, key, b'{"not": "sealed"}')
+    bank = wb.open(path)
+    assert outcomes(bank, refs) == answers  # warnings are errors: no fallback either
+    assert not bank._catalog.scanning and [c.id for c in bank.log()] == log_ids
+    report = bank.verify()
+    assert [(p.kind, p.key) for p in report.problems] == [("index", key)], report.problems
+    bank.repair_index()
+    assert not bank.verify().problems and outcomes(bank, refs) == answers
+    bank.close()
+
+
+def test_a_head_copy_that_differs_from_its_entry_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "bank"
+    _damaged_bank(path, monkeypatch)
+    with wb.open(path) as bank:
+        head = read_head_state(bank.storage)
+        seq = max(head.done)
+        other = dataclasses.replace(head.done[seq], save_ids=("forged",))
+        forged = Head(head.seq, head.token, {**head.done, seq: other})
+        bank.storage.put_ref(INDEX_HEAD, seal(forged.body()), head.token)
+        problems = bank.verify().problems
+        assert [(p.kind, p.key) for p in problems] == [("index", log_key(seq))], problems
+        assert "head's copy" in problems[0].detail
+
+
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_fresh_reader_reads_no_entry_and_no_manifest_the_head_lists_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marked: bool
+) -> None:
+    """The head's done list makes a fresh reader's cost independent of the entries waiting."""
+    small_pages(monkeypatch, page=4, every=1000)
+    path = tmp_path / "bank"
+    with wb.open(path) as bank:
+        for s in range(6):
+            bank.save(_state("r", s), run="r", step=s, metrics={"val": float(s)})
+        if not marked:
+            forget_done(bank.storage)
+    counting = CountingStorage(LocalStorage(path))
+    bank = wb.Bank(counting)
+    assert bank.resolve("r@best:val") == bank.log("r")[-1].id
+    reads = counting.counts().get("get_ref", 0)
+    looks = counting.counts().get("exists", 0)
+    if marked:
+        assert looks == 0 and reads <= 3, counting.counts()  # the marker, the head, no entry
+    else:
+        assert looks == 6 and reads >= 6, counting.counts()  # each entry read, each manifest looked for
     bank.close()
 
 

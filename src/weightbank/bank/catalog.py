@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import warnings
@@ -44,7 +45,17 @@ from . import marker
 from .index import bloom
 from .index.compact import COMPACT_EVERY, CompactResult, compact, rebuild
 from .index.records import CatalogRecord
-from .index.store import ADD, DEL, EMPTY_ROOT, LogEntry, put_entry, raise_head, read_head, read_root
+from .index.store import (
+    ADD,
+    DEL,
+    EMPTY_ROOT,
+    LogEntry,
+    mark_done,
+    put_entry,
+    raise_head,
+    read_head,
+    read_root,
+)
 from .index.view import Memo, PageCache, Snapshot, list_gens, list_seqs, load_snapshot, pending_count
 from .layout import log_key, manifest_key
 from .listing import ScanView, listed_ids, read_manifest, scan_manifests
@@ -109,6 +120,7 @@ class Catalog:
         self.broken: dict[str, Exception] = {}
         self.damage: IndexDamaged | None = None
         self._warned = False
+        self._upto = 0  # the highest root ``upto`` this process saw while claiming entries
 
     # -- reading -------------------------------------------------------------
     def refresh(self) -> None:
@@ -299,8 +311,8 @@ class Catalog:
             return  # no refs here: no index either; the bank goes on as format 1
         self.upgrade()
 
-    def _claim(self, make: Callable[[int], LogEntry]) -> int:
-        """Write the next log entry (put-if-absent); its sequence number."""
+    def _claim(self, make: Callable[[int], LogEntry]) -> LogEntry:
+        """Write the next log entry (put-if-absent); the entry written."""
         for _ in range(256):
             gens = list_gens(self._storage)
             try:
@@ -313,7 +325,8 @@ class Catalog:
             except IndexDamaged:
                 head = 0
             seq = max(max(list_seqs(self._storage), default=0), upto, head) + 1
-            if not put_entry(self._storage, make(seq)):
+            entry = make(seq)
+            if not put_entry(self._storage, entry):
                 continue  # taken: look again
             # A compaction that published after our look may already cover this number: then the
             # entry would never be read, so it is withdrawn and written again further on.
@@ -328,26 +341,43 @@ class Catalog:
                     continue
             # If this fails the entry is there and its manifest is not (the caller stops): harmless.
             raise_head(self._storage, seq)
-            return seq
+            self._upto = max(self._upto, upto)
+            return entry
         raise CorruptObject(log_key(0), detail="could not claim a catalog log entry after 256 tries")
 
-    def intend(self, cid: str, manifest: Manifest, save_ids: list[str], wrote: list[str]) -> None:
-        """Record that ``cid`` is about to be committed (call just before its manifest is written)."""
+    def intend(self, cid: str, manifest: Manifest, save_ids: list[str], wrote: list[str]) -> LogEntry | None:
+        """Record that ``cid`` is about to be committed (call just before its manifest is written).
+
+        The entry written (None in a bank without an index): pass it to :meth:`add`.
+        """
         if not self.indexed:
-            return
+            return None
         record = CatalogRecord.of(cid, manifest)
         own = set(wrote)
         chunks = bloom.build(c.hash for c in manifest.chunks if manifest.packs[c.pack] in own)
-        self._claim(lambda seq: LogEntry(seq, ADD, cid, record, tuple(save_ids), tuple(wrote), chunks))
+        return self._claim(lambda seq: LogEntry(seq, ADD, cid, record, tuple(save_ids), tuple(wrote), chunks))
 
-    def tombstone(self, cid: str) -> None:
-        """Record that ``cid`` is being deleted (call before its manifest is removed)."""
+    def tombstone(self, cid: str) -> LogEntry | None:
+        """Record that ``cid`` is being deleted (call before its manifest is removed); pass the entry to :meth:`forget`."""
         if not self.indexed:
-            return
-        self._claim(lambda seq: LogEntry(seq, DEL, cid))
+            return None
+        return self._claim(lambda seq: LogEntry(seq, DEL, cid))
 
-    def add(self, cid: str, manifest: Manifest, stored: bytes | None = None) -> None:
-        """This process just committed ``cid`` (``stored``: its manifest object): see it without a refresh."""
+    def _done(self, entry: LogEntry | None) -> None:
+        """Tell readers ``entry``'s work is done (best effort: without it they look at the manifest)."""
+        if entry is None:
+            return
+        with contextlib.suppress(Exception):
+            mark_done(self._storage, entry, self._upto)
+
+    def add(
+        self, cid: str, manifest: Manifest, stored: bytes | None = None, entry: LogEntry | None = None
+    ) -> None:
+        """This process just committed ``cid`` (``stored``: its manifest object): see it without a refresh.
+
+        ``entry``: the log entry :meth:`intend` wrote for it, now done.
+        """
+        self._done(entry)
         self._remember(cid, manifest, stored)
         with self._lock:
             view = self._view
@@ -362,8 +392,9 @@ class Catalog:
                 self._listed[cid] = manifest
                 self._view = ScanView({c: CatalogRecord.of(c, m) for c, m in self._listed.items()})
 
-    def forget(self, cid: str) -> None:
-        """This process just deleted ``cid``."""
+    def forget(self, cid: str, entry: LogEntry | None = None) -> None:
+        """This process just deleted ``cid`` (``entry``: the one :meth:`tombstone` wrote, now done)."""
+        self._done(entry)
         with self._lock:
             self._manifests.pop(cid, None)
             view = self._view

@@ -133,9 +133,9 @@ def trash(storage: Storage, catalog: Catalog, cid: str, manifest: Manifest, *, b
             if extra:
                 body["also"] = sorted(extra)
                 storage.write(trash_key(cid), seal(body))
-    catalog.tombstone(cid)
+    entry = catalog.tombstone(cid)
     storage.delete(manifest_key(cid))
-    catalog.forget(cid)
+    catalog.forget(cid, entry)
     # Only now is the manifest certainly invisible to a save that lists manifests.
     body["deleted_at"] = time.time()
     storage.write(trash_key(cid), seal(body))

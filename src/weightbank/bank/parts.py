@@ -520,7 +520,7 @@ def _publish(
     wrote = sorted({k for p in parts for k in p.own_packs()})
     try:
         merged = _place_segments(storage, parts, merged, writer)
-        catalog.intend(merged.cid, merged.manifest, [p.save_id for p in parts], wrote)
+        entry = catalog.intend(merged.cid, merged.manifest, [p.save_id for p in parts], wrote)
     except BaseException:
         if not_committed is not None:
             not_committed()  # no manifest was attempted: the caller may give the parts up
@@ -538,7 +538,7 @@ def _publish(
     for part in parts:
         with contextlib.suppress(Exception):
             leases.release(storage, part.save_id)
-    catalog.add(merged.cid, merged.manifest, merged.data)
+    catalog.add(merged.cid, merged.manifest, merged.data, entry)
     catalog.maybe_compact()
     return merged.cid, merged.manifest, stats
 

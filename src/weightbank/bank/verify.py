@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from ..errors import CorruptObject, MissingObject, UnsupportedFormat, WeightbankError
+from ..errors import CorruptObject, IndexDamaged, MissingObject, UnsupportedFormat, WeightbankError
 from ..format.hashing import digest
 from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..storage.base import Storage
@@ -31,6 +31,7 @@ from .catalog import Catalog
 from .chunks import chain_of, decode_record, records_by_hash
 from .events import EventLog
 from .index.records import CatalogRecord
+from .index.view import log_damage
 from .layout import MANIFESTS, PACKS, SEGMENTS, manifest_key, tag_key
 from .listing import scan_manifests
 from .results import DuReport, VerifyProblem, VerifyReport
@@ -184,7 +185,7 @@ def verify(
                 flush()
         flush()
     if whole_bank:
-        problems += _index_problems(catalog, found, set(broken))
+        problems += _index_problems(storage, catalog, found, set(broken))
         problems += _record_problems(storage, set(found) | set(broken), tags)
     if whole_bank and not broken:  # with unreadable manifests, "unreferenced" cannot be known
         for key, size in sorted(sizes.items()):
@@ -198,7 +199,7 @@ def verify(
 
 
 def _index_problems(
-    catalog: Catalog, found: dict[str, CatalogRecord], broken: set[str]
+    storage: Storage, catalog: Catalog, found: dict[str, CatalogRecord], broken: set[str]
 ) -> list[VerifyProblem]:
     """Where the catalog index disagrees with the manifests (``weightbank repair-index`` fixes every one)."""
     if not catalog.indexed:
@@ -221,6 +222,13 @@ def _index_problems(
 
     def problem(cid: str, detail: str) -> VerifyProblem:
         return VerifyProblem("index", manifest_key(cid), detail, checkpoint=cid)
+
+    try:
+        damaged = log_damage(storage)
+    except IndexDamaged as e:
+        damaged = [e]
+    if damaged:  # answers were right (the head's copies stood in), but a repair is due
+        return [VerifyProblem("index", e.key, f"{e.detail} (run `weightbank repair-index`)") for e in damaged]
 
     # Each difference is checked against the manifest once more: a save or delete may have landed meanwhile.
     out = [

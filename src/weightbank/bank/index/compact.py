@@ -76,9 +76,11 @@ from .view import PageCache, Snapshot, list_gens, list_seqs, load_snapshot
 __all__ = ["COMPACT_EVERY", "CompactResult", "compact", "rebuild"]
 
 #: A save compacts the catalog once this many log entries wait to be folded. The trade-off: a
-#: fresh reader (a CLI call, a replica resolving ``run@latest``) reads every pending entry and
-#: checks its manifest, two requests each, so up to 2 × this; a compaction costs its saver about
-#: 60 requests plus 2 per entry folded (measured on a 300-checkpoint bank), spread over this many
+#: fresh reader (a CLI call, a replica resolving ``run@latest``) takes the entries the head lists
+#: as done from the head (no request each) but reads each other pending entry and checks its
+#: manifest, two requests each (a writer that died before marking its entry, or one of an older
+#: release); the parsing grows with every entry waiting; a compaction costs its saver about 60
+#: requests plus 2 per entry folded (measured on a 300-checkpoint bank), spread over this many
 #: saves. At 16: at most 32 extra requests per fresh read, about 6 per save.
 COMPACT_EVERY = 16
 #: Roots kept besides the newest (a reader that just read one still finds its pages).

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,14 +47,19 @@ from .records import CatalogRecord
 __all__ = [
     "ADD",
     "DEL",
+    "DONE_MAX",
+    "Head",
     "IndexDamaged",
     "LogEntry",
     "Root",
+    "mark_done",
+    "parse_entry",
     "put_entry",
     "put_root",
     "raise_head",
     "read_entry",
     "read_head",
+    "read_head_state",
     "read_page",
     "read_root",
     "write_page",
@@ -113,7 +119,7 @@ class LogEntry:
     #: (an entry of an older release, which a save must read the manifest of to know).
     chunks: bytes | None = None
 
-    def to_bytes(self) -> bytes:
+    def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "seq": self.seq,
             "op": self.op,
@@ -124,7 +130,10 @@ class LogEntry:
         }
         if self.chunks is not None:
             body["chunks"] = bloom.encode(self.chunks)
-        return seal(body)
+        return body
+
+    def to_bytes(self) -> bytes:
+        return seal(self.to_json())
 
 
 def read_entry(storage: Storage, seq: int) -> LogEntry | None:
@@ -135,6 +144,15 @@ def read_entry(storage: Storage, seq: int) -> LogEntry | None:
         return None
     try:
         body = unseal(value.data, key, what="catalog log entry").body
+    except CorruptObject as e:
+        raise IndexDamaged(key, e.detail or str(e)) from None
+    return parse_entry(body, seq, key)
+
+
+def parse_entry(body: Any, seq: int, key: str) -> LogEntry:
+    """A log entry's JSON body (untrusted) as a LogEntry; IndexDamaged if it is malformed."""
+    try:
+        body = typed(body, dict, "entry")
         op = typed(body["op"], str, "op")
         cid = hex_digest(body["id"], "id")
         if typed(body["seq"], int, "seq") != seq or op not in (ADD, DEL):
@@ -261,11 +279,42 @@ def delete_ref(storage: Storage, key: str) -> None:
     storage.delete(key)
 
 
-def read_head(storage: Storage) -> tuple[int, str | None]:
-    """The highest sequence number the head records (0 when there is none yet) and its token."""
+#: Entries the head lists as done at most (newest kept): beyond that a reader reads entries itself.
+DONE_MAX = 48
+
+
+@dataclass(frozen=True)
+class Head:
+    """``index/head.json``: the highest sequence number claimed, and the entries known to be *done*.
+
+    An entry is done once its writer finished what it announced: an add's
+    manifest is written, a delete's manifest is removed. A reader takes a done
+    entry from here instead of reading it, and need not look for its manifest
+    (see :mod:`.view`); entries not listed here are read and checked as
+    before, so a head that lost its list costs requests, never answers.
+    """
+
+    seq: int
+    token: str | None
+    done: dict[int, LogEntry]
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq,
+            "at": time.time(),
+            "done": [e.to_json() for _, e in sorted(self.done.items())],
+        }
+
+
+def read_head_state(storage: Storage) -> Head:
+    """The head (seq 0, no token, nothing done when there is none yet); IndexDamaged if unreadable.
+
+    A done list that is not well formed (only a faulty writer seals one) is
+    ignored: it is an optimisation, and the log still says everything.
+    """
     value = storage.get_ref(INDEX_HEAD)
     if value is None:
-        return 0, None
+        return Head(0, None, {})
     try:
         body = unseal(value.data, INDEX_HEAD, what="catalog head").body
         seq = typed(body["seq"], int, "seq")
@@ -275,7 +324,39 @@ def read_head(storage: Storage) -> tuple[int, str | None]:
         raise IndexDamaged(INDEX_HEAD, e.detail or str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         raise IndexDamaged(INDEX_HEAD, f"malformed head ({type(e).__name__}: {e})") from None
-    return int(seq), value.token
+    done: dict[int, LogEntry] = {}
+    try:
+        for item in typed(body.get("done", []), list, "done")[:DONE_MAX]:
+            s = typed(typed(item, dict, "done entry")["seq"], int, "seq")
+            if 0 < s <= seq:
+                done[s] = parse_entry(item, s, INDEX_HEAD)
+    except (IndexDamaged, KeyError, TypeError, ValueError):
+        done = {}
+    return Head(int(seq), value.token, done)
+
+
+def read_head(storage: Storage) -> tuple[int, str | None]:
+    """The highest sequence number the head records (0 when there is none yet) and its token."""
+    head = read_head_state(storage)
+    return head.seq, head.token
+
+
+def _update_head(storage: Storage, change: Callable[[Head], Head | None]) -> None:
+    """Apply ``change`` to the head by compare-and-swap, retrying on races (None: nothing to write)."""
+    for _ in range(64):
+        try:
+            current = read_head_state(storage)
+        except IndexDamaged:
+            damaged = storage.get_ref(INDEX_HEAD)  # replaced: a rebuild or this write repairs it
+            current = Head(0, None if damaged is None else damaged.token, {})
+        new = change(current)
+        if new is None:
+            return
+        try:
+            storage.put_ref(INDEX_HEAD, seal(new.body()), current.token)
+            return
+        except ConcurrentUpdate:
+            continue
 
 
 def raise_head(storage: Storage, seq: int) -> None:
@@ -285,16 +366,23 @@ def raise_head(storage: Storage, seq: int) -> None:
     end of the log shows as a gap too. A crash before this leaves the head
     behind the log, which only weakens that check for a moment.
     """
-    for _ in range(64):
-        try:
-            current, token = read_head(storage)
-        except IndexDamaged:
-            damaged = storage.get_ref(INDEX_HEAD)  # replaced: a rebuild or this write repairs it
-            current, token = 0, None if damaged is None else damaged.token
-        if current >= seq:
-            return
-        try:
-            storage.put_ref(INDEX_HEAD, seal({"seq": seq, "at": time.time()}), token)
-            return
-        except ConcurrentUpdate:
-            continue
+    _update_head(storage, lambda h: None if h.seq >= seq else Head(seq, h.token, h.done))
+
+
+def mark_done(storage: Storage, entry: LogEntry, upto: int = 0) -> None:
+    """List ``entry`` as done in the head (call once its manifest is written, or removed).
+
+    Entries at or below ``upto`` (folded by a root the caller saw) are
+    dropped, and only the newest :data:`DONE_MAX` kept. Best effort: if the
+    head keeps changing, readers read the entry and check its manifest.
+    """
+
+    def change(h: Head) -> Head | None:
+        if entry.seq > h.seq:
+            return None  # the head was rebuilt below this entry: the log is the truth now
+        done = {s: e for s, e in h.done.items() if s > upto}
+        done[entry.seq] = entry
+        keep = sorted(done)[-DONE_MAX:]
+        return Head(h.seq, h.token, {s: done[s] for s in keep})
+
+    _update_head(storage, change)

@@ -3,10 +3,12 @@
 How a reader gets it (:func:`load_snapshot`):
 
 1. list ``index/roots/`` and read the newest root (an empty bank has none);
-2. list ``index/log/`` and read the entries the root has not folded: its
+2. read the *head* (``index/head.json``: the highest number any writer
+   claimed, and copies of the entries whose work is done), list
+   ``index/log/`` and take the entries the root has not folded: its
    ``held`` ones and every one after ``upto``, up to the higher of the
-   newest listed and the *head* (``index/head.json``, the highest number any
-   writer claimed). The sequence must have no gap: entries are only ever
+   newest listed and the head's number — from the head's copy when it has
+   one, else by reading the entry. The sequence must have no gap: entries are only ever
    deleted by a compaction *after* it published a root that folds them, so a
    gap means a newer root (start again) or damage — a lost newest entry, or a
    lost root whose entries were compacted away, is a gap below the head;
@@ -19,7 +21,9 @@ that died). A *delete* entry hides its checkpoint once the manifest is gone
 (before that, the delete is still in progress and the checkpoint is still
 there). So every answer agrees with the manifests, the bank's truth, and a
 reader checks the existence of at most the few entries since the last
-compaction. Damage anywhere raises :class:`~.store.IndexDamaged` and the
+compaction — none, for a checkpoint whose entries the head lists as done
+(see :func:`_settled`): a writer copies its entry there only after its
+manifest was written (or removed), so the copy says what a look would. Damage anywhere raises :class:`~.store.IndexDamaged` and the
 catalog lists manifests instead.
 
 Example:
@@ -60,12 +64,21 @@ from .store import (
     LogEntry,
     Root,
     read_entry,
-    read_head,
+    read_head_state,
     read_page,
     read_root,
 )
 
-__all__ = ["Memo", "PageCache", "Snapshot", "list_gens", "list_seqs", "load_snapshot", "pending_count"]
+__all__ = [
+    "Memo",
+    "PageCache",
+    "Snapshot",
+    "list_gens",
+    "list_seqs",
+    "load_snapshot",
+    "log_damage",
+    "pending_count",
+]
 
 _ATTEMPTS = 16
 
@@ -127,7 +140,7 @@ class Memo:
         self.roots: dict[int, Root] = {}
         self.entries: dict[int, LogEntry] = {}
         self.committed: set[str] = set()
-        self.gone: set[str] = set()
+        self.gone: dict[str, int] = {}  # a deleted checkpoint → the newest entry naming it then
 
     def keep_only(self, gens: list[int], seqs: set[int]) -> None:
         self.roots = {g: r for g, r in self.roots.items() if g in gens[-1:]}
@@ -144,6 +157,31 @@ def pending_count(storage: Any, memo: Memo | None = None) -> int:
     return sum(1 for s in list_seqs(storage) if s > upto)
 
 
+def log_damage(storage: Any) -> list[IndexDamaged]:
+    """What is wrong with the log entries a reader would use (``verify``'s look at the log).
+
+    A reader takes an entry the head lists as done from the head, so damage to
+    the entry itself goes unnoticed until a compaction removes it; this reads
+    each one, and compares it with the head's copy.
+    """
+    gens = list_gens(storage)
+    root = (read_root(storage, gens[-1]) if gens else None) or EMPTY_ROOT
+    state = read_head_state(storage)
+    out: list[IndexDamaged] = []
+    for seq in list_seqs(storage):
+        if seq <= root.upto and seq not in root.held:
+            continue  # folded: no reader uses it, the next compaction removes it
+        try:
+            entry = read_entry(storage, seq)
+        except IndexDamaged as e:
+            out.append(e)
+            continue
+        copy = state.done.get(seq)
+        if entry is not None and copy is not None and copy != entry:
+            out.append(IndexDamaged(log_key(seq), "the head's copy of this entry differs from it"))
+    return out
+
+
 def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | None = None) -> Snapshot:
     """The catalog as it stands now (see the module docstring). IndexDamaged if it cannot be trusted."""
     cache = pages or PageCache(storage)
@@ -158,13 +196,16 @@ def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | Non
             root = memo.roots[gens[-1]] = found
         # The head first: a number is claimed (its entry put) before the head is raised, so every
         # entry up to the head read here is in the listing that follows, unless it is lost.
-        head, _ = read_head(storage)
+        state = read_head_state(storage)
+        head = state.seq
         seqs = list_seqs(storage)
         top = max(max(seqs, default=0), head if head > root.upto else 0)
         above = [s for s in seqs if s > root.upto]
         # Counted, never enumerated: the numbers come from storage, and a crafted one can be huge.
         missing_above = (top - root.upto) - len(above)
         wanted = sorted(set(above) | (set(root.held) & set(seqs)))
+        # A listed entry the head lists as done is taken from there: its writer wrote both.
+        memo.entries.update({s: state.done[s] for s in wanted if s in state.done and s not in memo.entries})
         fresh = [s for s in wanted if s not in memo.entries]
         read = _parallel(lambda s: read_entry(storage, s), fresh)
         memo.entries.update({s: e for s, e in zip(fresh, read, strict=True) if e is not None})
@@ -178,8 +219,27 @@ def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | Non
         if missing:
             raise IndexDamaged(log_key(min(missing)), "a log entry is missing (a gap in the sequence)")
         memo.keep_only(gens, set(entries))
-        return Snapshot.resolve(storage, root, entries, top, cache, memo)
+        done = {s for s in entries if s in state.done}
+        return Snapshot.resolve(storage, root, entries, top, cache, memo, done)
     raise IndexDamaged(INDEX_ROOTS, "the index kept changing while it was read")
+
+
+def _settled(entries: dict[int, LogEntry], done: set[int]) -> dict[str, bool]:
+    """Whether each checkpoint's manifest exists, for those the done entries alone settle.
+
+    Every entry of the checkpoint is done and all are adds (its manifest was
+    written, and no delete is pending) or all deletes (it was removed, and no
+    save of the same content is pending). A mix, or any entry not done, is
+    left to a look at the manifest: an add and a delete of the same content
+    may have crossed in either order.
+    """
+    ops: dict[str, set[str]] = {}
+    unsettled: set[str] = set()
+    for seq, e in entries.items():
+        ops.setdefault(e.id, set()).add(e.op)
+        if seq not in done:
+            unsettled.add(e.id)
+    return {cid: op == {ADD} for cid, op in ops.items() if cid not in unsettled and len(op) == 1}
 
 
 @dataclass
@@ -204,17 +264,24 @@ class Snapshot:
         top: int,
         pages: PageCache,
         memo: Memo | None = None,
+        done: set[int] | None = None,
     ) -> Snapshot:
+        """Resolve ``entries`` against the manifests; ``done``: the entries the head lists as done."""
         snap = cls(storage, root, entries, top, pages)
         memo = memo or Memo()
         deleting = {e.id for e in entries.values() if e.op == DEL}
-        exists = dict.fromkeys(memo.gone, False)
+        latest: dict[str, int] = {}
+        for seq, e in entries.items():
+            latest[e.id] = max(seq, latest.get(e.id, 0))
+        # Gone stays gone unless a newer entry names it again (the same content saved once more).
+        exists = {c: False for c, s in memo.gone.items() if latest.get(c, 0) <= s}
         exists.update(dict.fromkeys(memo.committed - deleting, True))
+        exists.update(_settled(entries, done or set()))
         ids = sorted({e.id for e in entries.values()} - set(exists))
         exists.update(zip(ids, _parallel(lambda c: storage.exists(manifest_key(c)), ids), strict=True))
         touched = {e.id for e in entries.values()}
         memo.committed = {c for c in touched if exists[c]}
-        memo.gone = {c for c in touched & deleting if not exists[c]}
+        memo.gone = {c: latest[c] for c in touched & deleting if not exists[c]}
         for seq in sorted(entries):
             e = entries[seq]
             if e.op == ADD and e.record is not None:
