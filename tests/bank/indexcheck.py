@@ -272,9 +272,9 @@ def commit_copy(bank: wb.Bank, manifest: Manifest) -> str:
     manifest = one_document(manifest)
     data = manifest.to_bytes()
     cid = digest(data)
-    bank._catalog.intend(cid, manifest, [], [])
+    entry = bank._catalog.intend(cid, manifest, [], [])
     bank.storage.write(manifest_key(cid), data)
-    bank._catalog.add(cid, manifest)
+    bank._catalog.add(cid, manifest, entry=entry)
     return cid
 
 

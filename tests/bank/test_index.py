@@ -54,7 +54,7 @@ from weightbank.format.manifest import Manifest
 from weightbank.format.sealed import seal
 from weightbank.storage import CountingStorage, LocalStorage
 from weightbank.storage.base import Storage
-from weightbank.storage.memory import forget
+from weightbank.storage.memory import MemoryStorage, forget
 
 from .faults import FaultStorage, dead_pid
 from .indexcheck import (
@@ -395,6 +395,49 @@ def test_a_head_copy_that_differs_from_its_entry_is_reported(
         problems = bank.verify().problems
         assert [(p.kind, p.key) for p in problems] == [("index", log_key(seq))], problems
         assert "head's copy" in problems[0].detail
+
+
+def test_a_checkpoint_committed_again_after_its_delete_stays_visible_through_compactions(
+    tmp_path: Path,
+) -> None:
+    """The same id deleted then committed again (only a copied manifest does that): the delete's done
+    copy and the held delete must not hide it, from a fresh reader or from the next compactions."""
+    path = tmp_path / "bank"
+    with wb.open(path) as bank:
+        first = bank.save(_state("r", 0), run="r", step=0).id
+        manifest = bank._catalog.get(first)
+        cid = commit_copy(bank, manifest)
+        bank.compact()
+        bank.delete(cid)
+        assert commit_copy(bank, manifest) == cid
+        bank.compact()
+        for _ in range(2):
+            fresh = wb.open(path)
+            assert cid in [c.id for c in fresh.log()] and fresh.resolve(cid[:16]) == cid
+            assert not [p for p in fresh.verify().problems if p.kind == "index"]
+            fresh.close()
+            bank._catalog.compact()
+
+
+def test_the_heads_done_list_stays_bounded_and_an_older_head_reads_as_listing_nothing() -> None:
+    from weightbank.bank.index import bloom
+    from weightbank.bank.index.store import DEL, DONE_BYTES, DONE_MAX, LogEntry, mark_done, raise_head
+
+    storage = MemoryStorage()
+    storage.put_ref(INDEX_HEAD, seal({"seq": 3, "at": 0.0}), None)  # as the release before wrote it
+    assert read_head_state(storage).seq == 3 and read_head_state(storage).done == {}
+    big = bloom.build(f"{i:064x}" for i in range(40_000))  # a large model's save
+    for seq in range(1, 3 * DONE_MAX):
+        raise_head(storage, seq)
+        chunks = big if seq % 2 else None
+        mark_done(storage, LogEntry(seq, DEL, "ab" * 32, chunks=chunks), upto=0)
+    head = read_head_state(storage)
+    ref = storage.get_ref(INDEX_HEAD)
+    assert ref is not None and len(ref.data) <= DONE_BYTES + 4096
+    assert 0 < len(head.done) <= DONE_MAX and max(head.done) == 3 * DONE_MAX - 1  # the newest kept
+    assert sorted(head.done) == list(range(min(head.done), 3 * DONE_MAX))
+    raise_head(storage, 10 * DONE_MAX)
+    assert read_head_state(storage).done == head.done  # raising the number keeps the copies
 
 
 @pytest.mark.parametrize("marked", [True, False])

@@ -227,11 +227,10 @@ def _index_problems(
         damaged = log_damage(storage)
     except IndexDamaged as e:
         damaged = [e]
-    if damaged:  # answers were right (the head's copies stood in), but a repair is due
-        return [VerifyProblem("index", e.key, f"{e.detail} (run `weightbank repair-index`)") for e in damaged]
-
+    # Answers were right (the head's copies stood in for damaged entries), but a repair is due.
+    out = [VerifyProblem("index", e.key, f"{e.detail} (run `weightbank repair-index`)") for e in damaged]
     # Each difference is checked against the manifest once more: a save or delete may have landed meanwhile.
-    out = [
+    out += [
         problem(cid, "checkpoint missing from the catalog index")
         for cid in sorted(set(found) - set(listed))
         if catalog.exists(cid)

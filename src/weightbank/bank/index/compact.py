@@ -311,7 +311,7 @@ def compact(
     wrote go into the chunk index). Without ``force`` nothing is done when no
     entry waits.
     """
-    snap = load_snapshot(storage, cache)
+    snap = load_snapshot(storage, cache, trust_done=False)
     if not snap.entries and not force:
         return CompactResult(0, 0, 0, 0)
     live = _live_saves(storage) if snap.inflight else set()

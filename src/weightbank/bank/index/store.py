@@ -8,6 +8,10 @@
   entry up to ``upto`` (except the ``held`` ones, still unresolved), created
   put-if-absent like an entry: of two compactions racing for one generation
   exactly one publishes. Sealed.
+* The **head** (``index/head.json``) holds the highest sequence number any
+  writer claimed and copies of the newest entries whose work is done (an
+  add's manifest written, a delete's removed), which readers take instead of
+  reading those entries (:func:`mark_done`). Sealed; updated by compare-and-swap.
 * A **page** (``index/pages/<ab>/<hash>.zst``) is zstd-compressed JSON named by
   the BLAKE3 of its uncompressed bytes: immutable, shared between roots,
   verified on every read.
@@ -47,6 +51,7 @@ from .records import CatalogRecord
 __all__ = [
     "ADD",
     "DEL",
+    "DONE_BYTES",
     "DONE_MAX",
     "Head",
     "IndexDamaged",
@@ -281,6 +286,9 @@ def delete_ref(storage: Storage, key: str) -> None:
 
 #: Entries the head lists as done at most (newest kept): beyond that a reader reads entries itself.
 DONE_MAX = 48
+#: Bytes of copies the head holds at most (a 70B model's save writes a Bloom filter of ~60 KB): the
+#: newest copies that fit are kept, so every save and reader pays a bounded head.
+DONE_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -326,7 +334,7 @@ def read_head_state(storage: Storage) -> Head:
         raise IndexDamaged(INDEX_HEAD, f"malformed head ({type(e).__name__}: {e})") from None
     done: dict[int, LogEntry] = {}
     try:
-        for item in typed(body.get("done", []), list, "done")[:DONE_MAX]:
+        for item in typed(body.get("done", []), list, "done")[-DONE_MAX:]:
             s = typed(typed(item, dict, "done entry")["seq"], int, "seq")
             if 0 < s <= seq:
                 done[s] = parse_entry(item, s, INDEX_HEAD)
@@ -372,8 +380,9 @@ def raise_head(storage: Storage, seq: int) -> None:
 def mark_done(storage: Storage, entry: LogEntry, upto: int = 0) -> None:
     """List ``entry`` as done in the head (call once its manifest is written, or removed).
 
-    Entries at or below ``upto`` (folded by a root the caller saw) are
-    dropped, and only the newest :data:`DONE_MAX` kept. Best effort: if the
+    Entries at or below ``upto`` (of a root the caller saw: folded, or held
+    by it, which readers look at anyway) are dropped, and only the newest that
+    fit :data:`DONE_MAX` and :data:`DONE_BYTES` kept. Best effort: if the
     head keeps changing, readers read the entry and check its manifest.
     """
 
@@ -382,7 +391,13 @@ def mark_done(storage: Storage, entry: LogEntry, upto: int = 0) -> None:
             return None  # the head was rebuilt below this entry: the log is the truth now
         done = {s: e for s, e in h.done.items() if s > upto}
         done[entry.seq] = entry
-        keep = sorted(done)[-DONE_MAX:]
-        return Head(h.seq, h.token, {s: done[s] for s in keep})
+        keep: dict[int, LogEntry] = {}
+        size = 0
+        for s in sorted(done, reverse=True)[:DONE_MAX]:
+            size += len(json.dumps(done[s].to_json()))
+            if size > DONE_BYTES:
+                break
+            keep[s] = done[s]
+        return Head(h.seq, h.token, dict(sorted(keep.items())))
 
     _update_head(storage, change)

@@ -182,8 +182,15 @@ def log_damage(storage: Any) -> list[IndexDamaged]:
     return out
 
 
-def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | None = None) -> Snapshot:
-    """The catalog as it stands now (see the module docstring). IndexDamaged if it cannot be trusted."""
+def load_snapshot(
+    storage: Any, pages: PageCache | None = None, memo: Memo | None = None, *, trust_done: bool = True
+) -> Snapshot:
+    """The catalog as it stands now (see the module docstring). IndexDamaged if it cannot be trusted.
+
+    ``trust_done=False`` (what a compaction asks) still takes entries from the
+    head's copies but looks for every manifest: what it folds into a root is
+    then what the manifests say, whatever a reader may briefly have misread.
+    """
     cache = pages or PageCache(storage)
     memo = memo or Memo()
     for _ in range(_ATTEMPTS):
@@ -219,7 +226,9 @@ def load_snapshot(storage: Any, pages: PageCache | None = None, memo: Memo | Non
         if missing:
             raise IndexDamaged(log_key(min(missing)), "a log entry is missing (a gap in the sequence)")
         memo.keep_only(gens, set(entries))
-        done = {s for s in entries if s in state.done}
+        # An entry the root holds was unresolved when it was made (a delete and a save of the same
+        # content crossing): such a checkpoint is always looked at.
+        done = {s for s in entries if s in state.done and s not in root.held} if trust_done else set()
         return Snapshot.resolve(storage, root, entries, top, cache, memo, done)
     raise IndexDamaged(INDEX_ROOTS, "the index kept changing while it was read")
 
@@ -232,6 +241,13 @@ def _settled(entries: dict[int, LogEntry], done: set[int]) -> dict[str, bool]:
     save of the same content is pending). A mix, or any entry not done, is
     left to a look at the manifest: an add and a delete of the same content
     may have crossed in either order.
+
+    This rests on ids not repeating: an id covers its creation time, so the
+    same id is committed again only by copying a manifest by hand. Where one
+    is, a reader may misread it until the next save or delete trims the
+    copies; a compaction never trusts the copies, so no misread is folded into
+    a root, and entries a root holds (unresolved when it was made) are never
+    settled here.
     """
     ops: dict[str, set[str]] = {}
     unsettled: set[str] = set()
@@ -281,7 +297,10 @@ class Snapshot:
         exists.update(zip(ids, _parallel(lambda c: storage.exists(manifest_key(c)), ids), strict=True))
         touched = {e.id for e in entries.values()}
         memo.committed = {c for c in touched if exists[c]}
-        memo.gone = {c: latest[c] for c in touched & deleting if not exists[c]}
+        # Remembered as gone only when the newest entry naming it is a delete: a pending add (a save of
+        # the same content, its manifest perhaps not written yet) is looked at again next time.
+        newest_op = {e.id: e.op for _, e in sorted(entries.items())}
+        memo.gone = {c: latest[c] for c in touched & deleting if not exists[c] and newest_op[c] == DEL}
         for seq in sorted(entries):
             e = entries[seq]
             if e.op == ADD and e.record is not None:
