@@ -39,9 +39,10 @@ def test_quantize_round_trips_its_own_bytes_within_the_recorded_error(
     err = (back - x.double()).abs()
     assert float(err.max()) == pytest.approx(q.stats.max_abs, rel=1e-12, abs=1e-300)
     # Per-element bound: half a quantization step of int8 (absmax/254) or fp8 e4m3's 2^-4 relative
-    # step, plus the rounding of the cast back to the tensor's dtype.
+    # step, plus the rounding of the cast back to the tensor's dtype, and of the scales, which are
+    # float32 (so float64 values cannot do better than float32's rounding).
     absmax = float(x.double().abs().max())
-    cast = {"float32": 2**-23, "float64": 2**-52, "bfloat16": 2**-8, "float16": 2**-11}[dtype] * absmax
+    cast = {"float32": 2**-23, "float64": 2**-23, "bfloat16": 2**-8, "float16": 2**-11}[dtype] * absmax
     step = absmax / 254 if method == "int8" else absmax * 2**-4
     assert q.stats.max_abs <= step + cast + 1e-12
     assert q.stats.n == n and q.stats.sq_err <= q.stats.sq_ref * 0.01 + 1e-12
@@ -79,3 +80,18 @@ def test_damaged_lossy_payloads_raise_only_corrupt_object(seed: int, where: floa
         assert "lossy" in str(e)
     else:
         assert len(out) == x.nbytes
+
+
+@pytest.mark.parametrize("scale", [np.finfo(np.float32).max, np.inf, np.nan])
+def test_a_damaged_scale_gives_garbage_values_never_a_floating_point_error(scale: float) -> None:
+    """Found by the property above: a bit flip that makes a scale huge overflowed in the multiply."""
+    from weightbank.format.lossy import _HEAD
+
+    x = np.random.default_rng(0).standard_normal(500).astype(np.float32)
+    q = quantize(memoryview(x.tobytes()), "float32", "int8", row=64, phase=5)
+    assert q is not None
+    damaged = bytearray(q.payload)
+    damaged[_HEAD.size : _HEAD.size + 4] = np.float32(scale).tobytes()
+    out = bytearray(x.nbytes)
+    get_codec("int8").decode(memoryview(bytes(damaged)), memoryview(out))  # warnings are errors here
+    assert not np.isfinite(np.frombuffer(out, dtype=np.float32)[:5]).all()

@@ -163,8 +163,11 @@ def dequantize(payload: memoryview, out: memoryview) -> None:
     if len(body) != n:
         raise CorruptObject("<chunk>", detail=f"lossy payload has {len(body)} codes, expected {n}")
     codes = np.frombuffer(body, dtype=np.uint8)
-    deq = _codes_to_float(m, codes) * _scale_per_element(scales, starts, n)
-    out[:] = _to_dtype(deq, code)
+    # A damaged scale may be huge or not finite: the values are then garbage (the chunk hash, checked
+    # on every read, says so), never a floating-point warning raised as an error.
+    with np.errstate(over="ignore", invalid="ignore"):
+        deq = _codes_to_float(m, codes) * _scale_per_element(scales, starts, n)
+        out[:] = _to_dtype(deq, code)
 
 
 def quantizable(t: torch.Tensor) -> bool:
