@@ -314,11 +314,13 @@ class Head:
         }
 
 
-def read_head_state(storage: Storage) -> Head:
+def read_head_state(storage: Storage, *, copies: bool = True) -> Head:
     """The head (seq 0, no token, nothing done when there is none yet); IndexDamaged if unreadable.
 
     A done list that is not well formed (only a faulty writer seals one) is
     ignored: it is an optimisation, and the log still says everything.
+    ``copies=False`` leaves the list unparsed (``done`` empty): for a caller
+    that wants only the number.
     """
     value = storage.get_ref(INDEX_HEAD)
     if value is None:
@@ -334,7 +336,7 @@ def read_head_state(storage: Storage) -> Head:
         raise IndexDamaged(INDEX_HEAD, f"malformed head ({type(e).__name__}: {e})") from None
     done: dict[int, LogEntry] = {}
     try:
-        for item in typed(body.get("done", []), list, "done")[-DONE_MAX:]:
+        for item in typed(body.get("done", []), list, "done")[-DONE_MAX:] if copies else []:
             s = typed(typed(item, dict, "done entry")["seq"], int, "seq")
             if 0 < s <= seq:
                 done[s] = parse_entry(item, s, INDEX_HEAD)
@@ -345,7 +347,7 @@ def read_head_state(storage: Storage) -> Head:
 
 def read_head(storage: Storage) -> tuple[int, str | None]:
     """The highest sequence number the head records (0 when there is none yet) and its token."""
-    head = read_head_state(storage)
+    head = read_head_state(storage, copies=False)
     return head.seq, head.token
 
 

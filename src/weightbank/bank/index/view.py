@@ -8,8 +8,8 @@ How a reader gets it (:func:`load_snapshot`):
    ``index/log/`` and take the entries the root has not folded: its
    ``held`` ones and every one after ``upto``, up to the higher of the
    newest listed and the head's number — from the head's copy when it has
-   one, else by reading the entry. The sequence must have no gap: entries are only ever
-   deleted by a compaction *after* it published a root that folds them, so a
+   one, else by reading the entry. The sequence must have no gap: entries
+   are only ever deleted by a compaction *after* it published a root that folds them, so a
    gap means a newer root (start again) or damage — a lost newest entry, or a
    lost root whose entries were compacted away, is a gap below the head;
 3. list the roots again: a new one means a compaction ran meanwhile (start
@@ -23,8 +23,9 @@ there). So every answer agrees with the manifests, the bank's truth, and a
 reader checks the existence of at most the few entries since the last
 compaction — none, for a checkpoint whose entries the head lists as done
 (see :func:`_settled`): a writer copies its entry there only after its
-manifest was written (or removed), so the copy says what a look would. Damage anywhere raises :class:`~.store.IndexDamaged` and the
-catalog lists manifests instead.
+manifest was written (or removed), so the copy says what a look would.
+Damage anywhere raises :class:`~.store.IndexDamaged` and the catalog lists
+manifests instead.
 
 Example:
     >>> from weightbank.storage import open_storage
@@ -157,6 +158,12 @@ def pending_count(storage: Any, memo: Memo | None = None) -> int:
     return sum(1 for s in list_seqs(storage) if s > upto)
 
 
+def _unfolded(root: Root, seqs: list[int]) -> list[int]:
+    """The listed entries ``root`` has not folded: its held ones and every one after its ``upto``."""
+    held = set(root.held)
+    return [s for s in seqs if s > root.upto or s in held]
+
+
 def log_damage(storage: Any) -> list[IndexDamaged]:
     """What is wrong with the log entries a reader would use (``verify``'s look at the log).
 
@@ -168,9 +175,7 @@ def log_damage(storage: Any) -> list[IndexDamaged]:
     root = (read_root(storage, gens[-1]) if gens else None) or EMPTY_ROOT
     state = read_head_state(storage)
     out: list[IndexDamaged] = []
-    for seq in list_seqs(storage):
-        if seq <= root.upto and seq not in root.held:
-            continue  # folded: no reader uses it, the next compaction removes it
+    for seq in _unfolded(root, list_seqs(storage)):  # folded ones: no reader uses them
         try:
             entry = read_entry(storage, seq)
         except IndexDamaged as e:
@@ -210,7 +215,7 @@ def load_snapshot(
         above = [s for s in seqs if s > root.upto]
         # Counted, never enumerated: the numbers come from storage, and a crafted one can be huge.
         missing_above = (top - root.upto) - len(above)
-        wanted = sorted(set(above) | (set(root.held) & set(seqs)))
+        wanted = _unfolded(root, seqs)
         # A listed entry the head lists as done is taken from there: its writer wrote both.
         memo.entries.update({s: state.done[s] for s in wanted if s in state.done and s not in memo.entries})
         fresh = [s for s in wanted if s not in memo.entries]
@@ -286,11 +291,9 @@ class Snapshot:
         snap = cls(storage, root, entries, top, pages)
         memo = memo or Memo()
         deleting = {e.id for e in entries.values() if e.op == DEL}
-        latest: dict[str, int] = {}
-        for seq, e in entries.items():
-            latest[e.id] = max(seq, latest.get(e.id, 0))
+        newest = {e.id: (seq, e.op) for seq, e in sorted(entries.items())}  # each id's newest entry
         # Gone stays gone unless a newer entry names it again (the same content saved once more).
-        exists = {c: False for c, s in memo.gone.items() if latest.get(c, 0) <= s}
+        exists = {c: False for c, s in memo.gone.items() if newest.get(c, (0, DEL))[0] <= s}
         exists.update(dict.fromkeys(memo.committed - deleting, True))
         exists.update(_settled(entries, done or set()))
         ids = sorted({e.id for e in entries.values()} - set(exists))
@@ -299,8 +302,7 @@ class Snapshot:
         memo.committed = {c for c in touched if exists[c]}
         # Remembered as gone only when the newest entry naming it is a delete: a pending add (a save of
         # the same content, its manifest perhaps not written yet) is looked at again next time.
-        newest_op = {e.id: e.op for _, e in sorted(entries.items())}
-        memo.gone = {c: latest[c] for c in touched & deleting if not exists[c] and newest_op[c] == DEL}
+        memo.gone = {c: newest[c][0] for c in touched & deleting if not exists[c] and newest[c][1] == DEL}
         for seq in sorted(entries):
             e = entries[seq]
             if e.op == ADD and e.record is not None:
