@@ -135,8 +135,11 @@ def run_index(obj: dict[str, Any], key: str) -> list[RunPageInfo]:
 
 def run_page_rows(obj: dict[str, Any], key: str = "") -> list[CatalogRecord]:
     """The records of a run page (or an id page, or the recent page)."""
+    checked: set[str] = set()
     result: list[CatalogRecord] = _checked(
-        key, "page", lambda: [CatalogRecord.from_json(r) for r in typed(obj["records"], list, "records")]
+        key,
+        "page",
+        lambda: [CatalogRecord.from_json(r, checked) for r in typed(obj["records"], list, "records")],
     )
     return result
 

@@ -37,6 +37,16 @@ def _count(obj: dict[str, Any], key: str) -> int:
     return int(value)
 
 
+def _packs(value: Any, checked: set[str]) -> tuple[str, ...]:
+    packs = tuple(typed(value, list, "packs"))
+    for p in packs:
+        if p not in checked:  # a str equal to a checked key; anything else is checked (and refused) here
+            if not is_pack_key(p):
+                raise ValueError("a record names something that is not a pack key")
+            checked.add(p)
+    return packs
+
+
 @dataclass(frozen=True)
 class CatalogRecord:
     """One checkpoint as the catalog index lists it (metadata fields stored JSON-safe encoded)."""
@@ -132,8 +142,12 @@ class CatalogRecord:
         }
 
     @classmethod
-    def from_json(cls, obj: Any) -> CatalogRecord:
-        """A record read back from storage, checked field by field (ValueError/TypeError say which)."""
+    def from_json(cls, obj: Any, checked: set[str] | None = None) -> CatalogRecord:
+        """A record read back from storage, checked field by field (ValueError/TypeError say which).
+
+        ``checked`` holds pack keys already found well formed: the records of
+        one page share most of their packs, so a page checks each key once.
+        """
         typed(obj, dict, "record")
         step = obj["step"]
         if step is not None and typed(step, int, "step") < 0:
@@ -144,9 +158,7 @@ class CatalogRecord:
         fmt = typed(obj["format"], int, "format")
         if not 1 <= fmt <= NEWEST_FORMAT:
             raise ValueError(f"format {fmt} is not one this reader knows")
-        packs = tuple(typed(p, str, "pack") for p in typed(obj["packs"], list, "packs"))
-        if not all(is_pack_key(p) for p in packs):
-            raise ValueError("a record names something that is not a pack key")
+        packs = _packs(obj["packs"], set() if checked is None else checked)
         return cls(
             id=hex_digest(obj["id"], "id"),
             run=typed(obj["run"], str, "run"),
