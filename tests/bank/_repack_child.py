@@ -1,7 +1,8 @@
 """The child-process side of the repack SIGKILL sweep (tests/bank/test_repack.py).
 
 ``python _repack_child.py sweep JOBS.json``: for each ``[bank_dir, kill_at, torn]``
-job, fork a worker that runs ``Bank.repack()`` on that bank through a
+job (or ``[bank_dir, kill_at, torn, keyframe]``), fork a worker that runs
+``Bank.repack()`` (``repack(keyframe=...)``) on that bank through a
 FaultStorage that SIGKILLs the worker just before storage operation
 ``kill_at`` (a data write at that point first leaves half its bytes behind,
 uncommitted, with ``torn``); print ``result <json>`` with each worker's fate.
@@ -29,13 +30,13 @@ def sweep(jobs_file: str) -> None:
     jobs = json.loads(Path(jobs_file).read_text())
     capture_env()  # warm the git lookup once, before forking
     results: list[dict[str, Any]] = []
-    for bank_dir, kill_at, torn in jobs:
+    for bank_dir, kill_at, torn, *keyframe in jobs:
         pid = os.fork()
         if pid == 0:  # the worker: repack until the fault wrapper kills it
             code = 0
             try:
                 storage = FaultStorage(LocalStorage(bank_dir), kill_at=kill_at, torn=torn)
-                wb.Bank(storage, workers=2).repack()
+                wb.Bank(storage, workers=2).repack(keyframe=keyframe[0] if keyframe else None)
             except BaseException as e:  # report, do not hide: the parent fails on it
                 sys.stderr.write(f"worker kill_at={kill_at}: {type(e).__name__}: {e}\n")
                 code = 3

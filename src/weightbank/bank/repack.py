@@ -52,6 +52,7 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,7 +60,7 @@ from ..errors import CorruptObject, MissingObject
 from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..format.stored import relocate, seal_segment, split_object
 from ..storage.base import ObjectWriter, Storage
-from . import leases, locks, releases
+from . import leases, locks, recode, releases
 from .catalog import Catalog
 from .layout import (
     PACKS,
@@ -72,6 +73,7 @@ from .layout import (
 )
 from .listing import read_compact, scan_manifests
 from .results import RepackReport
+from .writer import DEFAULT_KEYFRAME_EVERY
 
 __all__ = ["DEFAULT_MIN_DEAD", "repack"]
 
@@ -194,9 +196,10 @@ class _Record:
 
 
 def _rewrite(
-    storage: Storage, record: _Record, cid: str, moves: dict[tuple[str, int], tuple[str, int]]
+    storage: Storage, record: _Record, cid: str, change: Callable[[Manifest], Manifest | None]
 ) -> bool:
-    """Give manifest ``cid`` its new locations (same content, so the same id); False if not rewritten.
+    """Give manifest ``cid`` the head ``change`` makes of its current one (same content, so the
+    same id); False if not rewritten.
 
     A checkpoint being deleted (its trash entry is there) is left alone; one
     whose delete began while it was rewritten is deleted again, its new
@@ -208,7 +211,7 @@ def _rewrite(
         data, m = read_compact(storage, cid)
     except MissingObject:
         return False  # deleted meanwhile
-    moved = _moved(m, moves)
+    moved = change(m)
     if moved is None:
         return False
     content, _ = split_object(data, manifest_key(cid))
@@ -257,22 +260,75 @@ def repack(
     *,
     min_dead: float = DEFAULT_MIN_DEAD,
     dry_run: bool = False,
+    keyframes: Sequence[str] = (),
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
     lease_ttl: float = leases.DEFAULT_TTL,
     workers: int = 8,
 ) -> RepackReport:
-    """Rewrite packs at least ``min_dead`` dead (see the module docstring); what it did."""
+    """Re-code chains onto ``keyframes`` (checkpoint ids, see :mod:`.recode`), then rewrite packs
+    at least ``min_dead`` dead (see the module docstring); what it did."""
     t0 = time.perf_counter()
     repack_id = leases.new_id()
     if dry_run:
-        return _repack(storage, catalog, repack_id, min_dead, True, lease_ttl, workers, t0)
+        would = sum(
+            len(recode.window(storage, cid, keyframe_every).members) for cid in dict.fromkeys(keyframes)
+        )
+        report = _repack(storage, catalog, repack_id, min_dead, True, lease_ttl, workers, t0)
+        return dataclasses.replace(report, recoded=would)
     # One repack at a time: two could each move a manifest's chunks while a save reuses them.
     with locks.hold(storage, "repack", repack_id, ttl=lease_ttl):
+        recoded = written = 0
+        for cid in dict.fromkeys(keyframes):
+            n, nbytes = _recode_chain(storage, catalog, cid, keyframe_every, workers)
+            recoded += n
+            written += nbytes
         leases.acquire(storage, repack_id)
         try:
-            return _repack(storage, catalog, repack_id, min_dead, False, lease_ttl, workers, t0)
+            report = _repack(storage, catalog, repack_id, min_dead, False, lease_ttl, workers, t0)
         finally:
             with contextlib.suppress(Exception):
                 leases.release(storage, repack_id)
+    return dataclasses.replace(report, recoded=recoded, recode_written=written)
+
+
+def _recode_chain(
+    storage: Storage, catalog: Catalog, cid: str, keyframe_every: int, workers: int
+) -> tuple[int, int]:
+    """Make ``cid`` the keyframe of its chains (:mod:`.recode`); (heads rewritten, bytes written).
+
+    Crash-safe like a save: a lease of its own keeps the new packs while the
+    heads point elsewhere, they are durable before a head names them, and a
+    release record keeps every pack and segment the old heads named for as
+    long as a reader may hold them.
+    """
+    rid = leases.new_id()
+    leases.acquire(storage, rid)
+    try:
+        win = recode.window(storage, cid, keyframe_every)
+        writer = _Writer(storage, rid)
+        try:
+            decided = recode.recode(storage, win, writer.append, keyframe_every=keyframe_every)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        members = win.members
+        old_packs = sorted({p for mem in members for p in mem.manifest.packs})
+        dropped = sorted({k for mem in members for k in mem.manifest.segments})
+        record = _Record(storage, releases.begin(storage, rid, old_packs, dropped))
+
+        def change(m: Manifest) -> Manifest | None:
+            return recode.recoded_manifest(m, decided.coded)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(members)))) as pool:
+            done = list(pool.map(lambda mem: _rewrite(storage, record, mem.cid, change), members))
+        for mem in members:
+            catalog.evict(mem.cid)
+        releases.stamp(storage, record.rel)
+        return sum(done), decided.written
+    finally:
+        with contextlib.suppress(Exception):
+            leases.release(storage, rid)
 
 
 def _repack(
@@ -314,7 +370,7 @@ def _repack(
     dropped = sorted({k for cid in touched for k in survey.segments.get(cid, ())})
     record = _Record(storage, releases.begin(storage, repack_id, chosen, dropped))
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(touched)))) as pool:
-        done = list(pool.map(lambda c: _rewrite(storage, record, c, moves), touched))
+        done = list(pool.map(lambda c: _rewrite(storage, record, c, lambda m: _moved(m, moves)), touched))
     for cid in touched:
         catalog.evict(cid)
     releases.stamp(storage, record.rel)

@@ -259,6 +259,9 @@ class RepackReport:
     :mod:`weightbank.bank.releases`): ``bytes_before - bytes_copied`` is what
     that gains. ``packs_pinned``: partly live packs that could not be
     rewritten (a format-1/2 manifest uses them, or a save in flight).
+    ``recoded``: checkpoints whose chunks were coded again onto a new
+    keyframe (``repack(keyframe=...)``; with ``dry_run``, how many would be
+    considered), ``recode_written`` the bytes those new codings took.
     """
 
     packs_rewritten: tuple[str, ...]
@@ -269,6 +272,8 @@ class RepackReport:
     packs_pinned: int
     dry_run: bool
     seconds: float
+    recoded: int = 0
+    recode_written: int = 0
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointNotFound, CorruptObject, IncompatibleState, InvalidArgument, UnsupportedFormat
@@ -145,7 +146,13 @@ class Upkeep:
         """
         return maintenance.gc(self.storage, grace=grace, dry_run=dry_run, workers=max(8, self.workers))
 
-    def repack(self, *, min_dead: float = repack_mod.DEFAULT_MIN_DEAD, dry_run: bool = False) -> RepackReport:
+    def repack(
+        self,
+        *,
+        min_dead: float = repack_mod.DEFAULT_MIN_DEAD,
+        dry_run: bool = False,
+        keyframe: str | Sequence[str] | None = None,
+    ) -> RepackReport:
         """Copy the live chunks of packs at least ``min_dead`` dead into new packs; no id changes.
 
         The manifests that used them get new locations (format-3 manifests:
@@ -153,15 +160,30 @@ class Upkeep:
         freed by the next ``gc`` that may (see :mod:`weightbank.bank.repack`).
         Packs that format-1/2 manifests use stay as they are.
 
+        ``keyframe`` (one ref or several) first turns delta chains around
+        (:mod:`weightbank.bank.recode`): each named checkpoint gets every chunk
+        standalone, so it loads with no chain at all, and up to 15 of its
+        ancestors become reverse deltas against it. Use it on what is loaded
+        most (``run@latest`` before a resume, ``prod`` after a promote).
+
         Example:
             >>> import torch, weightbank as wb
             >>> bank = wb.open("memory://")
             >>> ids = [bank.save({"w": torch.full((64,), float(s))}, run="r", step=s, codec="raw").id for s in range(2)]
             >>> bank.repack(dry_run=True).packs_rewritten
             ()
+            >>> bank.repack(keyframe="r@latest").recoded  # raw chunks: nothing to turn around
+            0
         """
         if isinstance(min_dead, bool) or not isinstance(min_dead, (int, float)) or not 0 < min_dead <= 1:
             raise InvalidArgument("min_dead", min_dead, "a share of dead bytes in (0, 1]")
+        if keyframe is None or isinstance(keyframe, str):
+            refs = [] if keyframe is None else [keyframe]
+        elif isinstance(keyframe, (list, tuple)) and all(isinstance(r, str) for r in keyframe):
+            refs = list(keyframe)
+        else:
+            raise InvalidArgument("keyframe", keyframe, "a ref or a list of refs")
+        keyframes = [self.resolve(r) for r in refs]
         if not dry_run:
             self._catalog.writable()
         return repack_mod.repack(
@@ -169,6 +191,7 @@ class Upkeep:
             self._catalog,
             min_dead=float(min_dead),
             dry_run=dry_run,
+            keyframes=keyframes,
             workers=max(8, self.workers),
         )
 

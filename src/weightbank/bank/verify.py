@@ -258,10 +258,15 @@ def _fresh(catalog: Catalog, cid: str) -> Manifest | Exception:
 
 
 def _differs(indexed: CatalogRecord, actual: CatalogRecord) -> bool:
-    """Whether a record disagrees with its manifest. A format-3 record's packs are those at commit:
-    a repack moves chunks (the id stays) without rewriting the index, so they are not compared."""
+    """Whether a record disagrees with its manifest. A format-3 record's packs and stored bytes are
+    those at commit: a repack moves and re-codes chunks (the id stays) without rewriting the index,
+    so they are not compared."""
     if actual.format >= COMPACT_FORMAT:
-        return dataclasses.replace(indexed, packs=()) != dataclasses.replace(actual, packs=())
+
+        def content(r: CatalogRecord) -> CatalogRecord:
+            return dataclasses.replace(r, packs=(), stored_bytes=0)
+
+        return content(indexed) != content(actual)
     return indexed != actual
 
 

@@ -1,0 +1,306 @@
+"""Re-encoding delta chains: a checkpoint becomes its chain's keyframe, the ones behind it reverse deltas.
+
+A save codes a chunk as an XOR delta against its parent's chunk at the same
+place, so along a run the *oldest* checkpoint of each chain holds the full
+chunks and the newest — the one a resume or a deploy loads — sits at the end
+of the longest chain. :func:`recode` turns a window of a lineage around: the
+chosen checkpoint ``K`` gets every chunk standalone, its parent's chunks
+become deltas against ``K``'s, the grandparent's against the parent's, and
+so on for up to ``keyframe_every`` checkpoints (each chain still bounded by
+the decode budget of :mod:`weightbank.format.planner`, which starts a new
+keyframe where a link would break it). Older checkpoints keep the coding
+they have.
+
+Nothing but the location heads changes: a format-3 id covers the content
+(tree, tensors, chunk hashes), not how a chunk is coded or where it lies
+(:mod:`weightbank.format.stored`), so every id, tag and lineage link stays.
+Each rewritten head is self-contained — it lists every link of every chain
+its chunks need — so a head of either age is valid on its own, and a crash
+between two rewrites leaves a mix of old and new heads that all load.
+
+Rules that keep it exact:
+
+* every chunk is decoded from its current coding and hash-checked before it
+  is coded again, and a new chain is made of window chunks only, pointing
+  from older to newer — no new coding can reach an old one, so no cycle;
+* a chunk that is already standalone stays where it is unless a reverse
+  delta is smaller (the planner's :data:`~weightbank.format.planner.DELTA_GAIN`
+  rule); lossy chunks are never re-coded and never serve as bases;
+* a chunk used by checkpoints outside the window is re-coded for the window
+  only: the others keep their heads, and the old bytes stay live for them.
+
+The caller (:func:`weightbank.bank.repack.repack`) holds the repack lock and
+a lease, writes the release record for the packs the old heads named, and
+rewrites the heads.
+
+Example:
+    >>> import torch, weightbank as wb
+    >>> bank = wb.open("memory://")
+    >>> states = [torch.randn(1 << 18)]  # 1 MiB; each step changes a few values
+    >>> for s in range(1, 3): states.append(states[-1].clone()); states[-1][:100] += 1
+    >>> ids = [bank.save({"w": w}, run="r", step=s).id for s, w in enumerate(states)]
+    >>> [c.codec for c in bank.checkpoint("r@latest").manifest.chunks]  # a chain: step 0 holds the keyframe
+    ['delta', 'delta', 'planes']
+    >>> bank.repack(keyframe="r@latest").recoded
+    3
+    >>> [[c.codec for c in bank.checkpoint(i).manifest.chunks] for i in ids]  # turned around
+    [['delta', 'delta', 'planes'], ['delta', 'planes'], ['planes']]
+    >>> all(bank.load(i)["w"].equal(w) for i, w in zip(ids, states)), bank.checkpoint("r@latest").id == ids[-1]
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CorruptObject, InvalidArgument, MissingObject
+from ..format import planner
+from ..format.delta import DELTA
+from ..format.hashing import digest
+from ..format.lossy import LOSSY_CODECS
+from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
+from ..format.planes import layout_for, split
+from ..format.planner import Base, link_cost, plan_chunk
+from ..format.stored import is_compact
+from ..storage.base import Storage
+from .chunks import decode_record, records_by_hash
+from .layout import manifest_key, trash_key
+from .listing import read_compact
+
+__all__ = ["Recoded", "Window", "recode", "recoded_manifest", "window"]
+
+Place = tuple[str, str, tuple[int, ...] | None, tuple[int, ...], int]
+"""(tensor name, dtype, shard offsets or None, shape, chunk index): where a chunk sits in a state."""
+Append = Callable[[bytes], tuple[str, int]]
+"""Writes one payload into the repack's packs; returns (pack key, offset)."""
+
+
+@dataclass
+class _Member:
+    cid: str
+    manifest: Manifest
+    places: dict[Place, int]  # place → index into manifest.chunks
+    index: dict[str, ChunkRecord]
+
+
+@dataclass
+class Window:
+    """The checkpoints a recode turns around, newest (the new keyframe) first."""
+
+    members: list[_Member] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [m.cid for m in self.members]
+
+
+@dataclass
+class Recoded:
+    """What :func:`recode` decided: each chunk's new coding (hash → pack key and record), bytes written."""
+
+    coded: dict[str, tuple[str, ChunkRecord]] = field(default_factory=dict)
+    written: int = 0
+    chunks_written: int = 0
+
+
+def _places(m: Manifest) -> dict[Place, int]:
+    out: dict[Place, int] = {}
+    for t in m.tensors:
+        if t.alias_of is not None:
+            continue
+        if t.shards:
+            for s in t.shards:
+                for j, c in enumerate(s.chunks):
+                    out[(t.name, t.dtype, s.offsets, s.shape, j)] = c
+        else:
+            for j, c in enumerate(t.chunks):
+                out[(t.name, t.dtype, None, t.shape, j)] = c
+    return out
+
+
+def window(storage: Storage, cid: str, span: int) -> Window:
+    """``cid`` and up to ``span - 1`` of its ancestors (parent links), as long as they are format 3,
+    have the same chunk size and are not being deleted."""
+    out = Window()
+    if not is_compact(storage.read(manifest_key(cid))):
+        raise InvalidArgument(
+            "keyframe",
+            cid[:12],
+            "a format-3 checkpoint (an older checkpoint's id covers where its chunks lie, so its coding stays)",
+        )
+    chunk_size: int | None = None
+    nxt: str | None = cid
+    while nxt is not None and len(out.members) < span and nxt not in out.ids:
+        if storage.exists(trash_key(nxt)):
+            break
+        try:
+            _, m = read_compact(storage, nxt)
+        except MissingObject:
+            break
+        except CorruptObject:
+            if nxt == cid:
+                raise
+            break  # a format-1/2 (or damaged) ancestor: the window ends here
+        if m.format < COMPACT_FORMAT or (chunk_size is not None and m.chunk_size != chunk_size):
+            break
+        chunk_size = m.chunk_size
+        out.members.append(_Member(nxt, m, _places(m), records_by_hash(m)))
+        nxt = m.parent
+    return out
+
+
+def _raw(storage: Storage, mem: _Member, rec: ChunkRecord) -> bytearray:
+    """Chunk ``rec`` of ``mem`` decoded from its current coding, hash-checked."""
+    out = bytearray(rec.raw_len)
+    decode_record(storage, mem.manifest.packs, mem.index, rec, memoryview(out))
+    actual = digest(out)
+    if actual != rec.hash:
+        key = mem.manifest.packs[rec.pack]
+        raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=mem.cid, detail="recode read")
+    return out
+
+
+@dataclass
+class _Prev:
+    """The newer window member's chunk at a place: what the next older one is coded against."""
+
+    hash: str
+    rec: ChunkRecord  # its new coding
+    dtype: str
+    raw: bytearray | None
+    mem: _Member
+    old: ChunkRecord
+
+    def base(self, storage: Storage) -> Base:
+        if self.raw is None:
+            self.raw = _raw(storage, self.mem, self.old)
+        planes: np.ndarray = split(memoryview(self.raw), layout_for(self.dtype))
+        return Base(self.hash, self.rec.depth, planes, self.rec.cost, self.rec.gen)
+
+
+def _kept(out: Recoded, mem: _Member, old: ChunkRecord, base: str) -> bool:
+    """Whether ``old`` is a delta on ``base`` and ``base`` keeps the coding ``mem`` lists for it
+    (then ``old``'s chain, depth and cost stand as they are: a second recode rewrites nothing)."""
+    if old.args is None or old.args.base != base:
+        return False
+    row, new = mem.index.get(base), out.coded.get(base)
+    if row is None or new is None:
+        return False
+    pkey, rec = new
+    return pkey == mem.manifest.packs[row.pack] and dataclasses.replace(rec, pack=row.pack) == row
+
+
+def recode(
+    storage: Storage,
+    win: Window,
+    append: Append,
+    *,
+    keyframe_every: int,
+    budget: float | None = None,
+) -> Recoded:
+    """Code the window's chunks newest first: standalone in the first member, reverse deltas behind it.
+
+    ``budget``: the chains' decode budget (None: the planner's, as a save takes it).
+    """
+    if budget is None:
+        budget = planner.CHAIN_BUDGET
+    out = Recoded()
+    order: dict[Place, None] = {}
+    for mem in win.members:
+        order.update(dict.fromkeys(mem.places))
+
+    def keep(mem: _Member, rec: ChunkRecord) -> tuple[str, ChunkRecord]:
+        return mem.manifest.packs[rec.pack], rec
+
+    for place in order:
+        dtype = place[1]
+        prev: _Prev | None = None  # the newer member's chunk here
+        root: _Prev | None = None  # the keyframe of prev's chain
+        for mem in win.members:
+            idx = mem.places.get(place)
+            if idx is None:
+                prev = root = None  # the place is absent here: a chain across the gap would not be shorter
+                continue
+            old = mem.manifest.chunks[idx]
+            raw: bytearray | None = None
+            if old.hash in out.coded:
+                new = out.coded[old.hash]
+            elif old.codec in LOSSY_CODECS:
+                new = out.coded[old.hash] = keep(mem, old)
+                prev = root = None
+                continue
+            else:
+                # The base a save would pick: the newer chunk here, or its chain's keyframe when
+                # another link would break the decode budget (a two-link chain).
+                cand, gen = None, 0
+                if prev is not None and prev.rec.raw_len == old.raw_len and prev.rec.gen + 1 < keyframe_every:
+                    cand, gen = prev, prev.rec.gen
+                    last = link_cost(prev.rec.stored_len, prev.rec.raw_len) if prev.rec.codec == DELTA else 0.0
+                    if root is not None and prev.rec.cost + last > budget:
+                        cand = root
+                if old.codec == DELTA and cand is not None and _kept(out, mem, old, cand.hash):
+                    new = keep(mem, old)  # already a delta on that base, which keeps its coding
+                else:
+                    raw = _raw(storage, mem, old)
+                    base = None if cand is None else dataclasses.replace(cand.base(storage), gen=gen)
+                    enc = plan_chunk(memoryview(raw), dtype, "auto", base, budget)
+                    if enc.codec != DELTA and old.codec != DELTA:
+                        new = keep(mem, old)  # already standalone, and no reverse delta pays
+                    else:
+                        payload = bytes(enc.payload)
+                        pkey, offset = append(payload)
+                        out.written += len(payload)
+                        out.chunks_written += 1
+                        rec = ChunkRecord(old.hash, old.raw_len, enc.codec, -1, offset, len(payload), enc.args)
+                        new = (pkey, rec)
+                out.coded[old.hash] = new
+            if new[1].codec in LOSSY_CODECS:
+                prev = root = None
+                continue
+            prev = _Prev(old.hash, new[1], dtype, raw, mem, old)
+            if new[1].codec != DELTA:
+                root = prev
+    return out
+
+
+def recoded_manifest(m: Manifest, coded: dict[str, tuple[str, ChunkRecord]]) -> Manifest | None:
+    """``m`` with the new codings of its chunks (and every base they name); None if nothing changed.
+
+    Rows the recode did not decide keep their current coding and chains.
+    """
+    used = sorted({c for t in m.tensors for c in t.chunks})
+    n_content = len(used)
+    if used != list(range(n_content)):
+        raise CorruptObject(manifest_key("?"), detail="manifest chunk table is not in stored order")
+    old = records_by_hash(m)
+    packs: dict[str, int] = {}
+    rows: list[ChunkRecord] = []
+    listed: set[str] = set()
+
+    def place(h: str) -> tuple[str, ChunkRecord]:
+        if h in coded:
+            return coded[h]
+        rec = old.get(h)
+        if rec is None:
+            raise CorruptObject("<recode>", detail=f"delta base {h[:12]} is in no table")
+        return m.packs[rec.pack], rec
+
+    def add(pkey: str, rec: ChunkRecord) -> None:
+        rows.append(dataclasses.replace(rec, pack=packs.setdefault(pkey, len(packs))))
+        listed.add(rec.hash)
+
+    for rec in m.chunks[:n_content]:
+        add(*place(rec.hash))
+    i = 0
+    while i < len(rows):  # close over the chains: every base a listed delta names, once
+        args = rows[i].args
+        if args is not None and args.base not in listed:
+            add(*place(args.base))
+        i += 1
+    new = dataclasses.replace(m, packs=tuple(packs), chunks=tuple(rows))
+    same = new.packs == m.packs and new.chunks == m.chunks
+    return None if same else new
