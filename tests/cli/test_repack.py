@@ -82,6 +82,8 @@ REPORT_KEYS = {
     "packs_pinned",
     "dry_run",
     "seconds",
+    "recoded",
+    "recode_written",
 }
 
 
@@ -192,3 +194,39 @@ def test_repack_in_a_real_process(bank_dir: Path) -> None:
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "min_dead" in lines[0], bad.stderr
     loads_all(bank_dir)
+
+
+def _chain_bank(path: Path) -> list[torch.Tensor]:
+    """Run ``r``: three saves of a 1 MiB tensor changing in a few values, coded as a delta chain."""
+    states = [torch.randn(1 << 18, generator=torch.Generator().manual_seed(5))]
+    for _ in range(2):
+        states.append(states[-1].clone())
+        states[-1][:100] += 1
+    with wb.open(path) as bank:
+        for s, w in enumerate(states):
+            bank.save({"w": w}, run="r", step=s)
+    return states
+
+
+def test_repack_keyframe_turns_the_chain_around(tmp_path: Path) -> None:
+    states = _chain_bank(tmp_path / "bank")
+    ids = [i.id for i in wb.open(tmp_path / "bank", create=False).log("r")]
+    dry = flat(ok("repack", "--dry-run", "--keyframe", "r@latest", bank=tmp_path / "bank").stdout)
+    assert "would re-code up to 3 checkpoint(s)" in dry, dry
+    report = as_json("repack", "-k", "r@latest", bank=tmp_path / "bank")
+    assert report["recoded"] == 3 and report["recode_written"] > 0
+    with wb.open(tmp_path / "bank", create=False) as bank:
+        assert [i.id for i in bank.log("r")] == ids
+        assert [c.codec for c in bank.checkpoint("r@latest").manifest.chunks] == ["planes"]
+        for s, w in enumerate(states):
+            assert torch.equal(bank.load(f"r@{s}")["w"], w)
+    again = flat(ok("repack", "--keyframe", "r@latest", bank=tmp_path / "bank").stdout)
+    assert again == "nothing to repack: no pack is dead enough", again
+
+
+def test_repack_keyframe_of_an_unknown_ref_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    _chain_bank(tmp_path / "bank")
+    before = files(tmp_path / "bank")
+    line = fails(NOT_FOUND, "repack", "--keyframe", "nope", bank=tmp_path / "bank")
+    assert "nope" in line, line
+    assert files(tmp_path / "bank") == before

@@ -30,20 +30,31 @@ def repack_view(report: RepackReport) -> Text:
         >>> print(repack_view(RepackReport(("p",), 4096, 1024, ("q",), 3, 0, False, 0.1)))
         rewrote 1 pack(s) (4.0 KiB) into 1 new pack(s) (1.0 KiB of live chunks) and moved 3 manifest(s); ids unchanged
         the next `weightbank gc` frees 3.0 KiB once the old packs are past the grace period
+        >>> print(repack_view(RepackReport((), 0, 0, (), 0, 0, False, 0.1, recoded=4, recode_written=2048)))
+        re-coded 4 checkpoint(s) onto the new keyframe(s) (2.0 KiB written); ids unchanged
+        nothing to repack: no pack is dead enough
     """
     n = len(report.packs_rewritten)
     pinned = f"\n{report.packs_pinned} partly dead pack(s) are used by format-1/2 manifests and stay" * bool(
         report.packs_pinned
     )
+    recoded = ""
+    if report.recoded:
+        recoded = (
+            f"would re-code up to {report.recoded} checkpoint(s) onto the new keyframe(s)\n"
+            if report.dry_run
+            else f"re-coded {report.recoded} checkpoint(s) onto the new keyframe(s)"
+            f" ({human_bytes(report.recode_written)} written); ids unchanged\n"
+        )
     if not n:
-        return Text("nothing to repack: no pack is dead enough" + pinned)
+        return Text(recoded + "nothing to repack: no pack is dead enough" + pinned)
     if report.dry_run:
         return Text(
-            f"would rewrite {n} pack(s) ({human_bytes(report.bytes_before)}), keeping"
+            f"{recoded}would rewrite {n} pack(s) ({human_bytes(report.bytes_before)}), keeping"
             f" {human_bytes(report.bytes_copied)} of live chunks" + pinned
         )
     return Text(
-        f"rewrote {n} pack(s) ({human_bytes(report.bytes_before)}) into {len(report.packs_written)} new pack(s)"
+        f"{recoded}rewrote {n} pack(s) ({human_bytes(report.bytes_before)}) into {len(report.packs_written)} new pack(s)"
         f" ({human_bytes(report.bytes_copied)} of live chunks) and moved {report.manifests_rewritten}"
         f" manifest(s); ids unchanged\nthe next `weightbank gc` frees"
         f" {human_bytes(report.bytes_before - report.bytes_copied)} once the old packs are past the grace period"
@@ -67,12 +78,22 @@ def register(app: typer.Typer) -> None:
         dry_run: Annotated[
             bool, typer.Option("--dry-run", help="Only report what would be rewritten.")
         ] = False,
+        keyframe: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--keyframe",
+                "-k",
+                metavar="REF",
+                help="First make REF a keyframe: its chunks standalone, up to 15 ancestors reverse"
+                " deltas onto it, so it loads fastest (repeatable; e.g. run@latest before a resume).",
+            ),
+        ] = None,
         bank: BankOpt = DEFAULT_BANK,
         as_json: JsonOpt = False,
     ) -> None:
         """Copy the live chunks of partly dead packs into new ones (then `gc` frees the old); no id changes."""
         with open_existing(bank) as b, busy("repacking"):
-            report = b.repack(min_dead=min_dead, dry_run=dry_run)
+            report = b.repack(min_dead=min_dead, dry_run=dry_run, keyframe=keyframe or None)
         if as_json:
             emit_json(report)
         else:
