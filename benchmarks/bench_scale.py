@@ -74,7 +74,9 @@ import torch
 import weightbank as wb
 from bench_bank import git_commit, machine_info  # sibling modules of this script
 from bench_common import tree_bytes
-from weightbank.bank.layout import manifest_key
+from weightbank.bank.layout import manifest_key, segment_key
+from weightbank.format import stored
+from weightbank.format.manifest import COMPACT_FORMAT
 from weightbank.format.hashing import digest
 from weightbank.format.jsonsafe import encode
 
@@ -294,6 +296,7 @@ def synth_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     runs = sorted(base["latest"])
     extra = n - int(base["live"])
     made: dict[str, list[str]] = {r: [] for r in runs}
+    synth_id = uuid.uuid4().hex  # names the segments the synthesized manifests share, if any
     with wb.open(path, create=False, cache=False) as bank:
         now = time.time()
         for r, k in zip(runs, split(int(extra * 1.0102) + 1, len(runs)), strict=True):
@@ -308,8 +311,18 @@ def synth_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
                     created=now + j * 1e-3,
                     metrics=encode({"val_loss": loss}, "metrics"),
                 )
-                data = m.to_bytes()
-                cid = digest(data)
+                if m.format >= COMPACT_FORMAT:  # what a save writes: content + location head, zstd
+                    draft = stored.encode(m)
+                    keys = {h: segment_key(synth_id, h) for h in draft.segments}
+                    for h, text in draft.segments.items():
+                        seg = path / keys[h]
+                        if not seg.exists():
+                            seg.parent.mkdir(parents=True, exist_ok=True)
+                            seg.write_bytes(stored.seal_segment(text))
+                    data, cid = draft.object(keys), draft.cid
+                else:
+                    data = m.to_bytes()
+                    cid = digest(data)
                 target = path / manifest_key(cid)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)  # no fsync: a benchmark fixture, not a save
