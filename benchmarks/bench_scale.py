@@ -76,9 +76,9 @@ from bench_bank import git_commit, machine_info  # sibling modules of this scrip
 from bench_common import tree_bytes
 from weightbank.bank.layout import manifest_key, segment_key
 from weightbank.format import stored
-from weightbank.format.manifest import COMPACT_FORMAT
 from weightbank.format.hashing import digest
 from weightbank.format.jsonsafe import encode
+from weightbank.format.manifest import COMPACT_FORMAT
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
