@@ -18,6 +18,7 @@ from .bank.index.compact import CompactResult
 from .bank.parts import SavePart, TensorRef, TensorShard
 from .bank.results import (
     CheckpointInfo,
+    CopyReport,
     DiffResult,
     DuReport,
     GcReport,
@@ -117,6 +118,7 @@ __all__ = [
     "CheckpointNotFound",
     "CompactResult",
     "ConcurrentUpdate",
+    "CopyReport",
     "CorruptObject",
     "DamagedTagWarning",
     "DataPositionWarning",

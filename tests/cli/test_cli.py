@@ -85,6 +85,8 @@ def test_help_lists_commands_and_exit_codes() -> None:
         "upgrade",
         "repair-index",
         "compact",
+        "repack",
+        "copy",
         "demo",
     ):
         assert cmd in out

@@ -36,6 +36,7 @@ from ..storage.base import Storage
 from . import caching, marker
 from .catalog import Catalog
 from .checkpoint import relocated
+from .copying import Copying
 from .diff import diff_manifests
 from .environment import warm_up, who
 from .events import EventLog
@@ -114,7 +115,7 @@ def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[in
     return [i for i, n in enumerate(names) if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep):
+class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
     """A checkpoint bank on one storage backend. Create with :func:`weightbank.open`.
 
     Thread-safe: several threads may save and load at once; several processes

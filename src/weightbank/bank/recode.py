@@ -239,7 +239,9 @@ def recode(
                 cand, gen = None, 0
                 if prev is not None and prev.rec.raw_len == old.raw_len and prev.rec.gen + 1 < keyframe_every:
                     cand, gen = prev, prev.rec.gen
-                    last = link_cost(prev.rec.stored_len, prev.rec.raw_len) if prev.rec.codec == DELTA else 0.0
+                    last = (
+                        link_cost(prev.rec.stored_len, prev.rec.raw_len) if prev.rec.codec == DELTA else 0.0
+                    )
                     if root is not None and prev.rec.cost + last > budget:
                         cand = root
                 if old.codec == DELTA and cand is not None and _kept(out, mem, old, cand.hash):
@@ -255,7 +257,9 @@ def recode(
                         pkey, offset = append(payload)
                         out.written += len(payload)
                         out.chunks_written += 1
-                        rec = ChunkRecord(old.hash, old.raw_len, enc.codec, -1, offset, len(payload), enc.args)
+                        rec = ChunkRecord(
+                            old.hash, old.raw_len, enc.codec, -1, offset, len(payload), enc.args
+                        )
                         new = (pkey, rec)
                 out.coded[old.hash] = new
             if new[1].codec in LOSSY_CODECS:

@@ -75,7 +75,7 @@ from .listing import read_compact, scan_manifests
 from .results import RepackReport
 from .writer import DEFAULT_KEYFRAME_EVERY
 
-__all__ = ["DEFAULT_MIN_DEAD", "repack"]
+__all__ = ["DEFAULT_MIN_DEAD", "PackWriter", "repack"]
 
 #: A pack is rewritten once at least this share of its bytes is dead.
 DEFAULT_MIN_DEAD = 0.2
@@ -86,8 +86,8 @@ _ALIGN = 64  # as a save aligns chunks (weightbank.bank.writer.CHUNK_ALIGN)
 Extent = tuple[int, int]  # (offset, stored_len) of one chunk's bytes in a pack
 
 
-class _Writer:
-    """New packs of one repack, written chunk after chunk."""
+class PackWriter:
+    """New packs named by one writer id (a repack, a recode, a copy), written payload after payload."""
 
     def __init__(self, storage: Storage, repack_id: str) -> None:
         self.storage = storage
@@ -305,7 +305,7 @@ def _recode_chain(
     leases.acquire(storage, rid)
     try:
         win = recode.window(storage, cid, keyframe_every)
-        writer = _Writer(storage, rid)
+        writer = PackWriter(storage, rid)
         try:
             decided = recode.recode(storage, win, writer.append, keyframe_every=keyframe_every)
             writer.close()
@@ -351,7 +351,7 @@ def _repack(
         return RepackReport(
             tuple(chosen), before, kept, (), 0, pinned_count, dry_run, time.perf_counter() - t0
         )
-    writer = _Writer(storage, repack_id)
+    writer = PackWriter(storage, repack_id)
     moves: dict[tuple[str, int], tuple[str, int]] = {}
     try:
         for pack in chosen:

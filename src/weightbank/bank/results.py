@@ -14,6 +14,7 @@ from typing import Any, Literal
 __all__ = [
     "CheckpointDetail",
     "CheckpointInfo",
+    "CopyReport",
     "DiffResult",
     "DuReport",
     "GcReport",
@@ -274,6 +275,22 @@ class RepackReport:
     seconds: float
     recoded: int = 0
     recode_written: int = 0
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """What ``Bank.copy_to`` did: checkpoints copied (ids unchanged), those the destination had, tags moved.
+
+    ``bytes_copied``: stored bytes written into the destination's packs;
+    ``bytes_reused``: raw bytes of chunks the destination already held.
+    """
+
+    copied: tuple[str, ...]
+    skipped: tuple[str, ...]
+    bytes_copied: int
+    bytes_reused: int
+    tags: tuple[str, ...]
+    seconds: float
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .._version import __version__
 from ..bank.bank import AUTO, Bank
 from ..bank.results import CheckpointInfo, RunEvent, VerifyReport
 from ..errors import CheckpointNotFound, CorruptObject, NotABank
+from . import copy as copy_command
 from . import drill as drill_command
 from . import indexing as indexing_command
 from . import render
@@ -505,6 +506,7 @@ def prune(
 # -- the catalog index (cli/indexing.py), listed here in --help ------------------------
 indexing_command.register(app)
 repack_command.register(app)
+copy_command.register(app)
 
 
 # -- demo -----------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""``Bank.copy_to``: checkpoints into another bank (local, memory, SeaweedFS) with ids, lineage and tags.
+
+1. every id, parent link, log entry and tag target is the same in the destination, every checkpoint
+   loads bit-exact there (delta chains included), and the source is untouched;
+2. dedup: a second copy writes only what the destination lacks, a rerun writes nothing;
+3. a damaged source chunk stops the copy with CorruptObject and leaves the destination as it was;
+4. a copy failing after any write leaves nothing half-visible, and a rerun completes it;
+5. bad input gets a typed error.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import weightbank as wb
+from weightbank.bank.layout import PACKS
+from weightbank.storage import LocalStorage
+
+from .faults import WRITE_OPS, FaultStorage, assert_same_state
+from .test_repack import fault_points
+
+State = dict[str, Any]
+N = 1 << 18  # 1 MiB of float32: saves code delta chains
+
+
+def state(step: int) -> State:
+    w = torch.randn(N, generator=torch.Generator().manual_seed(1))
+    w[:: 97 - step] += 1e-3 * (step + 1)
+    small = {f"small.{i}": torch.full((4,), float(i + step)) for i in range(300)}  # manifest segments
+    return {"w": w, "frozen": torch.ones(1000), "meta": {"step": step}, **small}
+
+
+def build(bank: wb.Bank, steps: int = 4) -> tuple[list[str], dict[str, State]]:
+    ids, states = [], {}
+    for s in range(steps):
+        st = state(s)
+        cid = bank.save(st, run="r", step=s, metrics={"loss": 1 / (s + 1)}, message=f"step {s}").id
+        ids.append(cid)
+        states[cid] = st
+    bank.tag("prod", ids[min(1, steps - 1)], why="first")
+    bank.tag("prod", ids[-1], why="newest")
+    bank.tag("old", ids[0])
+    return ids, states
+
+
+def loads(bank: wb.Bank, states: dict[str, State]) -> None:
+    for cid, want in states.items():
+        assert_same_state(bank.load(cid), want, cid[:12])
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# -- 1. everything the same ---------------------------------------------------------------------
+
+
+def test_a_copy_keeps_ids_lineage_log_and_tags_on_every_backend(tmp_path: Path, bank: wb.Bank) -> None:
+    with wb.open(tmp_path / "src") as src:
+        ids, states = build(src)
+        assert any(c.codec == "delta" for c in src.checkpoint(ids[-1]).manifest.chunks)
+        before = snapshot(tmp_path / "src")
+        report = src.copy_to(bank)
+        assert report.copied == tuple(ids) and report.skipped == ()
+        assert sorted(report.tags) == ["old", "prod"]
+        assert snapshot(tmp_path / "src") == before, "the source is untouched"
+        assert [c.id for c in bank.log()] == [c.id for c in src.log()]
+        for cid in ids:
+            a, b = src.info(cid), bank.info(cid)
+            assert (a.parent, a.run, a.step, a.created, a.metrics, a.message) == (
+                b.parent,
+                b.run,
+                b.step,
+                b.created,
+                b.metrics,
+                b.message,
+            )
+        assert bank.resolve("prod") == ids[-1] and bank.resolve("prod~3") == ids[0]
+        assert bank.resolve("old") == ids[0] and bank.resolve("r@best:loss") == src.resolve("r@best:loss")
+        loads(bank, states)
+        assert bank.verify().problems == ()
+
+
+def test_a_copy_of_one_ref_with_its_ancestors(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src, wb.open(tmp_path / "dst") as dst:
+        ids, states = build(src)
+        report = src.copy_to(dst, "r@2", ancestors=True, tags=False)
+        assert report.copied == tuple(ids[:3]) and report.tags == ()
+        assert dst.tags() == [] and dst.resolve("r@latest") == ids[2]
+        loads(dst, {cid: states[cid] for cid in ids[:3]})
+        # Without its parent: the checkpoint is there, its lineage link points at nothing there.
+        other = wb.open(tmp_path / "other")
+        src.copy_to(other, ids[-1])
+        assert other.info(ids[-1]).parent == ids[2]
+        with pytest.raises(wb.CheckpointNotFound):
+            other.resolve(f"{ids[-1]}~1")
+        loads(other, {ids[-1]: states[ids[-1]]})
+
+
+def test_a_copied_bank_can_be_saved_into_repacked_and_collected(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src, wb.open(tmp_path / "dst") as dst:
+        ids, states = build(src)
+        src.copy_to(dst)
+        child = dst.save(state(4), run="r", step=4)
+        assert child.parent == ids[-1]
+        assert child.save_stats is not None and child.save_stats.reused_chunks > 0
+        dst.untag("old")
+        dst.delete(ids[0])
+        dst.repack(keyframe="r@latest", min_dead=0.05)
+        for _ in range(3):
+            dst.gc(grace=0)
+        assert dst.verify().problems == ()
+        loads(dst, {**{c: states[c] for c in ids[1:]}, child.id: state(4)})
+
+
+# -- 2. dedup --------------------------------------------------------------------------------------
+
+
+def test_a_second_copy_writes_only_what_the_destination_lacks_and_a_rerun_nothing(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src, wb.open(tmp_path / "dst") as dst:
+        ids, _ = build(src)
+        first = src.copy_to(dst, ids[0])
+        later = src.copy_to(dst, ids[1])
+        assert later.bytes_reused > 0 and later.bytes_copied < first.bytes_copied
+        packs = {i.key for i in dst.storage.list(PACKS)}
+        again = src.copy_to(dst, ids[:2])
+        assert again.copied == () and again.skipped == tuple(ids[:2]) and again.bytes_copied == 0
+        assert {i.key for i in dst.storage.list(PACKS)} == packs
+
+
+# -- 3. a damaged source ---------------------------------------------------------------------------
+
+
+def test_a_damaged_source_chunk_stops_the_copy_and_leaves_the_destination_as_it_was(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src:
+        ids, _ = build(src, steps=1)
+        m = src.checkpoint(ids[0]).manifest
+        big = max(m.chunks, key=lambda c: c.stored_len)
+        pack = tmp_path / "src" / m.packs[big.pack]
+        raw = bytearray(pack.read_bytes())
+        raw[big.offset + big.stored_len // 2] ^= 0x40
+        pack.write_bytes(bytes(raw))
+        with wb.open(tmp_path / "dst") as dst:
+            before = snapshot(tmp_path / "dst")
+            with pytest.raises(wb.CorruptObject):
+                src.copy_to(dst)
+            assert snapshot(tmp_path / "dst") == before
+            assert dst.log() == [] and dst.verify().problems == ()
+
+
+# -- 4. cut short ----------------------------------------------------------------------------------
+
+
+def test_a_copy_failing_after_every_write_leaves_nothing_half_visible(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src:
+        ids, states = build(src, steps=2)
+        wb.open(tmp_path / "empty").close()
+        count = FaultStorage(LocalStorage(Path(shutil.copytree(tmp_path / "empty", tmp_path / "count"))))
+        src.copy_to(wb.Bank(count, workers=2))
+        points = fault_points(list(count.ops), writes_only=True)
+        assert len(points) >= 6
+        for n in points:
+            d = Path(shutil.copytree(tmp_path / "empty", tmp_path / f"fail{n:03d}"))
+            with pytest.raises(OSError, match="injected fault"):
+                src.copy_to(wb.Bank(FaultStorage(LocalStorage(d), fail_after_writes=n), workers=2))
+            with wb.open(d, create=False) as dst:
+                there = [c.id for c in dst.log()]
+                assert there == [c for c in reversed(ids) if c in there], f"write {n}: {there}"
+                loads(dst, {c: states[c] for c in there})
+                assert {p.kind for p in dst.verify().problems} <= {"orphan"}, (n, dst.verify().problems)
+                assert not list(dst.storage.list("leases/")), f"write {n}: the lease must go"
+                report = src.copy_to(dst)  # the rerun completes it
+                assert set(report.copied) | set(report.skipped) == set(ids)
+                dst.gc(grace=0)
+                assert dst.verify().problems == ()
+                loads(dst, states)
+            shutil.rmtree(d)
+        assert any(name in WRITE_OPS for name, _ in count.ops)
+
+
+# -- 5. bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"refs": "nope"}, wb.CheckpointNotFound),
+        ({"refs": 3}, wb.InvalidArgument),
+        ({"refs": ["r@latest", None]}, wb.InvalidArgument),
+    ],
+)
+def test_bad_refs_are_refused_and_nothing_is_copied(
+    tmp_path: Path, kwargs: dict[str, Any], error: type
+) -> None:
+    with wb.open(tmp_path / "src") as src, wb.open(tmp_path / "dst") as dst:
+        build(src, steps=1)
+        with pytest.raises(error):
+            src.copy_to(dst, **kwargs)
+        assert dst.log() == []
+
+
+def test_the_destination_must_be_another_bank(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src:
+        build(src, steps=1)
+        with pytest.raises(wb.InvalidArgument, match="dest"):
+            src.copy_to(src)
+        with pytest.raises(wb.InvalidArgument, match="dest"):
+            src.copy_to(str(tmp_path / "src"))
+        with pytest.raises(wb.InvalidArgument, match="dest"):
+            src.copy_to(5)  # type: ignore[arg-type]
+
+
+def test_a_format_1_checkpoint_cannot_move(tmp_path: Path) -> None:
+    legacy = Path(__file__).resolve().parents[1] / "data" / "legacy_v1_bank"
+    shutil.copytree(legacy, tmp_path / "old")
+    with wb.open(tmp_path / "old", create=False) as old, wb.open(tmp_path / "dst") as dst:
+        with pytest.raises(wb.InvalidArgument, match="format-3"):
+            old.copy_to(dst, old.log()[0].id)
+        assert dst.log() == []
+
+
+def test_a_url_destination_is_opened_created_and_closed(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src:
+        ids, states = build(src, steps=2)
+        report = src.copy_to(str(tmp_path / "new"), "prod")
+        assert report.copied == (ids[-1],) and report.tags == ("prod",)
+    with wb.open(tmp_path / "new", create=False) as dst:
+        loads(dst, {ids[-1]: states[ids[-1]]})
