@@ -14,10 +14,14 @@ from hypothesis import strategies as st
 
 import weightbank as wb
 from weightbank.bank.index import bloom
-from weightbank.bank.index.store import read_entry
-from weightbank.bank.index.view import list_seqs
+from weightbank.bank.index.gc import referenced_pages
+from weightbank.bank.index.pages import chunk_dir, chunk_filters
+from weightbank.bank.index.store import read_entry, read_page, read_root
+from weightbank.bank.index.view import Snapshot, list_gens, list_seqs
 from weightbank.errors import IndexDamaged
 from weightbank.storage import CountingStorage, LocalStorage
+
+from .faults import FaultStorage
 
 hashes = st.lists(
     st.binary(min_size=1, max_size=16).map(lambda b: blake3.blake3(b).hexdigest()), max_size=300
@@ -93,3 +97,83 @@ def test_without_the_filter_every_pending_manifest_would_be_read(
     counted.reset()
     bank.save({"w": torch.full((64,), 99.0), "b": torch.ones(8)}, run="new", step=0)
     assert counted.counts()["read"] >= 10, counted.counts()
+
+
+# -- the chunk index's bucket filters ---------------------------------------------------------------
+
+
+def _compacted_bank(path: str) -> None:
+    """Enough saves for a compaction: the chunk index holds every chunk, each run's tensors distinct."""
+    with wb.open(path) as bank:
+        for s in range(20):
+            state = {f"t{i}": torch.full((32,), float(s * 100 + i)) for i in range(16)}
+            bank.save({**state, "b": torch.arange(8.0) + s}, run=f"r{s}", step=s)
+        bank.compact()
+
+
+def _bucket_reads(path: str, ops: list[tuple[str, str]]) -> int:
+    storage = LocalStorage(path)
+    gen = list_gens(storage)[-1]
+    root = read_root(storage, gen)
+    assert root is not None and root.chunks is not None
+    directory = read_page(storage, root.chunks)
+    buckets = {k for k, _ in chunk_dir(directory, root.chunks).values()}
+    assert chunk_filters(directory, root.chunks), "a compaction writes each bucket's filter"
+    return sum(1 for name, key in ops if name == "read" and key in buckets)
+
+
+def _new_save(bank: wb.Bank) -> wb.SaveResult:
+    # A new run: 48 chunks the bank has never seen, and "b" that r3 wrote (found through the index).
+    state = {f"n{i}": torch.full((32,), -1.0 - i) for i in range(48)}
+    return bank.save({**state, "b": torch.arange(8.0) + 3}, run="new", step=0)
+
+
+def test_a_save_of_new_chunks_reads_no_bucket_its_filter_rules_out(tmp_path: object) -> None:
+    path = str(tmp_path)
+    _compacted_bank(path)
+    faults = FaultStorage(LocalStorage(path))
+    info = _new_save(wb.Bank(faults))
+    assert info.save_stats is not None and info.save_stats.reused_chunks == 1, "dedup still finds b"
+    assert _bucket_reads(path, faults.ops) <= 3, "b's bucket (and a rare false positive)"
+
+
+def test_without_filters_every_touched_bucket_is_read(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control for the test above, and a bank whose filters are missing or damaged: a filter
+    is only a hint, so the save reads the buckets and still deduplicates."""
+    path = str(tmp_path)
+    _compacted_bank(path)
+    monkeypatch.setattr(Snapshot, "bucket_filter", lambda self, b: None)
+    faults = FaultStorage(LocalStorage(path))
+    info = _new_save(wb.Bank(faults))
+    assert info.save_stats is not None and info.save_stats.reused_chunks == 1
+    assert _bucket_reads(path, faults.ops) >= 20
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbled"])
+def test_a_lost_or_damaged_filter_page_means_the_bucket_is_read(tmp_path: object, damage: str) -> None:
+    path = str(tmp_path)
+    _compacted_bank(path)
+    storage = LocalStorage(path)
+    root = read_root(storage, list_gens(storage)[-1])
+    assert root is not None and root.chunks is not None
+    for key in chunk_filters(read_page(storage, root.chunks), root.chunks).values():
+        if damage == "missing":
+            storage.delete(key)
+        else:
+            storage.write(key, b"\x28\xb5\x2f\xfd garbage")
+    info = _new_save(wb.open(path, create=False))
+    assert info.save_stats is not None and info.save_stats.reused_chunks == 1
+    with wb.open(path, create=False) as bank:
+        assert torch.equal(bank.load("new@0")["b"], torch.arange(8.0) + 3)
+
+
+def test_index_gc_keeps_the_filter_pages_a_root_names(tmp_path: object) -> None:
+    path = str(tmp_path)
+    _compacted_bank(path)
+    storage = LocalStorage(path)
+    root = read_root(storage, list_gens(storage)[-1])
+    assert root is not None and root.chunks is not None
+    filters = set(chunk_filters(read_page(storage, root.chunks), root.chunks).values())
+    assert filters and filters <= referenced_pages(storage)

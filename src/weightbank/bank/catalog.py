@@ -494,6 +494,8 @@ class ChunkFinder:
         self._lock = threading.Lock()
         self._known: dict[str, ChunkLocation] = {}
         self._buckets: dict[str, dict[str, str]] = {}
+        # Each bucket's filter: a chunk it rules out is not in the bucket, which is then not read.
+        self._filters: dict[str, bytes | None] = {}
         self._owners: dict[str, bool] = {}
         # Checkpoints committed since the last compaction, each with the filter of the chunks it wrote
         # (None: unknown), read only when a bucket misses a chunk their filter may hold.
@@ -550,12 +552,15 @@ class ChunkFinder:
             if loc is not None:
                 return loc
             b = h[:2]
-            if b not in self._buckets:
+            if b not in self._filters:
+                self._filters[b] = self._view.bucket_filter(b)
+            f = self._filters[b]
+            if b not in self._buckets and (f is None or bloom.may_contain(f, h)):
                 try:
-                    self._buckets[b] = {k: v[2] for k, v in self._view.bucket(b).items()}
+                    self._buckets[b] = dict(self._view.bucket(b))
                 except IndexDamaged:
                     self._buckets[b] = {}
-            owner = self._buckets[b].get(h)
+            owner = self._buckets.get(b, {}).get(h)
             if owner is not None and owner not in self._owners:
                 # Its manifest must exist now, after the lease began (a cached copy proves nothing).
                 self._owners[owner] = self._index(owner)

@@ -28,13 +28,16 @@ import base64
 import binascii
 from collections.abc import Iterable
 
-__all__ = ["BITS_PER_CHUNK", "MAX_FILTER_BYTES", "build", "check", "encode", "may_contain"]
+__all__ = ["BITS_PER_CHUNK", "BUCKET_BITS", "MAX_FILTER_BYTES", "build", "check", "encode", "may_contain"]
 
 #: Bits per chunk (with HASHES positions: ~1% false positives).
 BITS_PER_CHUNK = 10
 HASHES = 7
 #: A stored filter longer than this is refused as malformed (~6.7 million chunks).
 MAX_FILTER_BYTES = 8 << 20
+#: Bits per chunk of a chunk-index bucket's filter: ~0.07% false positives, so a save of all-new
+#: chunks reads almost no bucket at all.
+BUCKET_BITS = 16
 
 
 def _positions(h: str, m: int) -> list[int]:
@@ -42,10 +45,10 @@ def _positions(h: str, m: int) -> list[int]:
     return [int(h[8 * i : 8 * i + 8], 16) % m for i in range(HASHES)]
 
 
-def build(hashes: Iterable[str]) -> bytes:
+def build(hashes: Iterable[str], bits_per_chunk: int = BITS_PER_CHUNK) -> bytes:
     """The filter of ``hashes`` (full hex digests): its bit array (stored as base64 by :func:`encode`)."""
     unique = sorted(set(hashes))
-    nbytes = max(1, (len(unique) * BITS_PER_CHUNK + 7) // 8)
+    nbytes = max(1, (len(unique) * bits_per_chunk + 7) // 8)
     bits = bytearray(nbytes)
     m = nbytes * 8
     for h in unique:

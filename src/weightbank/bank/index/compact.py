@@ -44,6 +44,7 @@ from ...storage.base import Storage
 from .. import leases
 from ..layout import log_key, manifest_key, root_key
 from ..retention import metric_value
+from . import bloom
 from .pages import (
     ID_PAGE,
     RECENT,
@@ -52,6 +53,7 @@ from .pages import (
     RunPageInfo,
     bucket_rows,
     chunk_dir,
+    chunk_filters,
     id_dir,
     id_row,
     id_rows,
@@ -212,7 +214,12 @@ def _update_ids(storage: Storage, snap: Snapshot, add: list[CatalogRecord], remo
 
 
 def _update_chunks(storage: Storage, snap: Snapshot, new: Iterable[ChunkEntry]) -> str | None:
-    buckets = dict(chunk_dir(snap.pages.get(snap.root.chunks), snap.root.chunks)) if snap.root.chunks else {}
+    if snap.root.chunks:
+        directory = snap.pages.get(snap.root.chunks)
+        buckets = dict(chunk_dir(directory, snap.root.chunks))
+        filters = chunk_filters(directory, snap.root.chunks)
+    else:
+        buckets, filters = {}, {}
     by_bucket: dict[str, list[ChunkEntry]] = {}
     for entry in new:
         by_bucket.setdefault(entry[0][:2], []).append(entry)
@@ -224,9 +231,12 @@ def _update_chunks(storage: Storage, snap: Snapshot, new: Iterable[ChunkEntry]) 
             rows[h] = owner
         key = write_page(storage, {"chunks": [[h, rows[h]] for h in sorted(rows)]})
         buckets[b] = (key, len(rows))
+        filters[b] = write_page(storage, {"bloom": bloom.encode(bloom.build(rows, bloom.BUCKET_BITS))})
     if not buckets:
         return None
-    return write_page(storage, {"buckets": {b: list(v) for b, v in sorted(buckets.items())}})
+    # A bucket untouched since before filters existed has none: a save reads it as it always did.
+    kept = {b: k for b, k in sorted(filters.items()) if b in buckets}
+    return write_page(storage, {"buckets": {b: list(v) for b, v in sorted(buckets.items())}, "filters": kept})
 
 
 def _new_chunks(manifest: Manifest, cid: str, wrote: Iterable[str]) -> list[ChunkEntry]:

@@ -18,7 +18,7 @@ import time
 from ...errors import IndexDamaged, MissingObject
 from ...storage.base import Storage
 from ..layout import INDEX_PAGES
-from .pages import chunk_dir, id_dir, run_index
+from .pages import chunk_dir, chunk_filters, id_dir, run_index
 from .store import read_root
 from .view import PageCache, list_gens
 
@@ -42,6 +42,7 @@ def referenced_pages(storage: Storage, cache: PageCache | None = None) -> set[st
         if root.chunks is not None:
             out.add(root.chunks)
             out.update(k for k, _ in chunk_dir(cache.get(root.chunks), root.chunks).values())
+            out.update(chunk_filters(cache.get(root.chunks), root.chunks).values())
         if root.recent is not None:
             out.add(root.recent)
     return out

@@ -7,9 +7,17 @@
     id dir      {"pages": [[first_id, key, n], ...]}
     id page     {"ids": [[id, run, created, step], ...]}  sorted by id (ID_PAGE per page, split at twice):
                                                      where in its run's pages the record is
-    chunk dir   {"buckets": {"ab": [key, n], ...}}   256 buckets by the chunk hash's first byte
+    chunk dir   {"buckets": {"ab": [key, n], ...},   256 buckets by the chunk hash's first byte,
+                 "filters": {"ab": key, ...}}        and each bucket's Bloom filter page (optional)
     bucket      {"chunks": [[hash, owner], ...]}     the checkpoint that wrote each chunk (its manifest says where)
+    filter      {"bloom": base64}                    the bucket's chunks (bloom.BUCKET_BITS bits each)
     recent      {"records": [record, ...]}           the newest RECENT records of the bank, newest first
+
+A save looks a chunk up in its bucket only when the bucket's filter may hold
+it: the chunks of a training save are new almost always, and a filter is
+~1/70 of its bucket. A filter is a hint (a wrong one can only cost dedup);
+one that is missing or damaged means the bucket is read. Filters live in
+their own field so that readers from before them still parse the directory.
 
 ``first``/``last`` are a record's order key ``[created, step, id]``; the
 per-page metric ranges let ``run@best:m`` read only the pages that can hold
@@ -27,6 +35,7 @@ from typing import Any
 from ...errors import UnsupportedFormat
 from ...format.schema import hex_digest, typed
 from ..layout import INDEX_PAGES
+from . import bloom
 from .records import CatalogRecord
 from .store import IndexDamaged
 
@@ -37,8 +46,10 @@ __all__ = [
     "ChunkEntry",
     "IdRow",
     "RunPageInfo",
+    "bucket_filter",
     "bucket_rows",
     "chunk_dir",
+    "chunk_filters",
     "id_dir",
     "id_row",
     "id_rows",
@@ -141,6 +152,23 @@ def run_page_rows(obj: dict[str, Any], key: str = "") -> list[CatalogRecord]:
         "page",
         lambda: [CatalogRecord.from_json(r, checked) for r in typed(obj["records"], list, "records")],
     )
+    return result
+
+
+def chunk_filters(obj: dict[str, Any], key: str) -> dict[str, str]:
+    """Each bucket's filter page key (a directory written before filters has none)."""
+
+    def parse() -> dict[str, str]:
+        rows = typed(obj.get("filters", {}), dict, "filters")
+        return {typed(b, str, "bucket"): _key(k) for b, k in rows.items()}
+
+    result: dict[str, str] = _checked(key, "chunk directory", parse)
+    return result
+
+
+def bucket_filter(obj: dict[str, Any], key: str) -> bytes:
+    """A bucket's Bloom filter bits."""
+    result: bytes = _checked(key, "chunk filter", lambda: bloom.check(obj["bloom"]))
     return result
 
 

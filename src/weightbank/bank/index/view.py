@@ -49,8 +49,10 @@ from ..layout import INDEX_LOG, INDEX_ROOTS, log_key, log_seq_from_key, manifest
 from ..retention import best_first, metric_value
 from .pages import (
     RunPageInfo,
+    bucket_filter,
     bucket_rows,
     chunk_dir,
+    chunk_filters,
     id_dir,
     id_rows,
     run_index,
@@ -500,3 +502,13 @@ class Snapshot:
         buckets = chunk_dir(self.pages.get(self.root.chunks), self.root.chunks)
         row = buckets.get(b)
         return {} if row is None else bucket_rows(self.pages.get(row[0]), row[0])
+
+    def bucket_filter(self, b: str) -> bytes | None:
+        """Bucket ``b``'s Bloom filter (None: the bucket has none, or it is unreadable: read the bucket)."""
+        if self.root.chunks is None:
+            return None
+        try:
+            key = chunk_filters(self.pages.get(self.root.chunks), self.root.chunks).get(b)
+            return None if key is None else bucket_filter(self.pages.get(key), key)
+        except (IndexDamaged, MissingObject):
+            return None  # a hint only: without it the bucket itself answers
