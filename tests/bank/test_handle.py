@@ -127,7 +127,8 @@ def test_read_options_are_the_banks() -> None:
     opts = bank.read_options()
     assert opts.storage is bank.storage and opts.workers == 3 and opts.cache is bank.cache
     assert opts.pool is bank.read_options().pool
-    assert opts.kwargs() == {"workers": 3, "pool": opts.pool, "cache": bank.cache}
+    assert opts.kwargs() == {"workers": 3, "pool": opts.pool, "cache": bank.cache, "verify": "always"}
+    assert wb.open("memory://", verify="once").read_options().verify == "once"
 
 
 def test_a_cold_lease_resolves_its_ref_once(monkeypatch: pytest.MonkeyPatch) -> None:

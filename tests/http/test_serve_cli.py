@@ -110,3 +110,30 @@ def test_not_a_bank(app: typer.Typer, tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setenv("WEIGHTBANK_TOKEN", "t")
     r = CliRunner().invoke(app, ["serve", str(tmp_path / "missing"), "--model", FACTORY])
     assert r.exit_code != 0 and isinstance(r.exception, wb.NotABank)
+
+
+def test_verify_mode_reaches_the_bank(app: typer.Typer, bank_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEIGHTBANK_TOKEN", "t")
+    served: list[str] = []
+
+    def fake_run(config: uvicorn.Config) -> None:
+        with TestClient(config.app) as c:  # type: ignore[arg-type]
+            r = c.post("/v1/predict", json={"ref": "prod", "input": [[0.0] * 32]})
+            assert r.status_code == 200, r.text
+        served.append("ok")
+
+    monkeypatch.setattr(serve_mod, "run_server", fake_run)
+    opened: list[str] = []
+    real_open = serve_mod.open_bank
+
+    def spy(path: str, **kw: object) -> wb.Bank:
+        bank = real_open(path, **kw)  # type: ignore[arg-type]
+        opened.append(bank.read_verify)
+        return bank
+
+    monkeypatch.setattr(serve_mod, "open_bank", spy)
+    r = CliRunner().invoke(app, ["serve", bank_dir, "--model", FACTORY, "--verify", "once", "--poll", "0"])
+    assert r.exit_code == 0, r.output
+    assert opened == ["once"] and served == ["ok"]
+    r = CliRunner().invoke(app, ["serve", bank_dir, "--model", FACTORY, "--verify", "sometimes"])
+    assert r.exit_code != 0 and "--verify" in r.output and len(opened) == 1

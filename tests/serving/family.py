@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import weightbank as wb
+from weightbank.bank.trust import Verify
 
 WIDTH = 32
 OUT = 4
@@ -93,7 +94,11 @@ def patch_load_tensors(bank: wb.Bank, fn: Callable[..., dict[str, torch.Tensor]]
 
     class Patched(wb.Checkpoint):
         def load_tensors(
-            self, names: Sequence[str], *, device: str | torch.device | None = None
+            self,
+            names: Sequence[str],
+            *,
+            device: str | torch.device | None = None,
+            verify: Verify | None = None,
         ) -> dict[str, torch.Tensor]:
             return fn(self.id, list(names), device=device)
 

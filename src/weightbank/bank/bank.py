@@ -60,6 +60,7 @@ from .results import (
 from .shards import read_assembled
 from .tagging import Tagging
 from .tags import TagStore
+from .trust import Verify, check_verify
 from .twophase import AUTO, Auto, TwoPhase, checkpoint_header
 from .upkeep import Upkeep
 from .writer import DEFAULT_KEYFRAME_EVERY, SaveOptions, write_checkpoint
@@ -81,6 +82,7 @@ def open(
     storage_options: Mapping[str, Any] | None = None,
     cache: caching.CacheSpec = None,
     cache_size: int | str | None = None,
+    verify: Verify = "always",
 ) -> Bank:
     """Open the bank at ``url``, creating it if asked.
 
@@ -98,6 +100,12 @@ def open(
     None picks ``$WEIGHTBANK_CACHE`` or ``~/.cache/weightbank``, a path picks
     that directory, False turns it off; ``cache_size`` defaults to 20 GiB).
 
+    ``verify`` is how loads check chunks: ``"always"`` hashes every chunk;
+    ``"once"`` trusts a chunk this process verified from the same local files,
+    unchanged since (a serving process reloading shared tensors); ``"never"``
+    hashes nothing and is unsafe (benchmarks, trusted read-only replicas).
+    ``load(..., verify=)`` overrides it per call.
+
     Example:
         >>> import weightbank as wb
         >>> wb.open("memory://").url
@@ -105,7 +113,7 @@ def open(
     """
     storage = open_storage(url, storage_options)
     version = init_storage(storage, create=create)
-    return Bank(storage, workers=workers, cache=cache, cache_size=cache_size, version=version)
+    return Bank(storage, workers=workers, cache=cache, cache_size=cache_size, version=version, verify=verify)
 
 
 def _select(names: Sequence[str], select: str | Sequence[str] | None) -> list[int]:
@@ -120,7 +128,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
 
     Thread-safe: several threads may save and load at once; several processes
     (and machines, on object stores) may share one bank. ``cache`` is the local
-    disk cache loads read first (None: loads read storage; see :func:`open`).
+    disk cache loads read first (None: loads read storage; see :func:`open`);
+    ``verify`` how loads check chunks (``read_verify``; see :func:`open`).
     """
 
     def __init__(
@@ -131,7 +140,9 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         cache: caching.CacheSpec = None,
         cache_size: int | str | None = None,
         version: int | None = None,
+        verify: Verify = "always",
     ) -> None:
+        self.read_verify: Verify = check_verify(verify)
         self.storage = storage
         self.cache = caching.choose_cache(storage, cache, cache_size)
         # Remote reads mostly wait on the network: more of them in flight, not more cores.
@@ -168,6 +179,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
     def _read(self, cid: str, m: Manifest, idx: Sequence[int], **kw: Any) -> dict[int, torch.Tensor]:
         """``read_tensors`` (sharded tensors assembled) with this bank's storage, workers, pool and disk cache."""
         pool, cache = self._pool(), self.cache
+        kw["verify"] = self.read_verify if kw.get("verify") is None else check_verify(kw["verify"])
         return self._following(
             cid,
             m,
@@ -329,6 +341,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         dtype: torch.dtype | None = None,
         strict: bool = True,
         prefix: str = "",
+        verify: Verify | None = None,
     ) -> Any: ...
 
     @overload
@@ -342,6 +355,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         dtype: torch.dtype | None = None,
         strict: bool = True,
         prefix: str = "",
+        verify: Verify | None = None,
     ) -> LoadResult: ...
 
     def load(
@@ -354,6 +368,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         dtype: torch.dtype | None = None,
         strict: bool = True,
         prefix: str = "",
+        verify: Verify | None = None,
     ) -> Any:
         """Load a checkpoint: the saved state, or (``into=``) copy it into a module in place.
 
@@ -364,6 +379,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         names (minus ``prefix``) must match the module's state_dict keys
         (``strict``: all of them when nothing is selected); tied parameters stay
         tied, and nothing is written into the module until all checks pass.
+        ``verify`` overrides the bank's read verification for this load
+        (``"always"``, ``"once"``, ``"never"``; see :func:`open`).
 
         Example:
             >>> import torch, weightbank as wb
@@ -373,6 +390,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
             ('weight', 'bias')
         """
         t0 = time.perf_counter()
+        mode = None if verify is None else check_verify(verify)
         cid, m = self._manifest(ref)
         dev = check_device(device)
         names = [t.name for t in m.tensors]
@@ -380,8 +398,8 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         if select is not None and not chosen:
             raise IncompatibleState(f"select {select!r} matches no tensor of {cid[:12]}", names[:20])
         if into is not None:
-            return self._load_into(cid, m, into, chosen, select is not None, dtype, strict, prefix, t0)
-        loaded = self._read(cid, m, chosen, device=dev)
+            return self._load_into(cid, m, into, chosen, select is not None, dtype, strict, prefix, t0, mode)
+        loaded = self._read(cid, m, chosen, device=dev, verify=mode)
         if dtype is not None:
             loaded = {i: (t.to(dtype) if t.is_floating_point() else t) for i, t in loaded.items()}
         tensors: list[torch.Tensor | None] = [loaded.get(i) for i in range(len(m.tensors))]
@@ -398,12 +416,13 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         strict: bool,
         prefix: str,
         t0: float,
+        verify: Verify | None = None,
     ) -> LoadResult:
         target = into.state_dict(keep_vars=False) if isinstance(into, torch.nn.Module) else dict(into)
         write, loaded, skipped = plan_into(
             cid, m, target, chosen, selected=selected, dtype=dtype, strict=strict, prefix=prefix
         )
-        self._read(cid, m, list(write), into=write)
+        self._read(cid, m, list(write), into=write, verify=verify)
         info = self._info(cid, m)
         return LoadResult(checkpoint=info, loaded=loaded, skipped=skipped, seconds=time.perf_counter() - t0)
 
@@ -495,7 +514,12 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
         return CheckpointDetail(info=self._info(cid, m), tensors=tuple(rows), packs=m.packs)
 
     def load_tensors(
-        self, ref: str, names: Sequence[str], *, device: str | torch.device | None = None
+        self,
+        ref: str,
+        names: Sequence[str],
+        *,
+        device: str | torch.device | None = None,
+        verify: Verify | None = None,
     ) -> dict[str, torch.Tensor]:
         """Load exactly the named tensors of a checkpoint (no glob matching), verified like every load.
 
@@ -508,6 +532,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
             >>> list(bank.load_tensors(cid, ["a[0]"]))
             ['a[0]']
         """
+        mode = None if verify is None else check_verify(verify)
         cid, m = self._manifest(ref)
         dev = check_device(device)
         index = {t.name: i for i, t in enumerate(m.tensors)}
@@ -516,7 +541,7 @@ class Bank(Handles, Indexing, Tagging, TwoPhase, Upkeep, Copying):
             raise IncompatibleState(
                 f"checkpoint {cid[:12]} has no tensor(s) {', '.join(map(repr, unknown[:8]))}", unknown
             )
-        loaded = self._read(cid, m, [index[n] for n in names], device=dev)
+        loaded = self._read(cid, m, [index[n] for n in names], device=dev, verify=mode)
         return {n: loaded[index[n]] for n in names}
 
     def diff(self, a: str, b: str) -> DiffResult:

@@ -43,6 +43,7 @@ from .layout import PACKS
 from .reader import check_device
 from .results import CheckpointInfo
 from .shards import Region, iter_regions, read_assembled, read_regions
+from .trust import Verify, check_verify
 
 __all__ = ["Checkpoint", "ReadOptions", "relocated"]
 
@@ -68,7 +69,7 @@ class ReadOptions:
         >>> import weightbank as wb
         >>> opts = wb.open("memory://", workers=3).read_options()
         >>> opts.workers, opts.cache is None, sorted(opts.kwargs())
-        (3, True, ['cache', 'pool', 'workers'])
+        (3, True, ['cache', 'pool', 'verify', 'workers'])
     """
 
     storage: Storage
@@ -79,16 +80,18 @@ class ReadOptions:
     """The local disk cache reads go through first (None: they read storage)."""
     fresh: Callable[[str], Manifest | None] | None = None
     """The manifest of an id as storage holds it now (None if gone): how a read follows a repack."""
+    verify: Verify = "always"
+    """How reads check chunks (:mod:`weightbank.bank.trust`): the bank's ``read_verify``."""
 
     def kwargs(self) -> dict[str, Any]:
-        """The keyword arguments (``workers``, ``pool``, ``cache``) of the readers in :mod:`weightbank.bank.reader`.
+        """The keyword arguments (``workers``, ``pool``, ``cache``, ``verify``) of the readers in :mod:`weightbank.bank.reader`.
 
         Example:
             >>> import weightbank as wb
             >>> wb.open("memory://", workers=2).read_options().kwargs()["workers"]
             2
         """
-        return {"workers": self.workers, "pool": self.pool, "cache": self.cache}
+        return {"workers": self.workers, "pool": self.pool, "cache": self.cache, "verify": self.verify}
 
 
 @dataclass(frozen=True, repr=False)
@@ -127,6 +130,7 @@ class Checkpoint:
         *,
         device: str | torch.device | None = None,
         into: Mapping[int, torch.Tensor] | None = None,
+        verify: Verify | None = None,
     ) -> dict[int, torch.Tensor]:
         """The tensors at ``indices`` (positions in :attr:`tensor_names`), read and verified.
 
@@ -134,7 +138,8 @@ class Checkpoint:
         back as one tensor. ``device`` places them (``"cuda:0"``). With
         ``into`` (index → an existing tensor of the right dtype and shape)
         the bytes are verified before they are copied into place, and the
-        result maps to those same tensors.
+        result maps to those same tensors. ``verify`` overrides the bank's
+        read verification (``"always"``, ``"once"``, ``"never"``).
 
         Example:
             >>> import torch, weightbank as wb
@@ -144,12 +149,13 @@ class Checkpoint:
         """
         dev = check_device(device)
         opts = self.options()
+        kw = opts.kwargs()
+        if verify is not None:
+            kw["verify"] = check_verify(verify)
         target = None if into is None else dict(into)
         return self._moved_ok(
             opts,
-            lambda m: read_assembled(
-                opts.storage, self.id, m, indices, device=dev, into=target, **opts.kwargs()
-            ),
+            lambda m: read_assembled(opts.storage, self.id, m, indices, device=dev, into=target, **kw),
         )
 
     def _moved_ok(self, opts: ReadOptions, read: Callable[[Manifest], _T]) -> _T:
@@ -163,7 +169,11 @@ class Checkpoint:
             return read(moved)
 
     def load_tensors(
-        self, names: Sequence[str], *, device: str | torch.device | None = None
+        self,
+        names: Sequence[str],
+        *,
+        device: str | torch.device | None = None,
+        verify: Verify | None = None,
     ) -> dict[str, torch.Tensor]:
         """Exactly the named tensors (no glob matching): :meth:`Bank.load_tensors <weightbank.Bank.load_tensors>` on this handle.
 
@@ -181,7 +191,7 @@ class Checkpoint:
             raise IncompatibleState(
                 f"checkpoint {self.id[:12]} has no tensor(s) {', '.join(map(repr, unknown[:8]))}", unknown
             )
-        loaded = self.read([index[n] for n in names], device=device)
+        loaded = self.read([index[n] for n in names], device=device, verify=verify)
         return {n: loaded[index[n]] for n in names}
 
     def tree_value(self, node: dict[str, Any]) -> Any:

@@ -102,7 +102,7 @@ def decode_record(
         decode_chain(links, None, out)
     except CorruptObject as e:
         where = "" if len(chain) == 1 else f" (delta chain of {len(chain)} links)"
-        raise CorruptObject(key, detail=f"{e.args[0]}{where}") from None
+        raise CorruptObject(key, detail=f"{e.detail or e}{where}") from None
 
 
 def base_planes(

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..storage.base import Storage
     from ..storage.diskcache import DiskCache
     from .catalog import Catalog
+    from .trust import Verify
 
 __all__ = ["Handles"]
 
@@ -38,6 +39,7 @@ class Handles:
         storage: Storage
         workers: int
         cache: DiskCache | None
+        read_verify: Verify
         _catalog: Catalog
 
         def resolve(self, ref: str) -> str: ...
@@ -100,4 +102,5 @@ class Handles:
             pool=self._pool(),
             cache=self.cache,
             fresh=self._catalog.fresh,
+            verify=self.read_verify,
         )

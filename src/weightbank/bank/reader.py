@@ -6,7 +6,10 @@ into it (other codecs; a delta chunk's whole chain is decoded in plane space
 and merged once, see :mod:`weightbank.format.delta`); the bytes are then
 hashed in place and compared with the chunk's content hash — for a delta that
 one hash covers every link, since any damaged link changes the result. On a
-mismatch CorruptObject is raised and the tensor is never handed out.
+mismatch CorruptObject is raised and the tensor is never handed out. With
+``verify="once"`` a chunk this process verified from the same, unchanged
+local files is not hashed again; ``"never"`` hashes nothing (see
+:mod:`weightbank.bank.trust`).
 
 When a tensor's chunks lie raw and back to back in a pack on a local disk, the
 tensor is instead a private (copy-on-write) memory map of those bytes: the
@@ -55,6 +58,7 @@ from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..storage.base import Storage
 from ..storage.diskcache import DiskCache
 from .chunks import chain_of, decode_record, read_chain, records_by_hash
+from .trust import TRUSTED, Evidence, Verify, file_ids
 
 __all__ = ["allocate", "check_device", "check_fits", "physical_memory", "prefetch_chunks", "read_tensors"]
 
@@ -95,14 +99,66 @@ def _fill_chunk(
     out: memoryview,
     index: dict[str, ChunkRecord],
     cache: DiskCache | None = None,
+    verify: Verify = "always",
 ) -> None:
-    if cache is not None and cache.read_into(rec.hash, out):
-        if digest(out) == rec.hash:
-            return
-        cache.discard(rec.hash)  # damaged: fetch it again below, and repair the entry
-    _fetch_chunk(storage, cid, manifest, name, rec, out, index, cache)
+    if cache is not None:
+        entry = cache.entry_path(rec.hash) if verify == "once" else None
+        before = None if entry is None else file_ids([entry])
+        if cache.read_into(rec.hash, out):
+            token = (rec.hash, "cache")
+            if _checked(out, rec.hash, verify, token, [entry] if entry else None, before):
+                return
+            cache.discard(rec.hash)  # damaged: fetch it again below, and repair the entry
+    _fetch_chunk(storage, cid, manifest, name, rec, out, index, cache, verify)
     if cache is not None:
         cache.put(rec.hash, out)
+
+
+def _checked(
+    out: memoryview,
+    expected: str,
+    verify: Verify,
+    token: object,
+    paths: list[str] | None,
+    before: Evidence | None,
+) -> bool:
+    """Whether ``out`` (just read from ``paths``) holds chunk ``expected``: hashed, unless ``verify`` trusts it.
+
+    With ``"once"`` a chunk verified before from the same files, unchanged
+    since, is trusted; one that hashes right now is remembered (when the
+    files did not change around the read).
+    """
+    if verify == "never":
+        return True
+    after = file_ids(paths) if verify == "once" and paths else None
+    if after is not None and TRUSTED.trusted(token, after):
+        return True
+    if digest(out) != expected:
+        return False
+    if after is not None:
+        TRUSTED.remember(token, before, after)
+    return True
+
+
+def _sources(storage: Storage, manifest: Manifest, chain: Sequence[ChunkRecord]) -> list[str] | None:
+    """The local files a chunk's chain is read from (None when any is not a local file)."""
+    if not storage.properties.local_files:
+        return None
+    paths = []
+    for c in chain:
+        path = storage.local_path(manifest.packs[c.pack])
+        if path is None:
+            return None
+        paths.append(str(path))
+    return paths
+
+
+def _token(manifest: Manifest, chain: Sequence[ChunkRecord]) -> tuple[object, ...]:
+    """What a verified chunk is remembered by: its hash and where and how each link of its chain is read."""
+    return (
+        chain[-1].hash,
+        tuple((manifest.packs[c.pack], c.offset, c.stored_len, c.raw_len, c.codec, c.args) for c in chain),
+    )
 
 
 def _fetch_chunk(
@@ -114,9 +170,18 @@ def _fetch_chunk(
     out: memoryview,
     index: dict[str, ChunkRecord],
     cache: DiskCache | None,
+    verify: Verify = "always",
 ) -> None:
     """Read or decode chunk ``rec`` from storage into ``out`` and verify it (a cached delta base shortens the chain)."""
     key = manifest.packs[rec.pack]
+    paths: list[str] | None = None
+    before: Evidence | None = None
+    token: tuple[object, ...] = ()
+    if verify == "once":
+        chain = chain_of(rec, index, key) if rec.codec == DELTA else [rec]
+        paths = _sources(storage, manifest, chain)
+        before = None if paths is None else file_ids(paths)
+        token = _token(manifest, chain)
     if rec.codec == "raw":
         try:
             n = storage.read_into(key, rec.offset, out)
@@ -133,10 +198,9 @@ def _fetch_chunk(
         except MissingObject as e:
             raise MissingObject(e.key, f"needed by checkpoint {cid[:12]} tensor {name!r}") from e
         except CorruptObject as e:
-            raise CorruptObject(e.key, checkpoint=cid, tensor=name, detail=str(e.args[0])) from None
-    actual = digest(out)
-    if actual != rec.hash:
-        raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=cid, tensor=name)
+            raise CorruptObject(e.key, checkpoint=cid, tensor=name, detail=e.detail or str(e)) from None
+    if not _checked(out, rec.hash, verify, token, paths, before):
+        raise CorruptObject(key, expected=rec.hash, actual=digest(out), checkpoint=cid, tensor=name)
 
 
 def _decode_from_cached_base(
@@ -170,7 +234,7 @@ def _decode_from_cached_base(
         try:
             decode_chain(links, None, out)
         except CorruptObject as e:
-            raise CorruptObject(key, detail=f"{e.args[0]} (delta chain above a cached base)") from None
+            raise CorruptObject(key, detail=f"{e.detail or e} (delta chain above a cached base)") from None
         return True
     return False
 
@@ -290,10 +354,20 @@ def _map_tensor(storage: Storage, manifest: Manifest, rec: TensorRecord) -> torc
     return flat.view(dtype).reshape(rec.shape) if dtype != torch.uint8 else flat.reshape(rec.shape)
 
 
-def _verify_chunk(key: str, cid: str, name: str, rec: ChunkRecord, view: memoryview) -> None:
-    actual = digest(view)
-    if actual != rec.hash:
-        raise CorruptObject(key, expected=rec.hash, actual=actual, checkpoint=cid, tensor=name)
+def _verify_chunk(
+    key: str,
+    cid: str,
+    name: str,
+    rec: ChunkRecord,
+    view: memoryview,
+    verify: Verify = "always",
+    path: str | None = None,
+    before: Evidence | None = None,
+    token: tuple[object, ...] = (),
+) -> None:
+    """Check a chunk of a tensor mapped from ``path`` (its identity looked at before mapping: ``before``)."""
+    if not _checked(view, rec.hash, verify, token, None if path is None else [path], before):
+        raise CorruptObject(key, expected=rec.hash, actual=digest(view), checkpoint=cid, tensor=name)
 
 
 def _load_fresh(
@@ -305,12 +379,20 @@ def _load_fresh(
     *,
     allow_mmap: bool = True,
     cache: DiskCache | None = None,
+    verify: Verify = "always",
 ) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
     futures = []
     index = records_by_hash(manifest)
     for i in indices:
         rec = manifest.tensors[i]
+        path: str | None = None
+        before: Evidence | None = None
+        if verify == "once" and allow_mmap:
+            first = manifest.chunks[rec.chunks[0]] if rec.chunks else None
+            local = None if first is None else storage.local_path(manifest.packs[first.pack])
+            path = None if local is None else str(local)
+            before = None if path is None else file_ids([path])
         mapped = _map_tensor(storage, manifest, rec) if allow_mmap else None
         t = mapped if mapped is not None else allocate(rec.shape, dtype_from_name(rec.dtype))
         out[i] = t
@@ -324,10 +406,15 @@ def _load_fresh(
             dest = view[pos : pos + chunk.raw_len]
             if mapped is not None:
                 key = manifest.packs[chunk.pack]
-                futures.append(pool.submit(_verify_chunk, key, cid, rec.name, chunk, dest))
+                token = _token(manifest, [chunk])
+                futures.append(
+                    pool.submit(_verify_chunk, key, cid, rec.name, chunk, dest, verify, path, before, token)
+                )
             else:
                 futures.append(
-                    pool.submit(_fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index, cache)
+                    pool.submit(
+                        _fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index, cache, verify
+                    )
                 )
             pos += chunk.raw_len
     for f in futures:
@@ -346,6 +433,7 @@ def read_tensors(
     into: dict[int, torch.Tensor] | None = None,
     pool: ThreadPoolExecutor | None = None,
     cache: DiskCache | None = None,
+    verify: Verify = "always",
 ) -> dict[int, torch.Tensor]:
     """Load the tensors at ``indices`` (aliases share their base's tensor).
 
@@ -354,6 +442,9 @@ def read_tensors(
     ``pool`` lets a long-lived caller reuse its worker threads (a small swap
     then costs no thread start-up); without it a pool of ``workers`` is made.
     ``cache``: the bank's local disk cache, read first and filled as chunks arrive.
+    ``verify``: ``"always"`` hashes every chunk, ``"once"`` trusts a chunk this
+    process verified from the same unchanged local files, ``"never"`` hashes
+    nothing (:mod:`weightbank.bank.trust`).
     """
     bases = sorted({_base(manifest, i) for i in indices})
     check_fits(cid, manifest, bases)
@@ -363,7 +454,7 @@ def read_tensors(
                 ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="wb-load")
             )
         if into is None:
-            loaded = _load_fresh(storage, cid, manifest, bases, pool, cache=cache)
+            loaded = _load_fresh(storage, cid, manifest, bases, pool, cache=cache, verify=verify)
             if device is not None and device.type != "cpu":
                 loaded = {i: t.to(device) for i, t in loaded.items()}
         else:
@@ -375,7 +466,7 @@ def read_tensors(
                 group.append(i)
                 size += manifest.tensors[i].nbytes
                 if size >= _SCRATCH_GROUP or n == len(targets) - 1:
-                    scratch = _load_fresh(storage, cid, manifest, group, pool, cache=cache)
+                    scratch = _load_fresh(storage, cid, manifest, group, pool, cache=cache, verify=verify)
                     with torch.no_grad():
                         for j, t in scratch.items():
                             into[j].copy_(t)

@@ -60,7 +60,7 @@ def _check_chunk(
     try:
         decode_record(storage, m.packs, index, rec, memoryview(out))
     except CorruptObject as e:
-        return str(e.args[0])
+        return e.detail or str(e)
     actual = digest(out)
     return None if actual == rec.hash else f"hash mismatch: expected {rec.hash[:16]}…, got {actual[:16]}…"
 

@@ -24,7 +24,8 @@ import typer
 import uvicorn
 
 from .. import open as open_bank
-from ..errors import NotABank
+from ..bank.trust import check_verify
+from ..errors import InvalidArgument, NotABank
 from ..http import create_app, load_token
 from ..serving import ModelService, TensorHandler, load_handler
 from ..serving.budget import parse_budget, parse_bytes
@@ -94,6 +95,7 @@ def build_server(
     prefix: str = "",
     routes: list[str] | None = None,
     preload: list[str] | None = None,
+    verify: str = "always",
 ) -> tuple[ModelService, uvicorn.Config]:
     """Everything ``serve`` starts, without starting it: the service and uvicorn's config (with the app)."""
     token = load_token(token_file)
@@ -106,7 +108,11 @@ def build_server(
         raise typer.BadParameter(f"--insecure-local only serves on 127.0.0.1, not on {host}")
     if "://" not in bank_path and not os.path.isdir(bank_path):
         raise NotABank(os.path.abspath(bank_path), "no such directory")
-    bank = open_bank(bank_path, create=False)
+    try:
+        mode = check_verify(verify)
+    except InvalidArgument as e:
+        raise typer.BadParameter(f"--verify {verify!r}: {e.reason}") from None
+    bank = open_bank(bank_path, create=False, verify=mode)
     h = _handler(handler, model, input_shape)
     parsed_routes = [_parse_route(r) for r in routes or []]
     service = ModelService(
@@ -215,6 +221,14 @@ def register(app: typer.Typer) -> None:
         preload: Annotated[
             list[str] | None, typer.Option(help="Load these refs before serving (repeatable).")
         ] = None,
+        verify: Annotated[
+            str,
+            typer.Option(
+                help="How loads check chunks: always (hash every chunk), once (trust a chunk this "
+                "process verified from the same unchanged local file), never (unsafe).",
+                metavar="MODE",
+            ),
+        ] = "always",
     ) -> None:
         """Serve many checkpoints of BANK over HTTP, swapping them under a byte budget."""
         service, config = build_server(
@@ -236,6 +250,7 @@ def register(app: typer.Typer) -> None:
             prefix=prefix,
             routes=route,
             preload=preload,
+            verify=verify,
         )
         try:
             run_server(config)

@@ -66,6 +66,7 @@ from torch import nn
 
 from ..bank.bank import Bank
 from ..bank.results import PrefetchReport
+from ..bank.trust import Verify, check_verify
 from ..errors import CheckpointNotFound, InvalidRequest
 from .budget import DISK, TIERS, TierLedger, parse_budget
 from .lease import Lease, Prefetch
@@ -108,6 +109,9 @@ class ModelCache:
         build_on: device the factory runs under; ``"meta"`` allocates nothing.
         clock: monotonic seconds (tests pass a fake one).
         sweep_interval: seconds between background TTL sweeps (None: ttl/4, at most 1 s; 0: never).
+        verify: how loads check the chunks they read: ``"always"``, ``"once"`` (a chunk this
+            process verified from the same unchanged local files is trusted: reloads of shared
+            tensors skip the hash), ``"never"`` (unsafe); None: the bank's (see :func:`weightbank.open`).
     """
 
     def __init__(
@@ -125,6 +129,7 @@ class ModelCache:
         build_on: str = "meta",
         clock: Callable[[], float] = time.monotonic,
         sweep_interval: float | None = None,
+        verify: Verify | None = None,
     ) -> None:
         if max_concurrent_loads < 1:
             raise InvalidRequest("max_concurrent_loads must be at least 1", "max_concurrent_loads")
@@ -164,6 +169,7 @@ class ModelCache:
             build=build,
             build_on=build_on,
             clock=clock,
+            verify=None if verify is None else check_verify(verify),
         )
         self._listeners: list[Listener] = []
         self._load_slots = threading.BoundedSemaphore(max_concurrent_loads)

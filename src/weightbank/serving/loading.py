@@ -41,6 +41,7 @@ from torch import nn
 from ..bank.bank import Bank
 from ..bank.checkpoint import Checkpoint
 from ..bank.results import CheckpointInfo
+from ..bank.trust import Verify
 from ..errors import BudgetExceeded
 from .modules import build_module
 from .pool import Slot, TensorPool
@@ -105,8 +106,10 @@ class Loader:
         build: Factory,
         build_on: str,
         clock: Callable[[], float],
+        verify: Verify | None = None,
     ) -> None:
         self.bank = bank
+        self.verify = verify
         self.device = device
         self._pools = pools
         self._res = residency
@@ -201,7 +204,12 @@ class Loader:
     ) -> None:
         """Read ``keys`` (slots this load is the loader of) from the bank, then fill them and ``fresh``'s."""
         if keys:
-            loaded = opener().load_tensors([plan.source[k] for k in keys], device=self.device)
+            names = [plan.source[k] for k in keys]
+            ck = opener()
+            if self.verify is None:  # the bank's own mode
+                loaded = ck.load_tensors(names, device=self.device)
+            else:
+                loaded = ck.load_tensors(names, device=self.device, verify=self.verify)
             fresh.update((k, loaded[plan.source[k]]) for k in keys)
             source_bytes["bank"] += sum(plan.sizes[k] for k in keys)
         with self._cond:

@@ -227,6 +227,18 @@ class DiskCache:
             self._hit_bytes += len(buf)
         return True
 
+    def entry_path(self, key: str) -> str | None:
+        """The file entry ``key`` is (or would be) kept in; None for a key that is not a chunk hash.
+
+        Example:
+            >>> import tempfile
+            >>> from weightbank.storage.diskcache import DiskCache
+            >>> DiskCache(tempfile.mkdtemp()).entry_path("ab" * 32).endswith("ab" * 32)
+            True
+        """
+        path = self._path(key)
+        return None if path is None else str(path)
+
     def contains(self, key: str, size: int | None = None) -> bool:
         """Whether entry ``key`` exists (of ``size`` bytes, if given); a yes counts as a use for LRU.
 
