@@ -32,6 +32,7 @@ SAMPLES: dict[str, errors.WeightbankError] = {
     "NoHistory": errors.NoHistory("t", 2, 1),
     "NonFiniteOutput": errors.NonFiniteOutput(3, "cd" * 32),
     "NotABank": errors.NotABank("/tmp/x"),
+    "NotMovable": errors.NotMovable("ab" * 32, "prod"),
     "RouteNotFound": errors.RouteNotFound("r", ["a"]),
     "StorageError": errors.StorageError("disk full"),
     "TagNotFound": errors.TagNotFound("t", ["u"]),

@@ -11,6 +11,7 @@ so ``except KeyError`` keeps working for a missing checkpoint and
     ├── InvalidRef              (ValueError)   ref that does not parse
     ├── InvalidName             (ValueError)   bad tag / run name
     ├── InvalidArgument         (ValueError)   an argument out of range or of the wrong kind
+    │   └── NotMovable                         a format-1/2 checkpoint asked to move to another bank
     ├── InvalidState            (TypeError)    a leaf that cannot be stored (no pickle)
     ├── IncompatibleState       (ValueError)   shape/dtype/key mismatch on load into=
     ├── ExternalFileError       (ValueError)   a file to import/export is unreadable or unknown
@@ -71,6 +72,7 @@ __all__ = [
     "NoHistory",
     "NonFiniteOutput",
     "NotABank",
+    "NotMovable",
     "RouteNotFound",
     "StorageError",
     "TagNotFound",
@@ -178,6 +180,24 @@ class InvalidArgument(WeightbankError, ValueError):
         self.value = value
         self.reason = reason
         super().__init__(f"{name}={value!r}: {reason}")
+
+
+class NotMovable(InvalidArgument):
+    """A checkpoint written before format 3 asked to move to another bank: its id covers where its
+    chunks lie, so it cannot keep its id elsewhere (``Bank.copy_to``).
+
+    Attributes:
+        checkpoint: its id.
+    """
+
+    def __init__(self, checkpoint: str, ref: str | None = None) -> None:
+        self.checkpoint = checkpoint
+        super().__init__(
+            "ref",
+            ref or checkpoint[:12],
+            f"checkpoint {checkpoint[:12]} is of format 1 or 2 (an older checkpoint's id covers where"
+            " its chunks lie, so it cannot move to another bank)",
+        )
 
 
 class InvalidState(WeightbankError, TypeError):

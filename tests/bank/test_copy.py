@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import weightbank as wb
-from weightbank.bank.layout import PACKS
+from weightbank.bank import transfer
+from weightbank.bank.catalog import Catalog
+from weightbank.bank.layout import PACKS, manifest_key
 from weightbank.storage import LocalStorage
 
 from .faults import WRITE_OPS, FaultStorage, assert_same_state
@@ -215,13 +217,104 @@ def test_the_destination_must_be_another_bank(tmp_path: Path) -> None:
             src.copy_to(5)  # type: ignore[arg-type]
 
 
-def test_a_format_1_checkpoint_cannot_move(tmp_path: Path) -> None:
+def test_format_1_checkpoints_cannot_move_but_do_not_stop_the_rest(tmp_path: Path) -> None:
     legacy = Path(__file__).resolve().parents[1] / "data" / "legacy_v1_bank"
     shutil.copytree(legacy, tmp_path / "old")
     with wb.open(tmp_path / "old", create=False) as old, wb.open(tmp_path / "dst") as dst:
-        with pytest.raises(wb.InvalidArgument, match="format-3"):
-            old.copy_to(dst, old.log()[0].id)
-        assert dst.log() == []
+        old_ids = [c.id for c in old.log()]
+        with pytest.raises(wb.NotMovable, match="format 1 or 2") as e:
+            old.copy_to(dst, ["tts@latest", old_ids[0]])
+        tts = next(c.id for c in old.log() if c.run == "tts")
+        assert isinstance(e.value, wb.InvalidArgument) and e.value.value == "tts@latest", "the ref as named"
+        assert e.value.checkpoint == tts
+        assert dst.log() == [], "a named old checkpoint stops the copy before anything is written"
+        new = old.save(state(9), run="fresh", step=1).id
+        report = old.copy_to(dst)
+        assert report.copied == (new,) and set(report.refused) == set(old_ids)
+        with_parents = old.copy_to(dst, new, ancestors=True)
+        assert with_parents.skipped == (new,)
+        assert_same_state(dst.load(new), state(9), "new")
+
+
+# -- 6. a lineage, link by link -------------------------------------------------------------------
+
+
+def pack_bytes(bank: wb.Bank) -> int:
+    return sum(i.size for i in bank.storage.list(PACKS))
+
+
+def test_copying_a_delta_lineage_writes_each_link_once(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(N, generator=g)
+    with (
+        wb.open(tmp_path / "src") as src,
+        wb.open(tmp_path / "dst") as dst,
+        wb.open(tmp_path / "sync") as sync,
+    ):
+        ids, states = [], {}
+        for s in range(10):
+            w = w.clone()
+            w[torch.randint(0, N, (N // 20,), generator=g)] += (
+                1e-2  # sparse updates: chains to the previous step
+            )
+            st = {"w": w}
+            ids.append(src.save(st, run="r", step=s).id)
+            states[ids[-1]] = st
+        depths = [c.args.depth for c in src.checkpoint(ids[-1]).manifest.chunks if c.args is not None]
+        assert max(depths) >= 3, "the source codes chains"
+        report = src.copy_to(dst, ids[-1], ancestors=True)
+        assert report.copied == tuple(ids)
+        assert pack_bytes(dst) <= 1.05 * pack_bytes(src), (pack_bytes(dst), pack_bytes(src))
+        # a nightly sync of r@latest: each run copies the new link only
+        for cid in ids:
+            r = src.copy_to(sync, cid)
+            assert r.bytes_copied <= 1.05 * src.checkpoint(cid).info.stored_bytes + 4096 or cid == ids[0]
+        assert pack_bytes(sync) <= 1.05 * pack_bytes(src)
+        for bank in (dst, sync):
+            loads(bank, states)
+            bank.gc(grace=0)
+            assert bank.verify().problems == ()
+
+
+def test_a_copy_that_finds_the_checkpoint_arrived_meanwhile_leaves_its_head_alone(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src, wb.open(tmp_path / "dst") as dst:
+        ids, states = build(src, steps=2)
+        src.copy_to(dst, ids[0])
+        head = (tmp_path / "dst" / manifest_key(ids[0])).read_bytes()
+        packs = {i.key for i in dst.storage.list(PACKS)}
+
+        class Stale(Catalog):
+            def exists(self, cid: str) -> bool:
+                return False  # as a concurrent copy's catalog saw it, before this one committed
+
+        stale = Stale(dst.storage, indexed=True, compact=True)
+        assert transfer.copy_checkpoint(src.storage, dst.storage, stale, ids[0]) is None
+        assert (tmp_path / "dst" / manifest_key(ids[0])).read_bytes() == head
+        assert {i.key for i in dst.storage.list(PACKS)} == packs, "its own packs are dropped"
+        assert not list(dst.storage.list("leases/"))
+        loads(dst, {ids[0]: states[ids[0]]})
+
+
+# -- 7. tags ---------------------------------------------------------------------------------------
+
+
+def test_a_copy_never_moves_a_tag_the_destination_has_elsewhere_unless_asked(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "train") as train, wb.open(tmp_path / "serve") as serve:
+        ids, _ = build(train, steps=3)
+        train.tag("prod", ids[0], why="the old one")
+        promoted = serve.save(state(7), run="serving", step=1, tags=["prod"]).id
+        report = train.copy_to(serve, ids[0])
+        assert report.tags == ("old",) and report.tags_left == ("prod",)
+        assert serve.resolve("prod") == promoted, "the serving bank's prod is not rolled back"
+        moved = train.copy_to(serve, ids[0], move_tags=True)
+        assert moved.tags == ("prod",) and serve.resolve("prod") == ids[0]
+        assert [e.new for e in serve.tag_history("prod")][-2:] == [promoted, ids[0]]
+
+
+def test_a_path_destination(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src:
+        ids, _ = build(src, steps=1)
+        assert src.copy_to(tmp_path / "as-path", ids[0]).copied == (ids[0],)
 
 
 def test_a_url_destination_is_opened_created_and_closed(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def src(tmp_path: Path) -> Path:
 
 def test_copy_to_a_directory_keeps_ids_and_tags(src: Path, tmp_path: Path) -> None:
     out = " ".join(ok("copy", "prod", "--ancestors", "--to", str(tmp_path / "dst"), bank=src).stdout.split())
-    assert "copied 3 checkpoint(s)" in out and "ids unchanged" in out and "moved tag(s) prod" in out, out
+    assert "copied 3 checkpoint(s)" in out and "ids unchanged" in out and "set tag(s) prod" in out, out
     with wb.open(src, create=False) as a, wb.open(tmp_path / "dst", create=False) as b:
         assert [c.id for c in a.log()] == [c.id for c in b.log()]
         assert b.resolve("prod") == a.resolve("prod")
@@ -58,3 +58,19 @@ def test_copy_needs_a_destination_and_known_refs(src: Path, tmp_path: Path) -> N
     assert "nope" in line, line
     line = fails(USAGE, "copy", "prod", "--to", str(src), bank=src)
     assert "dest" in line, line
+
+
+def test_a_tag_the_destination_has_elsewhere_moves_only_with_move_tags(src: Path, tmp_path: Path) -> None:
+    with wb.open(tmp_path / "dst") as dst:
+        mine = dst.save({"w": noise(9)}, run="serving", step=0, tags=["prod"]).id
+    out = " ".join(ok("copy", "r@0", "--to", str(tmp_path / "dst"), bank=src).stdout.split())
+    assert "left tag(s)" not in out  # prod is not on r@0
+    ok("copy", "r@latest", "--to", str(tmp_path / "dst"), bank=src)
+    with wb.open(tmp_path / "dst", create=False) as dst:
+        assert dst.resolve("prod") == mine
+    report = as_json("copy", "prod", "--to", str(tmp_path / "dst"), bank=src)
+    assert report["tags_left"] == ["prod"] and report["tags"] == []
+    report = as_json("copy", "prod", "--move-tags", "--to", str(tmp_path / "dst"), bank=src)
+    assert report["tags"] == ["prod"]
+    with wb.open(src, create=False) as a, wb.open(tmp_path / "dst", create=False) as b:
+        assert b.resolve("prod") == a.resolve("prod")

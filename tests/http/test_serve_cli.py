@@ -112,7 +112,9 @@ def test_not_a_bank(app: typer.Typer, tmp_path: Path, monkeypatch: pytest.Monkey
     assert r.exit_code != 0 and isinstance(r.exception, wb.NotABank)
 
 
-def test_verify_mode_reaches_the_bank(app: typer.Typer, bank_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_mode_reaches_the_bank(
+    app: typer.Typer, bank_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("WEIGHTBANK_TOKEN", "t")
     served: list[str] = []
 

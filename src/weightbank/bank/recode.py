@@ -216,58 +216,63 @@ def recode(
     def keep(mem: _Member, rec: ChunkRecord) -> tuple[str, ChunkRecord]:
         return mem.manifest.packs[rec.pack], rec
 
-    for place in order:
+    def code(
+        mem: _Member, place: Place, prev: _Prev | None, root: _Prev | None
+    ) -> tuple[_Prev | None, _Prev | None]:
+        """Decide the coding of ``mem``'s chunk at ``place`` (``prev``: the newer member's chunk there,
+        ``root``: the keyframe of its chain); the (prev, root) the next older member codes against."""
         dtype = place[1]
-        prev: _Prev | None = None  # the newer member's chunk here
-        root: _Prev | None = None  # the keyframe of prev's chain
-        for mem in win.members:
-            idx = mem.places.get(place)
-            if idx is None:
-                prev = root = None  # the place is absent here: a chain across the gap would not be shorter
-                continue
-            old = mem.manifest.chunks[idx]
-            raw: bytearray | None = None
-            if old.hash in out.coded:
-                new = out.coded[old.hash]
-            elif old.codec in LOSSY_CODECS:
-                new = out.coded[old.hash] = keep(mem, old)
-                prev = root = None
-                continue
+        idx = mem.places.get(place)
+        if idx is None:
+            return None, None  # the place is absent here: a chain across the gap would not be shorter
+        old = mem.manifest.chunks[idx]
+        raw: bytearray | None = None
+        if old.hash in out.coded:
+            new = out.coded[old.hash]
+        elif old.codec in LOSSY_CODECS:
+            out.coded[old.hash] = keep(mem, old)
+            return None, None
+        else:
+            # The base a save would pick: the newer chunk here, or its chain's keyframe when
+            # another link would break the decode budget (a two-link chain).
+            cand, gen = None, 0
+            if prev is not None and prev.rec.raw_len == old.raw_len and prev.rec.gen + 1 < keyframe_every:
+                cand, gen = prev, prev.rec.gen
+                last = link_cost(prev.rec.stored_len, prev.rec.raw_len) if prev.rec.codec == DELTA else 0.0
+                if root is not None and prev.rec.cost + last > budget:
+                    cand = root
+            if old.codec == DELTA and cand is not None and _kept(out, mem, old, cand.hash):
+                new = keep(mem, old)  # already a delta on that base, which keeps its coding
             else:
-                # The base a save would pick: the newer chunk here, or its chain's keyframe when
-                # another link would break the decode budget (a two-link chain).
-                cand, gen = None, 0
-                if prev is not None and prev.rec.raw_len == old.raw_len and prev.rec.gen + 1 < keyframe_every:
-                    cand, gen = prev, prev.rec.gen
-                    last = (
-                        link_cost(prev.rec.stored_len, prev.rec.raw_len) if prev.rec.codec == DELTA else 0.0
-                    )
-                    if root is not None and prev.rec.cost + last > budget:
-                        cand = root
-                if old.codec == DELTA and cand is not None and _kept(out, mem, old, cand.hash):
-                    new = keep(mem, old)  # already a delta on that base, which keeps its coding
+                raw = _raw(storage, mem, old)
+                base = None if cand is None else dataclasses.replace(cand.base(storage), gen=gen)
+                enc = plan_chunk(memoryview(raw), dtype, "auto", base, budget)
+                if enc.codec != DELTA and old.codec != DELTA:
+                    new = keep(mem, old)  # already standalone, and no reverse delta pays
                 else:
-                    raw = _raw(storage, mem, old)
-                    base = None if cand is None else dataclasses.replace(cand.base(storage), gen=gen)
-                    enc = plan_chunk(memoryview(raw), dtype, "auto", base, budget)
-                    if enc.codec != DELTA and old.codec != DELTA:
-                        new = keep(mem, old)  # already standalone, and no reverse delta pays
-                    else:
-                        payload = bytes(enc.payload)
-                        pkey, offset = append(payload)
-                        out.written += len(payload)
-                        out.chunks_written += 1
-                        rec = ChunkRecord(
-                            old.hash, old.raw_len, enc.codec, -1, offset, len(payload), enc.args
-                        )
-                        new = (pkey, rec)
-                out.coded[old.hash] = new
-            if new[1].codec in LOSSY_CODECS:
-                prev = root = None
-                continue
-            prev = _Prev(old.hash, new[1], dtype, raw, mem, old)
-            if new[1].codec != DELTA:
-                root = prev
+                    payload = bytes(enc.payload)
+                    pkey, offset = append(payload)
+                    out.written += len(payload)
+                    out.chunks_written += 1
+                    rec = ChunkRecord(old.hash, old.raw_len, enc.codec, -1, offset, len(payload), enc.args)
+                    new = (pkey, rec)
+            out.coded[old.hash] = new
+        if new[1].codec in LOSSY_CODECS:
+            return None, None
+        prev = _Prev(old.hash, new[1], dtype, raw, mem, old)
+        return prev, (prev if new[1].codec != DELTA else root)
+
+    # The keyframe's chunks first, every one standalone: an older member may hold one of them at
+    # another place (an alias, a moved tensor), and coding it there first would make it a delta.
+    first = win.members[0]
+    for place in order:
+        if place in first.places:
+            code(first, place, None, None)
+    for place in order:
+        prev: _Prev | None = None
+        root: _Prev | None = None
+        for mem in win.members:
+            prev, root = code(mem, place, prev, root)
     return out
 
 

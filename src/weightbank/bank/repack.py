@@ -87,7 +87,17 @@ Extent = tuple[int, int]  # (offset, stored_len) of one chunk's bytes in a pack
 
 
 class PackWriter:
-    """New packs named by one writer id (a repack, a recode, a copy), written payload after payload."""
+    """New packs named by one writer id (a repack, a recode, a copy), written payload after payload.
+
+    ``done`` lists the packs committed so far (durable), ``bytes`` the payload bytes appended.
+
+    Example:
+        >>> from weightbank.storage import MemoryStorage
+        >>> w = PackWriter(MemoryStorage(), "ab" * 14)
+        >>> key, at = w.append(b"payload"); w.close()
+        >>> w.done == [key], at, w.bytes
+        (True, 0, 7)
+    """
 
     def __init__(self, storage: Storage, repack_id: str) -> None:
         self.storage = storage
@@ -99,6 +109,7 @@ class PackWriter:
         self._offset = 0
 
     def append(self, data: bytes) -> tuple[str, int]:
+        """Append ``data`` (aligned); the pack key and offset it lands at. A full pack is committed first."""
         if self._w is None or self._offset >= REPACK_PACK_SIZE:
             self.close()
             self._key = pack_key(self.repack_id, len(self.done))
@@ -115,12 +126,14 @@ class PackWriter:
         return self._key, at
 
     def close(self) -> None:
+        """Commit the open pack (durable once this returns) and add it to ``done``."""
         if self._w is not None:
             self._w.commit()
             self.done.append(self._key)
             self._w = None
 
     def abort(self) -> None:
+        """Drop the open pack unwritten (packs in ``done`` stay; the caller deletes them if it must)."""
         if self._w is not None:
             with contextlib.suppress(Exception):
                 self._w.abort()

@@ -279,10 +279,13 @@ class RepackReport:
 
 @dataclass(frozen=True)
 class CopyReport:
-    """What ``Bank.copy_to`` did: checkpoints copied (ids unchanged), those the destination had, tags moved.
+    """What ``Bank.copy_to`` did: checkpoints copied (ids unchanged), those the destination had, tags set.
 
     ``bytes_copied``: stored bytes written into the destination's packs;
-    ``bytes_reused``: raw bytes of chunks the destination already held.
+    ``bytes_reused``: raw bytes of chunks the destination already held;
+    ``tags``: tags created (or, with ``move_tags``, moved) in the destination;
+    ``tags_left``: tags the destination has on another checkpoint, left where they are;
+    ``refused``: checkpoints of format 1 or 2 that cannot move (only when not named).
     """
 
     copied: tuple[str, ...]
@@ -291,6 +294,8 @@ class CopyReport:
     bytes_reused: int
     tags: tuple[str, ...]
     seconds: float
+    tags_left: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,27 @@ Per checkpoint (ancestors first when several are copied):
    every chunk the manifest lists is decoded from the source and its hash
    checked — a damaged source stops the copy before anything is committed —
    and its stored bytes (same codec, same delta chain) are appended to the
-   destination's packs, unless the destination holds that chunk standalone
-   already, which is reused (dedup, as a save does);
+   destination's packs, unless the destination holds that chunk already,
+   coded no deeper in a delta chain than the source codes it: then the
+   destination's coding is reused with its whole chain (dedup, as a save
+   does), so copying a lineage link by link writes each link once;
 3. the manifest is committed in the destination the way a save commits one
    (:func:`weightbank.bank.parts.publish`): the catalog entry, then the
    manifest object — the source's content byte for byte with a new location
-   head, the commit point — then the lease is dropped.
+   head, the commit point — then the lease is dropped. Just before, the
+   destination is asked again whether the checkpoint arrived meanwhile (a
+   concurrent copy): then this copy drops its packs and reports it skipped,
+   rather than replace a location head another writer's save may be using.
+
+Reusing a destination chain never makes a cycle: a chain walked in the
+destination is given up as soon as it would pass through a delta this copy
+took from the source, so every link from the destination leads only to
+destination links or standalone chunks, and the source's own links are
+acyclic (checked as they are decoded).
 
 A crash leaves the destination as a crashed save does: unreferenced packs
-its gc frees. Format-1/2 checkpoints (ids over their locations) are refused:
-they cannot move without a new id.
+its gc frees. Format-1/2 checkpoints (ids over their locations) are refused
+with :class:`NotMovable`: they cannot move without a new id.
 
 Example:
     >>> import torch, weightbank as wb
@@ -39,16 +50,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from concurrent.futures import Executor
 
-from ..errors import CorruptObject, InvalidArgument
+from ..errors import CorruptObject, NotMovable
 from ..format.delta import DELTA
 from ..format.hashing import digest
 from ..format.manifest import ChunkRecord, Manifest
 from ..format.stored import is_compact, open_segment, relocate, split_object
 from ..storage.base import Storage
 from . import leases
-from .catalog import Catalog
-from .chunks import decode_record, records_by_hash
+from .catalog import Catalog, ChunkFinder, ChunkLocation
+from .chunks import MAX_CHAIN, decode_record, records_by_hash
 from .layout import manifest_key, segment_hash_from_key
 from .listing import read_compact
 from .parts import Merged, SavePart, publish
@@ -63,17 +75,45 @@ def _source(storage: Storage, cid: str) -> tuple[bytes, Manifest]:
     key = manifest_key(cid)
     data = storage.read(key)
     if not is_compact(data):
-        raise InvalidArgument(
-            "ref",
-            cid[:12],
-            "a format-3 checkpoint (an older checkpoint's id covers where its chunks lie, so it cannot move)",
-        )
+        raise NotMovable(cid)
     return read_compact(storage, cid)
 
 
-def _checked(storage: Storage, cid: str, m: Manifest, index: dict[str, ChunkRecord]) -> None:
+def _depth(rec: ChunkRecord) -> int:
+    return rec.args.depth if rec.codec == DELTA and rec.args is not None else 0
+
+
+def _destination_chain(
+    loc: ChunkLocation, known: ChunkFinder, coded: dict[str, ChunkLocation], from_source: set[str]
+) -> list[tuple[str, ChunkLocation]] | None:
+    """``loc`` and the links below it in the destination, to reuse; None when a link is missing or unsafe.
+
+    The walk stops at a standalone chunk or at a link this copy placed already;
+    it gives up at a delta this copy took from the source (reusing around it
+    could close a cycle) and at anything longer than a chain may be.
+    """
+    out = [(loc[1].hash, loc)]
+    cur = loc[1]
+    while cur.codec == DELTA:
+        base = cur.args.base if cur.args is not None else None
+        if base is None or len(out) > MAX_CHAIN:
+            return None
+        if base in coded:
+            return None if base in from_source else out
+        nxt = known.get(base)
+        if nxt is None or nxt[1].raw_len != cur.raw_len:
+            return None
+        out.append((base, nxt))
+        cur = nxt[1]
+    return out
+
+
+def _checked(
+    storage: Storage, cid: str, m: Manifest, index: dict[str, ChunkRecord], pool: Executor | None
+) -> None:
     """Every chunk a tensor is made of decodes from the source to its hash (bases are checked through them)."""
-    for i in sorted({c for t in m.tensors for c in t.chunks}):
+
+    def one(i: int) -> None:
         rec = m.chunks[i]
         out = bytearray(rec.raw_len)
         decode_record(storage, m.packs, index, rec, memoryview(out))
@@ -83,11 +123,18 @@ def _checked(storage: Storage, cid: str, m: Manifest, index: dict[str, ChunkReco
                 m.packs[rec.pack], expected=rec.hash, actual=actual, checkpoint=cid, detail="copy read"
             )
 
+    todo = sorted({c for t in m.tensors for c in t.chunks})
+    for _ in map(one, todo) if pool is None else pool.map(one, todo):
+        pass
 
-def copy_checkpoint(src: Storage, dst: Storage, catalog: Catalog, cid: str) -> SaveStats | None:
+
+def copy_checkpoint(
+    src: Storage, dst: Storage, catalog: Catalog, cid: str, pool: Executor | None = None
+) -> SaveStats | None:
     """Copy checkpoint ``cid`` from ``src`` into the bank ``dst`` (whose catalog is ``catalog``).
 
     None if ``dst`` has it already; else what the copy wrote and reused.
+    ``pool`` checks the source's chunks in parallel.
     """
     t0 = time.perf_counter()
     if catalog.exists(cid):
@@ -95,7 +142,7 @@ def copy_checkpoint(src: Storage, dst: Storage, catalog: Catalog, cid: str) -> S
     data, m = _source(src, cid)
     content, _ = split_object(data, manifest_key(cid))
     index = records_by_hash(m)
-    _checked(src, cid, m, index)
+    _checked(src, cid, m, index, pool)
     save_id = leases.new_id()
     leases.acquire(dst, save_id)
     writer = PackWriter(dst, save_id)
@@ -103,14 +150,22 @@ def copy_checkpoint(src: Storage, dst: Storage, catalog: Catalog, cid: str) -> S
     try:
         catalog.refresh()  # after the lease: gc keeps what we find from here on
         known = catalog.chunk_finder()
-        coded: dict[str, tuple[str, ChunkRecord]] = {}
+        coded: dict[str, ChunkLocation] = {}
+        from_source: set[str] = set()  # the deltas this copy takes from the source
         written = reused = new_chunks = reused_chunks = 0
         for rec in m.chunks:
             if rec.hash in coded:
                 continue
             loc = known.get(rec.hash)
-            if loc is not None and loc[1].codec != DELTA:
-                coded[rec.hash] = loc  # a delta's base can be any coding of the same bytes
+            # a delta's base can be any coding of the same bytes; a reused chain is no deeper than ours
+            chain = (
+                None
+                if loc is None or _depth(loc[1]) > _depth(rec)
+                else _destination_chain(loc, known, coded, from_source)
+            )
+            if chain is not None:
+                for h, link in chain:
+                    coded.setdefault(h, link)
                 reused += rec.raw_len
                 reused_chunks += 1
                 continue
@@ -121,6 +176,8 @@ def copy_checkpoint(src: Storage, dst: Storage, catalog: Catalog, cid: str) -> S
                 )
             pkey, offset = writer.append(payload)
             coded[rec.hash] = (pkey, dataclasses.replace(rec, offset=offset))
+            if rec.codec == DELTA:
+                from_source.add(rec.hash)
             written += len(payload)
             new_chunks += 1
         writer.close()
@@ -150,6 +207,11 @@ def copy_checkpoint(src: Storage, dst: Storage, catalog: Catalog, cid: str) -> S
             nonlocal attempted
             attempted = False
 
+        if dst.exists(manifest_key(cid)):  # a concurrent copy committed it: leave its head alone
+            for key in writer.done:
+                with contextlib.suppress(Exception):
+                    dst.delete(key)
+            return None
         merged = Merged(cid, new, b"", draft)
         _, _, stats = publish(dst, catalog, [part], merged, lease_held=True, not_committed=not_committed)
         return dataclasses.replace(stats, seconds=time.perf_counter() - t0)

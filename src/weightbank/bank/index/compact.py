@@ -217,7 +217,10 @@ def _update_chunks(storage: Storage, snap: Snapshot, new: Iterable[ChunkEntry]) 
     if snap.root.chunks:
         directory = snap.pages.get(snap.root.chunks)
         buckets = dict(chunk_dir(directory, snap.root.chunks))
-        filters = chunk_filters(directory, snap.root.chunks)
+        try:
+            filters = chunk_filters(directory, snap.root.chunks)
+        except IndexDamaged:
+            filters = {}  # a hint only: the buckets rewritten now get new filters, the rest none
     else:
         buckets, filters = {}, {}
     by_bucket: dict[str, list[ChunkEntry]] = {}
