@@ -324,3 +324,16 @@ def test_a_url_destination_is_opened_created_and_closed(tmp_path: Path) -> None:
         assert report.copied == (ids[-1],) and report.tags == ("prod",)
     with wb.open(tmp_path / "new", create=False) as dst:
         loads(dst, {ids[-1]: states[ids[-1]]})
+
+
+def test_a_checkpoint_deleted_there_and_copied_again_stays(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src, wb.open(tmp_path / "dst") as dst:
+        ids, states = build(src, steps=2)
+        src.copy_to(dst, ids[0], tags=False)
+        dst.delete(ids[0], force=True)
+        assert src.copy_to(dst, ids[0], tags=False).copied == (ids[0],)
+        dst.gc(grace=0)  # a stamped trash entry and a manifest: a copy back, marked so, not an undone delete
+        assert ids[0] in {c.id for c in dst.log()}
+        loads(dst, {ids[0]: states[ids[0]]})
+        dst.repair_index()
+        assert ids[0] in {c.id for c in dst.log()}

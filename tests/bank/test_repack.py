@@ -1180,6 +1180,58 @@ def test_a_checkpoint_deleted_while_repack_rewrites_it_stays_deleted(tmp_path: P
         assert not fresh.storage.exists(manifest_key(victim))
 
 
+class _Killed(BaseException):
+    """A repack stopped dead right after a write (what SIGKILL would leave)."""
+
+
+class _DeleteThenKill(FaultStorage):
+    """On the write of ``key``: runs ``delete`` first (a delete crossing the rewrite), then the write, then stops."""
+
+    def __init__(self, inner: Storage, key: str, delete: Callable[[], object]) -> None:
+        super().__init__(inner)
+        self._key = key
+        self._delete: Callable[[], object] | None = delete
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        if key == self._key and self._delete is not None:
+            delete, self._delete = self._delete, None
+            delete()
+            super().write(key, data)
+            raise _Killed
+        super().write(key, data)
+
+
+@pytest.mark.parametrize("then", ["gc", "repair-index", "repack"])
+def test_a_repack_killed_after_putting_a_deleted_manifest_back_does_not_bring_it_back(
+    tmp_path: Path, then: str
+) -> None:
+    hd = build_half_dead(tmp_path / "bank", pairs=2)
+    victim = hd.slim[0]
+    deleter = wb.open(hd.path, create=False)
+    storage = _DeleteThenKill(
+        LocalStorage(hd.path), manifest_key(victim), lambda: deleter.delete(victim, force=True)
+    )
+    with pytest.raises(_Killed):
+        wb.Bank(storage).repack()
+    assert (hd.path / manifest_key(victim)).exists(), "the state a kill at that point leaves"
+    with wb.open(hd.path, create=False) as fresh:
+        if then == "gc":
+            fresh.gc(grace=0)
+        elif then == "repair-index":
+            fresh.repair_index()
+        else:
+            fresh.repack()
+        assert not fresh.storage.exists(manifest_key(victim))
+        assert victim not in {c.id for c in fresh.log()}
+        with pytest.raises(wb.CheckpointNotFound):
+            fresh.load(victim)
+        for _ in range(2):
+            fresh.gc(grace=0)
+        assert fresh.verify().problems == ()
+        for cid in hd.slim[1:]:
+            assert_same_state(fresh.load(cid), hd.states[cid])
+
+
 def test_delete_with_a_stale_cached_manifest_keeps_what_a_save_in_flight_reuses(tmp_path: Path) -> None:
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     parent = hd.slim[1]

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from . import maintenance
 from .index.compact import CompactResult
 
 if TYPE_CHECKING:
+    from ..storage.base import Storage
     from .catalog import Catalog
 
 __all__ = ["CompactResult", "Indexing"]
@@ -29,6 +31,7 @@ class Indexing:
     """``compact`` / ``repair_index`` / ``upgrade`` for :class:`~weightbank.Bank`."""
 
     if TYPE_CHECKING:
+        storage: Storage
         _catalog: Catalog
 
     def compact(self) -> CompactResult:
@@ -61,6 +64,8 @@ class Indexing:
             1
         """
         self._catalog.writable()
+        # A manifest a killed repack put back after its delete finished is not listed as alive.
+        maintenance.finish_undone_deletes(self.storage)
         return self._catalog.rebuild()
 
     def upgrade(self) -> bool:

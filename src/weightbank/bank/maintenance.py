@@ -74,6 +74,7 @@ from ..errors import CorruptObject, MissingObject, UnsupportedFormat
 from ..format.manifest import COMPACT_FORMAT, Manifest
 from ..format.schema import finite, hex_digest, typed
 from ..format.sealed import seal, unseal
+from ..format.stored import is_compact
 from ..storage.base import Storage
 from . import leases, releases
 from .catalog import Catalog, View
@@ -89,10 +90,10 @@ from .layout import (
     save_id_from_segment,
     trash_key,
 )
-from .listing import scan_manifests
+from .listing import read_compact, scan_manifests
 from .results import GcReport
 
-__all__ = ["TrashEntry", "gc", "packs_freed", "read_trash", "trash"]
+__all__ = ["TrashEntry", "finish_undone_deletes", "gc", "mark_readded", "packs_freed", "read_trash", "trash"]
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,69 @@ def _crashed_deletes(storage: Storage) -> set[str]:
             and not storage.exists(manifest_key(entry.cid))
         ):
             out.add(info.key)
+    return out
+
+
+def mark_readded(storage: Storage, cid: str) -> None:
+    """Note in ``cid``'s trash entry, if it has one, that the checkpoint is being added again (a copy
+    back into this bank keeps its id): :func:`finish_undone_deletes` then leaves its manifest alone.
+
+    Written before the manifest; a copy that dies between leaves a mark with no manifest, harmless.
+    """
+    key = trash_key(cid)
+    try:
+        _, body = _read_entry(storage, key, time.time())
+    except MissingObject:
+        return
+    if body is not None and not body.get("readded"):
+        body["readded"] = True
+        storage.write(key, seal(body))
+
+
+def finish_undone_deletes(storage: Storage) -> list[str]:
+    """Delete again the checkpoints whose delete finished but whose manifest is back; their ids.
+
+    Only a repack killed between rewriting a manifest's head and its look at
+    the trash (:func:`weightbank.bank.repack._rewrite`) leaves that: a delete
+    finished meanwhile (its entry stamped) and the rewrite put the manifest
+    back. The index says deleted, a listing of manifests would say alive, and
+    a ``repair-index`` would make it so. A copy back into the bank marks the
+    entry ``readded`` first (:func:`mark_readded`), and such entries are left
+    alone. The packs and segments the returned head names are added to the
+    entry's ``also`` before the manifest goes, so gc keeps them as long as the
+    entry protects the checkpoint (a save may have read that head).
+
+    Example:
+        >>> import torch, weightbank as wb
+        >>> bank = wb.open("memory://"); cid = bank.save({"w": torch.ones(2)}).id
+        >>> finish_undone_deletes(bank.storage)
+        []
+    """
+    out = []
+    for info in storage.list(TRASH):
+        try:
+            entry, body = _read_entry(storage, info.key, info.mtime)
+        except MissingObject:
+            continue
+        if body is None or entry.manifest is None or entry.deleted_at is None or body.get("readded"):
+            continue
+        key = manifest_key(entry.cid)
+        if not storage.exists(key):
+            continue
+        try:
+            data = storage.read(key)
+            if not is_compact(data):
+                continue  # a repack rewrites format-3 heads only: this one was written again on purpose
+            _, now = read_compact(storage, entry.cid)
+        except (MissingObject, CorruptObject, UnsupportedFormat):
+            continue  # gone meanwhile, or damaged (verify names it)
+        extra = set(now.packs) | set(now.segments)
+        extra -= set(entry.manifest.packs) | set(entry.manifest.segments) | set(entry.also)
+        if extra:
+            body["also"] = sorted(set(entry.also) | extra)
+            storage.write(info.key, seal(body))
+        storage.delete(key)
+        out.append(entry.cid)
     return out
 
 

@@ -58,7 +58,7 @@ from ..format.hashing import digest
 from ..format.manifest import ChunkRecord, Manifest
 from ..format.stored import is_compact, open_segment, relocate, split_object
 from ..storage.base import Storage
-from . import leases
+from . import leases, maintenance
 from .catalog import Catalog, ChunkFinder, ChunkLocation
 from .chunks import MAX_CHAIN, decode_record, records_by_hash
 from .layout import manifest_key, segment_hash_from_key
@@ -207,6 +207,7 @@ def copy_checkpoint(
             nonlocal attempted
             attempted = False
 
+        maintenance.mark_readded(dst, cid)  # deleted there before: the entry must not undo this copy
         if dst.exists(manifest_key(cid)):  # a concurrent copy committed it: leave its head alone
             for key in writer.done:
                 with contextlib.suppress(Exception):

@@ -144,7 +144,14 @@ class Upkeep:
         ``grace`` (seconds) spares anything younger, for clock skew and slow
         object-store listings; ``gc(grace=0)`` is safe on one machine.
         """
+        if not dry_run:
+            self._finish_undone_deletes()
         return maintenance.gc(self.storage, grace=grace, dry_run=dry_run, workers=max(8, self.workers))
+
+    def _finish_undone_deletes(self) -> None:
+        """Delete again what a killed repack put back after its delete finished (see maintenance)."""
+        if maintenance.finish_undone_deletes(self.storage):
+            self._catalog.invalidate()
 
     def repack(
         self,
@@ -186,6 +193,7 @@ class Upkeep:
         keyframes = [self.resolve(r) for r in refs]
         if not dry_run:
             self._catalog.writable()
+            self._finish_undone_deletes()
         return repack_mod.repack(
             self.storage,
             self._catalog,
