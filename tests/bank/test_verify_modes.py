@@ -252,3 +252,27 @@ def test_always_and_once_never_return_damaged_bytes(
     assert torch.equal(out.view(torch.uint8), t.view(torch.uint8)), "damaged bytes were returned"
     bank.close()
     assert os.path.exists(pack)
+
+
+def test_once_hashes_what_it_trusted_when_a_file_changes_during_the_load(
+    local_bank: wb.Bank, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = {"w": seeded((256, 256), 11), "small": seeded((8,), 12)}
+    cid = local_bank.save(state, codec="raw").id
+    settle(Path(local_bank.url))
+    release(local_bank.load(cid, verify="once"), local_bank.load(cid, verify="once"))
+    (pack,) = packs(local_bank)
+    real = trust.TRUSTED.trusted
+    flipped: list[bool] = []
+
+    def trusted_then_flip(token: object, evidence: trust.Evidence | None) -> bool:
+        out = real(token, evidence)  # type: ignore[arg-type]
+        if out and not flipped:
+            flipped.append(True)
+            flip(pack, 100)  # inside "w", after its file was looked at and its chunk trusted
+        return out
+
+    monkeypatch.setattr(trust.TRUSTED, "trusted", trusted_then_flip)
+    with pytest.raises(wb.CorruptObject):
+        local_bank.load(cid, verify="once")
+    assert flipped

@@ -43,8 +43,9 @@ import contextlib
 import mmap
 import os
 import warnings
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -183,14 +184,7 @@ def _fetch_chunk(
         before = None if paths is None else file_ids(paths)
         token = _token(manifest, chain)
     if rec.codec == "raw":
-        try:
-            n = storage.read_into(key, rec.offset, out)
-        except MissingObject as e:
-            raise MissingObject(key, f"needed by checkpoint {cid[:12]} tensor {name!r}") from e
-        if n != rec.raw_len:
-            raise CorruptObject(
-                key, checkpoint=cid, tensor=name, detail=f"pack is truncated at offset {rec.offset}"
-            )
+        _read_raw(storage, cid, key, name, rec, out)
     else:
         try:
             if cache is None or not _decode_from_cached_base(storage, manifest.packs, index, rec, out, cache):
@@ -370,6 +364,37 @@ def _verify_chunk(
         raise CorruptObject(key, expected=rec.hash, actual=digest(view), checkpoint=cid, tensor=name)
 
 
+def _later(
+    inline: list[Callable[[], None]],
+    futures: list[Future[None]],
+    pool: ThreadPoolExecutor,
+    chunk: ChunkRecord,
+    job: Callable[[], None],
+) -> None:
+    """Queue ``job``: on the calling thread for a small chunk, else on a worker now."""
+    if chunk.raw_len < _INLINE_MAX:
+        inline.append(job)
+    else:
+        futures.append(pool.submit(job))
+
+
+def _read_raw(storage: Storage, cid: str, key: str, name: str, rec: ChunkRecord, out: memoryview) -> None:
+    """Read raw chunk ``rec`` into ``out`` (not hashed: the caller decides)."""
+    try:
+        n = storage.read_into(key, rec.offset, out)
+    except MissingObject as e:
+        raise MissingObject(key, f"needed by checkpoint {cid[:12]} tensor {name!r}") from e
+    if n != rec.raw_len:
+        raise CorruptObject(
+            key, checkpoint=cid, tensor=name, detail=f"pack is truncated at offset {rec.offset}"
+        )
+
+
+#: Chunks smaller than this are read on the calling thread (after the big ones are handed out):
+#: a worker hand-off costs about what reading such a chunk from the page cache does.
+_INLINE_MAX = 256 << 10
+
+
 def _load_fresh(
     storage: Storage,
     cid: str,
@@ -382,17 +407,16 @@ def _load_fresh(
     verify: Verify = "always",
 ) -> dict[int, torch.Tensor]:
     out: dict[int, torch.Tensor] = {}
-    futures = []
+    futures: list[Future[None]] = []
+    inline: list[Callable[[], None]] = []
     index = records_by_hash(manifest)
+    # verify="once", mapped tensors: each pack file's identity is looked at once before and once
+    # after the whole load; chunks trusted under the first look are hashed after all if the two differ.
+    paths: dict[str, str | None] = {}
+    before: dict[str, Evidence | None] = {}
+    trusted: dict[str, list[tuple[str, str, memoryview]]] = {}
     for i in indices:
         rec = manifest.tensors[i]
-        path: str | None = None
-        before: Evidence | None = None
-        if verify == "once" and allow_mmap:
-            first = manifest.chunks[rec.chunks[0]] if rec.chunks else None
-            local = None if first is None else storage.local_path(manifest.packs[first.pack])
-            path = None if local is None else str(local)
-            before = None if path is None else file_ids([path])
         mapped = _map_tensor(storage, manifest, rec) if allow_mmap else None
         t = mapped if mapped is not None else allocate(rec.shape, dtype_from_name(rec.dtype))
         out[i] = t
@@ -404,21 +428,51 @@ def _load_fresh(
         for c in rec.chunks:
             chunk = manifest.chunks[c]
             dest = view[pos : pos + chunk.raw_len]
-            if mapped is not None:
-                key = manifest.packs[chunk.pack]
-                token = _token(manifest, [chunk])
-                futures.append(
-                    pool.submit(_verify_chunk, key, cid, rec.name, chunk, dest, verify, path, before, token)
-                )
-            else:
-                futures.append(
-                    pool.submit(
-                        _fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index, cache, verify
-                    )
-                )
             pos += chunk.raw_len
+            key = manifest.packs[chunk.pack]
+            path = None
+            if verify == "once" and (mapped is not None or (chunk.codec == "raw" and cache is None)):
+                if key not in paths:
+                    local = storage.local_path(key)
+                    paths[key] = None if local is None else str(local)
+                    before[key] = None if local is None else file_ids([str(local)])
+                path = paths[key]
+                if TRUSTED.trusted(_token(manifest, [chunk]), before[key]):
+                    trusted.setdefault(key, []).append((rec.name, chunk.hash, dest))
+                    if mapped is None:  # read it, unhashed: checked after the load as the mapped ones are
+                        _later(
+                            inline,
+                            futures,
+                            pool,
+                            chunk,
+                            partial(_read_raw, storage, cid, key, rec.name, chunk, dest),
+                        )
+                    continue
+            if mapped is None:
+                job = partial(
+                    _fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index, cache, verify
+                )
+                _later(inline, futures, pool, chunk, job)
+                continue
+            if verify == "never":
+                continue
+            futures.append(
+                pool.submit(
+                    _verify_chunk, key, cid, rec.name, chunk, dest, verify, path, before.get(key),
+                    _token(manifest, [chunk]),
+                )
+            )  # fmt: skip
+    for run in inline:
+        run()
     for f in futures:
         f.result()
+    for key, chunks in trusted.items():
+        path = paths[key]
+        if path is None or file_ids([path]) != before[key]:
+            for name, h, dest in chunks:  # the file changed during the load: trust nothing of it
+                actual = digest(dest)
+                if actual != h:
+                    raise CorruptObject(key, expected=h, actual=actual, checkpoint=cid, tensor=name)
     return out
 
 
