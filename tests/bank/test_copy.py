@@ -337,3 +337,24 @@ def test_a_checkpoint_deleted_there_and_copied_again_stays(tmp_path: Path) -> No
         loads(dst, {ids[0]: states[ids[0]]})
         dst.repair_index()
         assert ids[0] in {c.id for c in dst.log()}
+
+
+def test_a_destination_gc_during_a_copy_frees_nothing_the_copy_writes(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "src") as src:
+        ids, states = build(src, steps=3)
+        wb.open(tmp_path / "dst").close()
+        collector = wb.open(tmp_path / "dst", create=False)
+        ran: list[str] = []
+
+        def on_op(n: int, name: str, key: str) -> None:
+            if name == "write" and key.startswith("manifests/"):
+                ran.append(key)
+                collector.gc(grace=0)  # right before each commit point: the packs are written, not named yet
+
+        dst = wb.Bank(FaultStorage(LocalStorage(tmp_path / "dst"), on_op=on_op), workers=2)
+        report = src.copy_to(dst)
+        assert report.copied == tuple(ids) and len(ran) == len(ids)
+        collector.gc(grace=0)
+        with wb.open(tmp_path / "dst", create=False) as fresh:
+            loads(fresh, states)
+            assert fresh.verify().problems == ()
