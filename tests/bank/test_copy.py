@@ -358,3 +358,12 @@ def test_a_destination_gc_during_a_copy_frees_nothing_the_copy_writes(tmp_path: 
         with wb.open(tmp_path / "dst", create=False) as fresh:
             loads(fresh, states)
             assert fresh.verify().problems == ()
+
+
+def test_move_tags_over_a_tag_that_names_a_checkpoint_deleted_there(tmp_path: Path) -> None:
+    with wb.open(tmp_path / "train") as train, wb.open(tmp_path / "serve") as serve:
+        ids, _ = build(train, steps=2)
+        gone = serve.save(state(8), run="serving", step=0, tags=["prod"]).id
+        serve.delete(gone, force=True)  # the tag still names it
+        report = train.copy_to(serve, ids[-1], move_tags=True)
+        assert "prod" in report.tags and serve.resolve("prod") == ids[-1]

@@ -45,7 +45,7 @@ import pytest
 import torch
 
 import weightbank as wb
-from weightbank.bank import leases, releases
+from weightbank.bank import leases, maintenance, releases
 from weightbank.bank.layout import (
     PACKS,
     RELEASED,
@@ -1230,6 +1230,29 @@ def test_a_repack_killed_after_putting_a_deleted_manifest_back_does_not_bring_it
         assert fresh.verify().problems == ()
         for cid in hd.slim[1:]:
             assert_same_state(fresh.load(cid), hd.states[cid])
+
+
+def test_an_undone_delete_waits_for_writers_and_then_protects_what_its_head_named(tmp_path: Path) -> None:
+    hd = build_half_dead(tmp_path / "bank", pairs=2)
+    victim = hd.slim[0]
+    deleter = wb.open(hd.path, create=False)
+    storage = _DeleteThenKill(
+        LocalStorage(hd.path), manifest_key(victim), lambda: deleter.delete(victim, force=True)
+    )
+    with pytest.raises(_Killed):
+        wb.Bank(storage).repack()
+    with wb.open(hd.path, create=False) as fresh:
+        head = fresh.checkpoint(victim).manifest
+        leases.acquire(fresh.storage, "a" * 28)  # a writer at work (a copy back could be one)
+        assert maintenance.finish_undone_deletes(fresh.storage) == []
+        assert fresh.storage.exists(manifest_key(victim)), "left alone while a lease is live"
+        leases.release(fresh.storage, "a" * 28)
+        before = time.time()
+        assert maintenance.finish_undone_deletes(fresh.storage) == [victim]
+        (entry,) = [e for e in maintenance.read_trash(fresh.storage) if e.cid == victim]
+        assert entry.deleted_at is not None and entry.deleted_at >= before, "protects from now on"
+        assert set(head.packs) <= set(entry.also) | set(entry.manifest.packs)  # type: ignore[union-attr]
+        assert maintenance.finish_undone_deletes(fresh.storage) == []
 
 
 def test_delete_with_a_stale_cached_manifest_keeps_what_a_save_in_flight_reuses(tmp_path: Path) -> None:

@@ -127,11 +127,14 @@ class Copying:
                     if expect is not None and not move_tags:
                         left.append(t.name)
                         continue
+                    why = f"copied from {src.url}"
                     try:
-                        target.tag(t.name, t.target, why=f"copied from {src.url}", expect=expect)
+                        target.tag(t.name, t.target, why=why, expect=expect)
                     except ConcurrentUpdate:
                         left.append(t.name)  # moved there meanwhile: that move stands
                         continue
+                    except CheckpointNotFound:
+                        target.tag(t.name, t.target, why=why)  # it names a checkpoint deleted there
                     moved.append(t.name)
             return CopyReport(
                 tuple(copied),

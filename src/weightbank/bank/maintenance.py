@@ -224,7 +224,8 @@ def finish_undone_deletes(storage: Storage) -> list[str]:
         >>> finish_undone_deletes(bank.storage)
         []
     """
-    out = []
+    out: list[str] = []
+    candidates = []
     for info in storage.list(TRASH):
         try:
             entry, body = _read_entry(storage, info.key, info.mtime)
@@ -232,22 +233,32 @@ def finish_undone_deletes(storage: Storage) -> list[str]:
             continue
         if body is None or entry.manifest is None or entry.deleted_at is None or body.get("readded"):
             continue
-        key = manifest_key(entry.cid)
-        if not storage.exists(key):
-            continue
+        if storage.exists(manifest_key(entry.cid)):
+            candidates.append(info)
+    # A copy back in flight holds a lease: with any writer at work, wait for a quiet moment.
+    now_t = time.time()
+    if not candidates or any(
+        not lease.stale(now_t, leases.DEFAULT_TTL) for lease in leases.all_leases(storage)
+    ):
+        return out
+    for info in candidates:
         try:
-            data = storage.read(key)
-            if not is_compact(data):
+            entry, _ = _read_entry(storage, info.key, info.mtime)
+            if not is_compact(storage.read(manifest_key(entry.cid))):
                 continue  # a repack rewrites format-3 heads only: this one was written again on purpose
             _, now = read_compact(storage, entry.cid)
+            entry, body = _read_entry(storage, info.key, info.mtime)  # again: a copy may have marked it
         except (MissingObject, CorruptObject, UnsupportedFormat):
             continue  # gone meanwhile, or damaged (verify names it)
+        if body is None or entry.manifest is None or entry.deleted_at is None or body.get("readded"):
+            continue
         extra = set(now.packs) | set(now.segments)
-        extra -= set(entry.manifest.packs) | set(entry.manifest.segments) | set(entry.also)
-        if extra:
-            body["also"] = sorted(set(entry.also) | extra)
-            storage.write(info.key, seal(body))
-        storage.delete(key)
+        body["also"] = sorted(set(entry.also) | extra)
+        storage.write(info.key, seal(body))  # its head's data stays protected, before the manifest goes
+        storage.delete(manifest_key(entry.cid))
+        # Visible until now: a save may have found chunks through it, so the entry protects from now on.
+        body["deleted_at"] = time.time()
+        storage.write(info.key, seal(body))
         out.append(entry.cid)
     return out
 

@@ -93,11 +93,13 @@ def _destination_chain(
     could close a cycle) and at anything longer than a chain may be.
     """
     out = [(loc[1].hash, loc)]
+    seen = {loc[1].hash}
     cur = loc[1]
     while cur.codec == DELTA:
         base = cur.args.base if cur.args is not None else None
-        if base is None or len(out) > MAX_CHAIN:
-            return None
+        if base is None or base in seen or len(out) > MAX_CHAIN:
+            return None  # a revisit: the destination's answers changed under us (a repack there)
+        seen.add(base)
         if base in coded:
             return None if base in from_source else out
         nxt = known.get(base)
@@ -163,6 +165,8 @@ def copy_checkpoint(
                 if loc is None or _depth(loc[1]) > _depth(rec)
                 else _destination_chain(loc, known, coded, from_source)
             )
+            if chain is not None and len(chain) - 1 > _depth(rec):
+                chain = None  # walked deeper than it says (links from several manifests)
             if chain is not None:
                 for h, link in chain:
                     coded.setdefault(h, link)
@@ -201,7 +205,6 @@ def copy_checkpoint(
             written, reused, new_chunks, reused_chunks, len(writer.done), time.perf_counter() - t0
         )
         part = SavePart(save_id, m.chunk_size, tuple(writer.done), (), (), stats=stats)
-        attempted = True
 
         def not_committed() -> None:
             nonlocal attempted
@@ -214,6 +217,7 @@ def copy_checkpoint(
                     dst.delete(key)
             return None
         merged = Merged(cid, new, b"", draft)
+        attempted = True
         _, _, stats = publish(dst, catalog, [part], merged, lease_held=True, not_committed=not_committed)
         return dataclasses.replace(stats, seconds=time.perf_counter() - t0)
     except BaseException:

@@ -15,8 +15,11 @@ through a remote bank's disk cache, the cache entry is the file.
 
 What ``"once"`` does not see: a bit flipped on the disk under the file
 system (the page cache then holds it unchanged, or the file system's own
-checksums catch it), and a tensor mapped from a pack that is written in
-place after the load (packs are written once; only damage changes one).
+checksums catch it), a tensor mapped from a pack that is written in place
+after the load (packs are written once; only damage changes one), and
+changes on file systems whose ctime does not move with every write (vfat,
+some FUSE and SMB mounts, NFS with attribute caching): use ``"always"``
+there.
 ``"never"`` hashes nothing: for benchmarks and trusted read-only replicas,
 never for banks others write to.
 
