@@ -355,6 +355,9 @@ def synth_bank(n: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         "synth_index_s": index_s,
         "saves_per_s": 0.0,
         "next_step": int(bank_step(latest[RUN], path)) + 1,
+        # The newest checkpoints are copies of the base's newest content: "the run's next state"
+        # is the one after that content (the step it is saved at is next_step).
+        "state_step": int(base.get("state_step", base["next_step"])),
         "latest": latest,
         "prod_history": history,
         "commit": args.commit,
@@ -437,6 +440,7 @@ def op_spec(op: str, url: str, built: dict[str, Any], **extra: Any) -> dict[str,
         "url": url,
         "run": RUN,
         "step": built["next_step"],
+        "state_step": built.get("state_step", built["next_step"]),
         "parent": built["latest"][RUN],
         **extra,
     }
@@ -870,6 +874,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--seaweed", action="store_true", help="also count requests on SeaweedFS (sizes ≤ 1,000)")
     p.add_argument("--no-repack", action="store_true", help="skip the repack section")
+    p.add_argument(
+        "--calls",
+        default=None,
+        help="measure only these calls, comma-separated (of: " + ", ".join(op for op, _ in OPS) + ")",
+    )
     p.add_argument("--label", default=None, help="record in RESULTS.md as a subsection with this title")
     p.add_argument(
         "--note", default=None, help="a paragraph recorded with the results (how the code was set up)"
@@ -891,7 +900,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
+    global OPS
     args = parse_args(argv)
+    if args.calls:
+        wanted = {c.strip() for c in args.calls.split(",") if c.strip()}
+        unknown = wanted - {op for op, _ in OPS}
+        if unknown:
+            raise SystemExit(f"unknown call(s): {', '.join(sorted(unknown))}")
+        OPS = tuple((op, title) for op, title in OPS if op in wanted)
     started, load_before = time.time(), os.getloadavg()
     print(
         f"weightbank {wb.__version__} from {code_source()} (commit {args.commit[:12]}), bank layout {args.layout}"

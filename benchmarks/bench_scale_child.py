@@ -287,7 +287,7 @@ def run_op(op: str, url: str, options: dict[str, Any] | None, args: dict[str, An
     if wire is not None and wire.ok:
         out["open_http_requests"] = wire.requests
     ids = _manifest_ids(bank) if op == "delete1pct" else []
-    state = state_at(args["run"], args["step"]) if op == "save" else {}
+    state = state_at(args["run"], args.get("state_step", args["step"])) if op == "save" else {}
     if op.startswith("cli-"):
         import weightbank.cli.main  # noqa: F401 - the CLI's imports (typer, rich) are not the call
     if counting is not None:

@@ -335,8 +335,8 @@ def write_part(
         dtypes = [dtype_name(leaf.tensor.dtype, leaf.name) for leaf in leaves]
 
         def base_for(i: int, j: int, raw_len: int) -> Base | None:
-            if parent_m is None:
-                return None
+            if parent_m is None or raw_len < planner.MIN_CODED:
+                return None  # no parent, or a chunk stored raw whatever its base (no read for nothing)
             leaf = leaves[i]
             rec = parent_m.chunk(leaf, dtypes[i], tensor_nbytes(leaf.tensor), j)
             if rec is None or rec.raw_len != raw_len or rec.gen + 1 >= options.keyframe_every:
