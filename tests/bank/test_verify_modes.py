@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 import weightbank as wb
 from weightbank.bank import reader, trust
+from weightbank.format.hashing import digest as real_digest
 from weightbank.serving import ModelCache
 
 from ..conftest import seeded
@@ -41,10 +43,9 @@ def _fresh_trust(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def hashes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every chunk hash the load path computes, in order."""
     seen: list[str] = []
-    real = reader.digest
 
-    def counting(data: object) -> str:
-        out = real(data)  # type: ignore[arg-type]
+    def counting(data: bytes | bytearray | memoryview) -> str:
+        out = real_digest(data)
         seen.append(out)
         return out
 
@@ -114,9 +115,10 @@ def test_once_never_returns_bytes_flipped_after_the_first_read(local_bank: wb.Ba
     release(local_bank.load(cid, verify="once"), local_bank.load(cid, verify="once"))
     (pack,) = packs(local_bank)
     flip(pack, 40)
-    for mode in ("once", "always"):
+    modes: tuple[trust.Verify, ...] = ("once", "always")
+    for mode in modes:
         with pytest.raises(wb.CorruptObject):
-            local_bank.load(cid, verify=mode)  # type: ignore[arg-type]
+            local_bank.load(cid, verify=mode)
 
 
 def test_never_hashes_nothing_and_returns_what_storage_holds(local_bank: wb.Bank, hashes: list[str]) -> None:
@@ -170,9 +172,10 @@ def test_bad_modes_are_refused(local_bank: wb.Bank, tmp_path: Path) -> None:
     cid = local_bank.save({"w": torch.ones(3)}).id
     with pytest.raises(wb.InvalidArgument, match="verify"):
         wb.open(tmp_path / "other", verify="sometimes")  # type: ignore[arg-type]
-    for bad in ("Once", "", 1):
+    bads: tuple[Any, ...] = ("Once", "", 1)
+    for bad in bads:
         with pytest.raises(wb.InvalidArgument, match="verify"):
-            local_bank.load(cid, verify=bad)  # type: ignore[arg-type]
+            local_bank.load(cid, verify=bad)
     with pytest.raises(wb.InvalidArgument):
         local_bank.load_tensors(cid, ["w"], verify="no")  # type: ignore[arg-type]
     with pytest.raises(wb.InvalidArgument):
@@ -228,7 +231,7 @@ def test_always_and_once_never_return_damaged_bytes(
     codec: str,
     when: str,
     where: float,
-    mode: str,
+    mode: trust.Verify,
 ) -> None:
     trust.TRUSTED.forget()
     root = tmp_path_factory.mktemp("flips")
@@ -243,10 +246,10 @@ def test_always_and_once_never_return_damaged_bytes(
     size = pack.stat().st_size
     if when == "after":
         settle(root)
-        release(bank.load(cid, verify=mode), bank.load(cid, verify=mode))  # type: ignore[arg-type]
+        release(bank.load(cid, verify=mode), bank.load(cid, verify=mode))
     flip(pack, int(where * (size - 1)))
     try:
-        out = bank.load(cid, verify=mode)["t"]  # type: ignore[arg-type]
+        out = bank.load(cid, verify=mode)["t"]
     except wb.CorruptObject:
         return
     finally:
@@ -267,7 +270,7 @@ def test_once_hashes_what_it_trusted_when_a_file_changes_during_the_load(
     flipped: list[bool] = []
 
     def trusted_then_flip(token: object, evidence: trust.Evidence | None) -> bool:
-        out = real(token, evidence)  # type: ignore[arg-type]
+        out = real(token, evidence)
         if out and not flipped:
             flipped.append(True)
             flip(pack, 100)  # inside "w", after its file was looked at and its chunk trusted

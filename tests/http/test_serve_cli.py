@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -126,10 +127,9 @@ def test_verify_mode_reaches_the_bank(
 
     monkeypatch.setattr(serve_mod, "run_server", fake_run)
     opened: list[str] = []
-    real_open = serve_mod.open_bank
 
-    def spy(path: str, **kw: object) -> wb.Bank:
-        bank = real_open(path, **kw)  # type: ignore[arg-type]
+    def spy(path: str, **kw: Any) -> wb.Bank:
+        bank = wb.open(path, **kw)
         opened.append(bank.read_verify)
         return bank
 
