@@ -124,71 +124,40 @@ def bench(dtype: torch.dtype, data: list[np.ndarray], repeats: int) -> list[tupl
     outs = [np.empty_like(c) for c in data]
     zc, zd = zstandard.ZstdCompressor(level=1), zstandard.ZstdDecompressor()
 
-    def gbps(seconds: float) -> float:
-        return total / seconds / 1e9
+    def row(what: str, fn: Callable[[], Any], note: str = "") -> None:
+        """Time ``fn`` (a pass over every chunk) and add its throughput."""
+        rows.append((name, what, total / timeit(fn, repeats) / 1e9, note))
 
-    rows.append(
-        (
-            name,
-            "memcpy",
-            gbps(timeit(lambda: [np.copyto(o, c) for o, c in zip(outs, data, strict=True)], repeats)),
-            "",
-        )
-    )
+    def ratio(stored: int) -> str:
+        return f"ratio {total / stored:.3f}"
+
+    def same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+        return all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+    row("memcpy", lambda: [np.copyto(o, c) for o, c in zip(outs, data, strict=True)])
     frames = [zc.compress(c) for c in data]
-    rows.append((name, "zstd-1 compress (raw bytes)", gbps(timeit(lambda: [zc.compress(c) for c in data], repeats)),
-                 f"ratio {total / sum(map(len, frames)):.3f}"))  # fmt: skip
-    rows.append(
-        (
-            name,
-            "zstd-1 decompress (raw bytes)",
-            gbps(timeit(lambda: [zd.decompress(f) for f in frames], repeats)),
-            "",
-        )
-    )
+    row("zstd-1 compress (raw bytes)", lambda: [zc.compress(c) for c in data], ratio(sum(map(len, frames))))
+    row("zstd-1 decompress (raw bytes)", lambda: [zd.decompress(f) for f in frames])
     planes = [split(c, lay) for c in data]
-    rows.append((name, "numpy split", gbps(timeit(lambda: [split(c, lay) for c in data], repeats)), ""))
-    rows.append(
-        (
-            name,
-            "numpy merge",
-            gbps(timeit(lambda: [merge(p, lay, o) for p, o in zip(planes, outs, strict=True)], repeats)),
-            "",
-        )
-    )
-    assert all(np.array_equal(o, c) for o, c in zip(outs, data, strict=True))
+    row("numpy split", lambda: [split(c, lay) for c in data])
+    row("numpy merge", lambda: [merge(p, lay, o) for p, o in zip(planes, outs, strict=True)])
+    assert same(outs, data)
     kernels = numba_kernels()
     if kernels is None:
         rows.append((name, "numba", float("nan"), "not installed"))
     else:
         nsplit, nmerge = kernels
-        nsplit(data[0], isz)  # compile
-        got = [nsplit(c, isz) for c in data]
-        assert all(np.array_equal(g, p) for g, p in zip(got, planes, strict=True)), (
-            "numba split differs from numpy's"
-        )
-        nmerge(got[0], isz, outs[0])
-        rows.append(
-            (
-                name,
-                "numba split (fused, nogil)",
-                gbps(timeit(lambda: [nsplit(c, isz) for c in data], repeats)),
-                "",
-            )
-        )
-        rows.append(
-            (
-                name,
-                "numba merge (fused, nogil)",
-                gbps(timeit(lambda: [nmerge(p, isz, o) for p, o in zip(got, outs, strict=True)], repeats)),
-                "",
-            )
-        )
-        assert all(np.array_equal(o, c) for o, c in zip(outs, data, strict=True))
-    pz = [[zc.compress(p) for p in pl] for pl in planes]
-    ours = sum(len(f) for fs in pz for f in fs)
-    rows.append((name, "planes + zstd-1 per plane (encode)", gbps(timeit(lambda: [[zc.compress(p) for p in split(c, lay)] for c in data], repeats)),
-                 f"ratio {total / ours:.3f}"))  # fmt: skip
+        got = [nsplit(c, isz) for c in data]  # the first call compiles
+        assert same(got, planes), "numba split differs from numpy's"
+        row("numba split (fused, nogil)", lambda: [nsplit(c, isz) for c in data])
+        row("numba merge (fused, nogil)", lambda: [nmerge(p, isz, o) for p, o in zip(got, outs, strict=True)])
+        assert same(outs, data)
+    ours = sum(len(zc.compress(p)) for pl in planes for p in pl)
+    row(
+        "planes + zstd-1 per plane (encode)",
+        lambda: [[zc.compress(p) for p in split(c, lay)] for c in data],
+        ratio(ours),
+    )
     if importlib.util.find_spec("blosc2") is None:
         rows.append((name, "blosc2", float("nan"), "not installed"))
     else:
@@ -202,11 +171,12 @@ def bench(dtype: torch.dtype, data: list[np.ndarray], repeats: int) -> list[tupl
             "nthreads": 1,
         }
         comp = [blosc2.compress2(c, **params) for c in data]
-        rows.append((name, "blosc2 shuffle + zstd-1 (encode)", gbps(timeit(lambda: [blosc2.compress2(c, **params) for c in data], repeats)),
-                     f"ratio {total / sum(map(len, comp)):.3f}"))  # fmt: skip
-        rows.append(
-            (name, "blosc2 decode", gbps(timeit(lambda: [blosc2.decompress2(b) for b in comp], repeats)), "")
+        row(
+            "blosc2 shuffle + zstd-1 (encode)",
+            lambda: [blosc2.compress2(c, **params) for c in data],
+            ratio(sum(map(len, comp))),
         )
+        row("blosc2 decode", lambda: [blosc2.decompress2(b) for b in comp])
         assert all(bytes(blosc2.decompress2(b)) == c.tobytes() for b, c in zip(comp, data, strict=True))
     return rows
 

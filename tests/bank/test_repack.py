@@ -1201,10 +1201,9 @@ class _DeleteThenKill(FaultStorage):
         super().write(key, data)
 
 
-@pytest.mark.parametrize("then", ["gc", "repair-index", "repack"])
-def test_a_repack_killed_after_putting_a_deleted_manifest_back_does_not_bring_it_back(
-    tmp_path: Path, then: str
-) -> None:
+def _undone_delete(tmp_path: Path) -> tuple[HalfDead, str]:
+    """A bank where a repack was killed right after rewriting the head of a checkpoint whose
+    delete finished meanwhile (the manifest is back); that checkpoint's id."""
     hd = build_half_dead(tmp_path / "bank", pairs=2)
     victim = hd.slim[0]
     deleter = wb.open(hd.path, create=False)
@@ -1213,6 +1212,14 @@ def test_a_repack_killed_after_putting_a_deleted_manifest_back_does_not_bring_it
     )
     with pytest.raises(_Killed):
         wb.Bank(storage).repack()
+    return hd, victim
+
+
+@pytest.mark.parametrize("then", ["gc", "repair-index", "repack"])
+def test_a_repack_killed_after_putting_a_deleted_manifest_back_does_not_bring_it_back(
+    tmp_path: Path, then: str
+) -> None:
+    hd, victim = _undone_delete(tmp_path)
     assert (hd.path / manifest_key(victim)).exists(), "the state a kill at that point leaves"
     with wb.open(hd.path, create=False) as fresh:
         if then == "gc":
@@ -1233,14 +1240,7 @@ def test_a_repack_killed_after_putting_a_deleted_manifest_back_does_not_bring_it
 
 
 def test_an_undone_delete_waits_for_writers_and_then_protects_what_its_head_named(tmp_path: Path) -> None:
-    hd = build_half_dead(tmp_path / "bank", pairs=2)
-    victim = hd.slim[0]
-    deleter = wb.open(hd.path, create=False)
-    storage = _DeleteThenKill(
-        LocalStorage(hd.path), manifest_key(victim), lambda: deleter.delete(victim, force=True)
-    )
-    with pytest.raises(_Killed):
-        wb.Bank(storage).repack()
+    hd, victim = _undone_delete(tmp_path)
     with wb.open(hd.path, create=False) as fresh:
         head = fresh.checkpoint(victim).manifest
         leases.acquire(fresh.storage, "a" * 28)  # a writer at work (a copy back could be one)

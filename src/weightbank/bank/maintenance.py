@@ -224,23 +224,48 @@ def finish_undone_deletes(storage: Storage) -> list[str]:
         >>> finish_undone_deletes(bank.storage)
         []
     """
-    out: list[str] = []
-    candidates = []
+
+    def undone(entry: TrashEntry, body: dict[str, Any] | None) -> bool:
+        return (
+            body is not None
+            and entry.manifest is not None
+            and entry.deleted_at is not None
+            and not body.get("readded")
+        )
+
+    candidates: list[tuple[str, float, str]] = []  # (entry key, mtime, checkpoint id)
     for info in storage.list(TRASH):
         try:
             entry, body = _read_entry(storage, info.key, info.mtime)
         except MissingObject:
             continue
-        if body is None or entry.manifest is None or entry.deleted_at is None or body.get("readded"):
-            continue
-        if storage.exists(manifest_key(entry.cid)):
-            candidates.append(info)
+        if undone(entry, body) and storage.exists(manifest_key(entry.cid)):
+            candidates.append((info.key, info.mtime, entry.cid))
     # A copy back in flight holds a lease: with any writer at work, wait for a quiet moment.
     now_t = time.time()
     if not candidates or any(
         not lease.stale(now_t, leases.DEFAULT_TTL) for lease in leases.all_leases(storage)
     ):
-        return out
+        return []
+    out: list[str] = []
+    for key, mtime, cid in candidates:
+        try:
+            if not is_compact(storage.read(manifest_key(cid))):
+                continue  # a repack rewrites format-3 heads only: this one was written again on purpose
+            _, now = read_compact(storage, cid)
+            entry, body = _read_entry(storage, key, mtime)  # again: a copy may have marked it meanwhile
+        except (MissingObject, CorruptObject, UnsupportedFormat):
+            continue  # gone meanwhile, or damaged (verify names it)
+        if body is None or not undone(entry, body):
+            continue
+        body["also"] = sorted(set(entry.also) | set(now.packs) | set(now.segments))
+        storage.write(key, seal(body))  # its head's data stays protected, before the manifest goes
+        storage.delete(manifest_key(cid))
+        # Visible until now: a save may have found chunks through it, so the entry protects from now on.
+        body["deleted_at"] = time.time()
+        storage.write(key, seal(body))
+        out.append(cid)
+    return out
     for info in candidates:
         try:
             entry, _ = _read_entry(storage, info.key, info.mtime)

@@ -66,6 +66,9 @@ __all__ = ["allocate", "check_device", "check_fits", "physical_memory", "prefetc
 _SCRATCH_GROUP = 256 << 20
 #: Tensors at least this big are mapped from local packs instead of copied.
 _MMAP_MIN = 64 << 10
+#: Chunks smaller than this are read on the calling thread (after the big ones are handed out):
+#: a worker hand-off costs about what reading such a chunk from the page cache does.
+_INLINE_MAX = 256 << 10
 
 
 def check_device(device: str | torch.device | None) -> torch.device:
@@ -390,11 +393,6 @@ def _read_raw(storage: Storage, cid: str, key: str, name: str, rec: ChunkRecord,
         )
 
 
-#: Chunks smaller than this are read on the calling thread (after the big ones are handed out):
-#: a worker hand-off costs about what reading such a chunk from the page cache does.
-_INLINE_MAX = 256 << 10
-
-
 def _load_fresh(
     storage: Storage,
     cid: str,
@@ -410,8 +408,9 @@ def _load_fresh(
     futures: list[Future[None]] = []
     inline: list[Callable[[], None]] = []
     index = records_by_hash(manifest)
-    # verify="once", mapped tensors: each pack file's identity is looked at once before and once
-    # after the whole load; chunks trusted under the first look are hashed after all if the two differ.
+    # verify="once", chunks read straight from a local pack (mapped, or raw): each pack file's
+    # identity is looked at once before and once after the whole load; chunks trusted under the
+    # first look are hashed after all if the two differ.
     paths: dict[str, str | None] = {}
     before: dict[str, Evidence | None] = {}
     trusted: dict[str, list[tuple[str, str, memoryview]]] = {}
@@ -431,13 +430,14 @@ def _load_fresh(
             pos += chunk.raw_len
             key = manifest.packs[chunk.pack]
             path = None
+            token = _token(manifest, [chunk]) if verify == "once" else ()
             if verify == "once" and (mapped is not None or (chunk.codec == "raw" and cache is None)):
                 if key not in paths:
                     local = storage.local_path(key)
                     paths[key] = None if local is None else str(local)
                     before[key] = None if local is None else file_ids([str(local)])
                 path = paths[key]
-                if TRUSTED.trusted(_token(manifest, [chunk]), before[key]):
+                if TRUSTED.trusted(token, before[key]):
                     trusted.setdefault(key, []).append((rec.name, chunk.hash, dest))
                     if mapped is None:  # read it, unhashed: checked after the load as the mapped ones are
                         _later(
@@ -458,8 +458,7 @@ def _load_fresh(
                 continue
             futures.append(
                 pool.submit(
-                    _verify_chunk, key, cid, rec.name, chunk, dest, verify, path, before.get(key),
-                    _token(manifest, [chunk]),
+                    _verify_chunk, key, cid, rec.name, chunk, dest, verify, path, before.get(key), token,
                 )
             )  # fmt: skip
     for run in inline:

@@ -149,6 +149,12 @@ def copy_checkpoint(
     leases.acquire(dst, save_id)
     writer = PackWriter(dst, save_id)
     attempted = False  # once a manifest write was attempted, its packs stay (see parts.publish)
+
+    def drop_packs() -> None:
+        for key in writer.done:
+            with contextlib.suppress(Exception):
+                dst.delete(key)
+
     try:
         catalog.refresh()  # after the lease: gc keeps what we find from here on
         known = catalog.chunk_finder()
@@ -159,15 +165,10 @@ def copy_checkpoint(
             if rec.hash in coded:
                 continue
             loc = known.get(rec.hash)
-            # a delta's base can be any coding of the same bytes; a reused chain is no deeper than ours
-            chain = (
-                None
-                if loc is None or _depth(loc[1]) > _depth(rec)
-                else _destination_chain(loc, known, coded, from_source)
-            )
-            if chain is not None and len(chain) - 1 > _depth(rec):
-                chain = None  # walked deeper than it says (links from several manifests)
-            if chain is not None:
+            # A delta's base can be any coding of the same bytes; a reused chain is no deeper than
+            # ours, as it says and as walked (its links may come from several manifests).
+            chain = None if loc is None else _destination_chain(loc, known, coded, from_source)
+            if chain is not None and max(_depth(chain[0][1][1]), len(chain) - 1) <= _depth(rec):
                 for h, link in chain:
                     coded.setdefault(h, link)
                 reused += rec.raw_len
@@ -212,9 +213,7 @@ def copy_checkpoint(
 
         maintenance.mark_readded(dst, cid)  # deleted there before: the entry must not undo this copy
         if dst.exists(manifest_key(cid)):  # a concurrent copy committed it: leave its head alone
-            for key in writer.done:
-                with contextlib.suppress(Exception):
-                    dst.delete(key)
+            drop_packs()
             return None
         merged = Merged(cid, new, b"", draft)
         attempted = True
@@ -223,9 +222,7 @@ def copy_checkpoint(
     except BaseException:
         writer.abort()
         if not attempted:
-            for key in writer.done:
-                with contextlib.suppress(Exception):
-                    dst.delete(key)
+            drop_packs()
         raise
     finally:
         with contextlib.suppress(Exception):
