@@ -12,7 +12,7 @@ DEMO_BANK ?= demo-bank
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml constraints.txt src/weightbank/_version.py | $(PY)
+$(STAMP): pyproject.toml setup.py constraints.txt src/weightbank/_version.py src/weightbank/format/_cplanes.c | $(PY)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints.txt -e ".[test,bench]"

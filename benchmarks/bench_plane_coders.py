@@ -5,8 +5,10 @@ chunks, nothing written). This is the measurement issue #13 asks for before choo
 each candidate that is installed is timed on the same chunks, one thread (per-core throughput),
 median of interleaved repeats, next to ``memcpy`` (``np.copyto``) and zstd level 1 on the raw bytes:
 
-* ``numpy`` — weightbank's current :func:`weightbank.format.planes.split` / ``merge`` (whole-word
-  shifts and casts, several passes over the chunk);
+* ``weightbank (compiled C)`` — :func:`weightbank.format.planes.split` / ``merge`` as shipped:
+  one pass per chunk in ``_cplanes.c``, outside the GIL;
+* ``numpy`` — the same functions' numpy fallback (whole-word shifts and casts, several passes
+  over the chunk), what weightbank used before and uses where the C module is not built;
 * ``numba`` — one fused pass per chunk (rotate + byte scatter, and its inverse), compiled with
   ``nogil=True`` so threads run it on every core (``pip install numba``);
 * ``blosc2`` — its byte ``SHUFFLE`` filter (the same planes without our sign-bit rotation) with
@@ -37,6 +39,7 @@ from safetensors.torch import load_file
 
 from bench_codecs import median, minilm_dir  # sibling modules of this script
 from bench_common import print_outcome, write_section
+from weightbank.format import planes as planes_mod
 from weightbank.format.planes import layout_for, merge, split
 
 HERE = Path(__file__).resolve().parent
@@ -94,8 +97,8 @@ def numba_kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
             x = np.uint16(np.uint16(planes[0, i]) | (np.uint16(planes[1, i]) << np.uint16(8)))
             w[i] = np.uint16((x >> np.uint16(1)) | (x << np.uint16(15)))
 
-    def do_split(raw: np.ndarray, isz: int) -> np.ndarray:
-        out = np.empty((isz, raw.size // isz), dtype=np.uint8)
+    def do_split(raw: np.ndarray, isz: int, out: np.ndarray | None = None) -> np.ndarray:
+        out = np.empty((isz, raw.size // isz), dtype=np.uint8) if out is None else out
         (split32 if isz == 4 else split16)(raw.view(np.uint32 if isz == 4 else np.uint16), out)
         return out
 
@@ -139,9 +142,29 @@ def bench(dtype: torch.dtype, data: list[np.ndarray], repeats: int) -> list[tupl
     row("zstd-1 compress (raw bytes)", lambda: [zc.compress(c) for c in data], ratio(sum(map(len, frames))))
     row("zstd-1 decompress (raw bytes)", lambda: [zd.decompress(f) for f in frames])
     planes = [split(c, lay) for c in data]
-    row("numpy split", lambda: [split(c, lay) for c in data])
-    row("numpy merge", lambda: [merge(p, lay, o) for p, o in zip(planes, outs, strict=True)])
-    assert same(outs, data)
+    into = [np.empty_like(p) for p in planes]  # split into reused buffers: the kernel, not page faults
+    compiled = planes_mod.COMPILED
+    planes_mod.COMPILED = False
+    try:
+        assert same([split(c, lay) for c in data], planes), "numpy split differs from the compiled one"
+        row("numpy split", lambda: [split(c, lay, o) for c, o in zip(data, into, strict=True)])
+        row("numpy merge", lambda: [merge(p, lay, o) for p, o in zip(planes, outs, strict=True)])
+        assert same(outs, data)
+    finally:
+        planes_mod.COMPILED = compiled
+    if compiled:
+        row(
+            "weightbank split (compiled C)",
+            lambda: [split(c, lay, o) for c, o in zip(data, into, strict=True)],
+        )
+        row("weightbank split (compiled C), fresh output", lambda: [split(c, lay) for c in data])
+        row(
+            "weightbank merge (compiled C)",
+            lambda: [merge(p, lay, o) for p, o in zip(planes, outs, strict=True)],
+        )
+        assert same(outs, data)
+    else:
+        rows.append((name, "weightbank compiled C", float("nan"), "not built"))
     kernels = numba_kernels()
     if kernels is None:
         rows.append((name, "numba", float("nan"), "not installed"))
@@ -149,7 +172,9 @@ def bench(dtype: torch.dtype, data: list[np.ndarray], repeats: int) -> list[tupl
         nsplit, nmerge = kernels
         got = [nsplit(c, isz) for c in data]  # the first call compiles
         assert same(got, planes), "numba split differs from numpy's"
-        row("numba split (fused, nogil)", lambda: [nsplit(c, isz) for c in data])
+        row(
+            "numba split (fused, nogil)", lambda: [nsplit(c, isz, o) for c, o in zip(data, into, strict=True)]
+        )
         row("numba merge (fused, nogil)", lambda: [nmerge(p, isz, o) for p, o in zip(got, outs, strict=True)])
         assert same(outs, data)
     ours = sum(len(zc.compress(p)) for pl in planes for p in pl)
@@ -200,10 +225,10 @@ def main(argv: list[str]) -> int:
     for dt, what, v, note in rows:
         share = v / memcpy[dt] if v == v else float("nan")
         target = ""
-        if what.endswith(("split", "merge", "(fused, nogil)")) and v == v:
+        if what.endswith(("split", "merge", "(fused, nogil)", "(compiled C)")) and v == v:
             ok = share >= TARGET
             target = f"≥ {TARGET:.0%} memcpy: " + ("PASS" if ok else "**FAIL**")
-            if not ok and what.startswith("numba"):
+            if not ok and what.startswith(("numba", "weightbank")):
                 misses.append(f"{dt} {what}: {share:.0%} of memcpy")
         lines.append(f"| {dt} | {what} | {v:.2f} | {share:.0%} | {note} | {target} |")
     text = "\n".join(lines)

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import CorruptObject
 from .codecs import get_codec
-from .planes import WordLayout, decode_planes_into, merge, read_layout, split
+from .planes import WordLayout, decode_planes_into, decode_scratch, merge, read_layout, split
 
 __all__ = ["DELTA", "chain_planes", "decode_chain", "delta_layout"]
 
@@ -53,21 +53,27 @@ def delta_layout(links: Sequence[Link]) -> WordLayout:
     return lays.pop()
 
 
-def chain_planes(links: Sequence[Link], lay: WordLayout, raw_len: int) -> np.ndarray:
-    """The planes of the chunk at the end of ``links`` (keyframe first, then delta links, oldest first)."""
+def chain_planes(
+    links: Sequence[Link], lay: WordLayout, raw_len: int, acc: np.ndarray | None = None
+) -> np.ndarray:
+    """The planes of the chunk at the end of ``links`` (keyframe first, then delta links, oldest first).
+
+    ``acc``: a ``(itemsize, words)`` uint8 array to build them in (else a fresh one).
+    """
     if not links:
         raise ValueError("a chain has at least its keyframe")
     words = raw_len // lay.itemsize
     codec, payload = links[0]
     if codec == DELTA:
         raise CorruptObject("<chunk>", detail="delta chain does not start at a keyframe")
-    if codec in ("planes", "sparse") and read_layout(payload)[0] == lay:
+    if acc is None:
         acc = np.empty((lay.itemsize, words), dtype=np.uint8)
+    if codec in ("planes", "sparse") and read_layout(payload)[0] == lay:
         decode_planes_into(payload, acc, lay, xor=False)
     else:
         scratch = bytearray(raw_len)
         get_codec(codec).decode(payload, memoryview(scratch))
-        acc = split(memoryview(scratch), lay)
+        split(memoryview(scratch), lay, acc)
     for codec, payload in links[1:]:
         if codec != DELTA:
             raise CorruptObject("<chunk>", detail=f"delta chain has a {codec!r} link above its keyframe")
@@ -84,4 +90,4 @@ def decode_chain(links: Sequence[Link], lay: WordLayout | None, out: memoryview)
     lay = lay or delta_layout(links)
     if len(out) % lay.itemsize:
         raise CorruptObject("<chunk>", detail=f"{len(out)} bytes are not whole {lay.itemsize}-byte words")
-    merge(chain_planes(links, lay, len(out)), lay, out)
+    merge(chain_planes(links, lay, len(out), decode_scratch(lay, len(out))), lay, out)

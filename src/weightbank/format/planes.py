@@ -21,8 +21,9 @@ Payload layout (little-endian)::
     itemsize × (u8 mode, 3×u8 0, u32 bytes)                        # mode 0 raw, 1 zstd
     [gap planes' bytes], then each value plane's bytes in order
 
-Everything is numpy-vectorized; zstd and numpy release the GIL, so a worker
-pool codes chunks in parallel.
+Split and merge run compiled, in one pass per chunk (``_cplanes.c``; numpy where it
+is not built); they, zstd and numpy release the GIL, so a worker pool codes
+chunks in parallel on every core.
 
 Example:
     >>> import numpy as np
@@ -36,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -49,11 +51,13 @@ from ..errors import CorruptObject
 from .frames import decompress
 
 __all__ = [
+    "COMPILED",
     "MIN_SAVING",
     "SPARSE_DENSITY",
     "WordLayout",
     "decode_planes",
     "decode_planes_into",
+    "decode_scratch",
     "encode_planes",
     "encode_xor",
     "layout_for",
@@ -154,21 +158,45 @@ def _fit(lay: WordLayout, nbytes: int) -> WordLayout:
     return lay if nbytes % lay.itemsize == 0 else WordLayout(1, False)
 
 
-# split/merge use whole-word shifts and casts rather than strided byte copies:
-# measured 2-4× faster in numpy (e.g. merge of a 4 MiB bf16 chunk 0.96 ms vs 3.7 ms).
+# The compiled coder (``_cplanes.c``) does split and merge in one pass per chunk outside the
+# GIL; the numpy versions below write the same bytes and stand in where it is not built, or
+# when WEIGHTBANK_PURE_PLANES=1 asks for them. The numpy ones use whole-word shifts and casts
+# rather than strided byte copies: measured 2-4× faster in numpy than those.
+try:
+    from . import _cplanes
+except ImportError:  # no C compiler at install time
+    _cplanes = None  # type: ignore[assignment]
+
+#: Whether byte planes are split and merged by the compiled coder (else numpy: same bytes, slower).
+COMPILED = _cplanes is not None and os.environ.get("WEIGHTBANK_PURE_PLANES", "") in ("", "0")
 
 
-def split(raw: memoryview | np.ndarray, lay: WordLayout) -> np.ndarray:
-    """The ``(itemsize, words)`` planes of ``raw`` (a fresh, writable array)."""
+def split(raw: memoryview | np.ndarray, lay: WordLayout, out: np.ndarray | None = None) -> np.ndarray:
+    """The ``(itemsize, words)`` planes of ``raw``: a fresh, writable array, or ``out`` filled.
+
+    ``out`` (a C-contiguous uint8 array of that shape) saves allocating and
+    first-touching fresh pages, which costs more than the split itself.
+    """
     a = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw.view(np.uint8)
     isz = lay.itemsize
-    if isz == 1:
-        out1: np.ndarray = a.reshape(1, -1).copy()
-        return out1
     n = a.size // isz
-    w = a.view(_WORD[isz])
-    out = np.empty((isz, n), dtype=np.uint8)
-    tmp = np.empty(n, dtype=w.dtype)
+    if out is None:
+        out = np.empty((isz, n), dtype=np.uint8)
+    elif out.shape != (isz, n) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"split: out must be a contiguous uint8 array of shape {(isz, n)}")
+    if isz == 1:
+        out[0] = a
+        return out
+    if COMPILED and a.flags.c_contiguous:
+        _cplanes.split(a, out, isz, lay.rotate)
+        return out
+    _split_numpy(a.view(_WORD[isz]), lay, out)
+    return out
+
+
+def _split_numpy(w: np.ndarray, lay: WordLayout, out: np.ndarray) -> None:
+    tmp = np.empty(w.size, dtype=w.dtype)
+    isz = lay.itemsize
     top = 8 * isz - 1
     for p in range(isz):
         if not lay.rotate:
@@ -180,7 +208,6 @@ def split(raw: memoryview | np.ndarray, lay: WordLayout) -> np.ndarray:
             np.left_shift(w, 1, out=tmp)
             tmp |= np.right_shift(w, top)
         np.copyto(out[p], tmp, casting="unsafe")  # keeps the low byte
-    return out
 
 
 def merge(planes: np.ndarray | Sequence[np.ndarray], lay: WordLayout, out: memoryview | np.ndarray) -> None:
@@ -189,6 +216,10 @@ def merge(planes: np.ndarray | Sequence[np.ndarray], lay: WordLayout, out: memor
     isz = lay.itemsize
     if isz == 1:
         o[:] = planes[0]
+        return
+    if COMPILED and o.flags.c_contiguous and o.flags.writeable:
+        rows = [np.ascontiguousarray(planes[p], dtype=np.uint8) for p in range(isz)]
+        _cplanes.merge(rows, o, lay.rotate)
         return
     w = o.view(_WORD[isz])
     np.copyto(w, planes[isz - 1])
@@ -262,6 +293,29 @@ def _encode_maybe_sparse(planes: np.ndarray, lay: WordLayout, *, retry: bool) ->
     return _encode(planes, lay, words, None, retry)
 
 
+def _reused(name: str, lay: WordLayout, nbytes: int) -> np.ndarray:
+    buf: np.ndarray | None = getattr(_local, name, None)
+    if buf is None or buf.size < nbytes:
+        buf = np.empty(nbytes, dtype=np.uint8)
+        setattr(_local, name, buf)
+    return buf[:nbytes].reshape(lay.itemsize, nbytes // lay.itemsize)
+
+
+def _scratch(lay: WordLayout, nbytes: int) -> np.ndarray:
+    """This thread's reusable plane buffer for coding a chunk (the coded payload is a copy)."""
+    return _reused("scratch", lay, nbytes)
+
+
+def decode_scratch(lay: WordLayout, nbytes: int) -> np.ndarray:
+    """This thread's reusable plane buffer for decoding a chunk; valid until its next call here.
+
+    Fresh pages cost more to fault in than splitting or merging them, so a
+    decode that merges its planes into the caller's buffer right away builds
+    them here.
+    """
+    return _reused("dscratch", lay, nbytes)
+
+
 def encode_planes(raw: memoryview, lay: WordLayout) -> bytes:
     """The plane payload of ``raw`` (sparse when mostly zero words). Always returns bytes.
 
@@ -269,14 +323,14 @@ def encode_planes(raw: memoryview, lay: WordLayout) -> bytes:
     :data:`MIN_SAVING`).
     """
     lay = _fit(lay, len(raw))
-    return _encode_maybe_sparse(split(raw, lay), lay, retry=True)
+    return _encode_maybe_sparse(split(raw, lay, _scratch(lay, len(raw))), lay, retry=True)
 
 
 def encode_xor(raw: memoryview, base: np.ndarray, lay: WordLayout) -> bytes:
     """The plane payload of ``raw`` XOR the chunk whose planes are ``base`` (same layout and size)."""
-    planes = split(raw, lay)
-    if planes.shape != base.shape:
-        raise ValueError(f"delta base has planes {base.shape}, chunk has {planes.shape}")
+    if base.shape != (lay.itemsize, len(raw) // lay.itemsize):
+        raise ValueError(f"delta base has planes {base.shape}, chunk has {len(raw)} bytes of {lay}")
+    planes = split(raw, lay, _scratch(lay, len(raw)))
     np.bitwise_xor(planes, base, out=planes)
     # Delta planes code best with the fast parameters (measured); no retry.
     return _encode_maybe_sparse(planes, lay, retry=False)
@@ -396,7 +450,8 @@ def decode_planes(payload: memoryview, out: memoryview) -> None:
         # Dense: merge straight from the payload's planes, no intermediate copy.
         merge(planes, lay, out)
         return
-    acc = np.zeros((lay.itemsize, words), dtype=np.uint8)
+    acc = decode_scratch(lay, len(out))
+    acc.fill(0)
     for row, plane in zip(acc, planes, strict=True):
         row[positions] = plane
     merge(acc, lay, out)
