@@ -31,6 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import weightbank as wb
+from weightbank.bank import recode as recode_mod
+from weightbank.bank import repack as repack_mod
 from weightbank.bank.chunks import chain_of, records_by_hash
 from weightbank.bank.layout import PACKS
 from weightbank.bank.listing import read_manifest
@@ -182,6 +184,62 @@ def test_a_keyframe_twice_is_a_no_op_the_second_time(tmp_path: Path) -> None:
         again = bank.repack(keyframe=["r@latest", ids[-1]])
         assert again.recoded == 0 and again.recode_written == 0
         assert {cid: bank.storage.read(f"manifests/{cid[:2]}/{cid}.json") for cid in ids} == heads
+    assert_loads(tmp_path / "bank", states)
+
+
+def test_a_rekey_after_each_save_codes_the_keyframe_and_one_reverse_delta_per_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turning the lineage around again one save later codes only the new keyframe and its parent:
+    older reverse deltas keep their payloads (an XOR against their base's bytes), their chains move."""
+    ids, states = build(tmp_path / "bank", steps=5)
+    coded: list[int] = []
+    real = recode_mod.plan_chunk  # type: ignore[attr-defined]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        coded.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recode_mod, "plan_chunk", counting)
+    with wb.open(tmp_path / "bank", create=False) as bank:
+        first = bank.rekey("r@latest")
+        assert first.window == tuple(reversed(ids)), "a forward lineage is turned around whole"
+        for s in range(5, 12):
+            st = state(s)
+            cid = bank.save(st, run="r", step=s, chunk_size=CHUNK).id
+            ids.append(cid)
+            states[cid] = st
+            places = len({c for t in read_manifest(bank.storage, cid).tensors for c in t.chunks})
+            coded.clear()
+            rep = bank.rekey(cid)
+            assert rep.keyframe == cid and rep.window[0] == cid
+            assert len(coded) <= 2 * places and rep.chunks_written <= 2 * places, (len(coded), places)
+            assert deltas(read_manifest(bank.storage, cid)) == 0, "the newest is the keyframe"
+            if len(rep.window) > 1:
+                assert deltas(read_manifest(bank.storage, ids[-2])) > 0, "its parent became reverse deltas"
+        for cid in ids:
+            m = read_manifest(bank.storage, cid)
+            assert recode_mod.chain_cost(m) <= 2.0 + 1e-9
+            assert all(len(ch) <= 16 for ch in chains(m))
+        collect(bank)
+        assert bank.verify().problems == ()
+    assert_loads(tmp_path / "bank", states)
+
+
+def test_a_full_block_starts_a_new_one(tmp_path: Path) -> None:
+    ids, states = build(tmp_path / "bank", steps=1)
+    with wb.open(tmp_path / "bank", create=False) as bank:
+        windows = []
+        for s in range(1, 8):
+            st = state(s)
+            cid = bank.save(st, run="r", step=s, chunk_size=CHUNK, keyframe_every=4).id
+            ids.append(cid)
+            states[cid] = st
+            windows.append(len(repack_mod.rekey(bank.storage, bank._catalog, cid, keyframe_every=4).window))
+        assert windows == [2, 3, 4, 1, 2, 3, 4], windows  # blocks of 4: steps 0-3, 4-7
+        assert [deltas(read_manifest(bank.storage, i)) == 0 for i in ids] == [
+            False, False, False, True, False, False, False, True,
+        ]  # fmt: skip
     assert_loads(tmp_path / "bank", states)
 
 

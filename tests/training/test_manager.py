@@ -261,3 +261,53 @@ def test_environment_probe_runs_before_training(bank: wb.Bank) -> None:
     git_info.cache_clear()
     wb.CheckpointManager(bank, run="r", signals=()).close()
     assert git_info.cache_info().currsize == 1
+
+
+def _rekey_run(bank: wb.Bank, steps: int) -> tuple[wb.CheckpointManager, list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Linear(512, 512)  # 1 MiB of fp32 weights: deltas pay for their link
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    state = wb.TrainingState(model=model, optimizer=opt)
+    saved = []
+    mgr = wb.CheckpointManager(bank, run="r", save=wb.Every(steps=1), codec="auto", rekey=True, signals=())
+    with mgr:
+        for step in range(steps):
+            loss = model(torch.randn(8, 512)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            mgr.step(step, state, {"loss": loss.item()})
+            saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return mgr, saved
+
+
+def test_rekey_keeps_the_newest_checkpoint_a_keyframe(bank: wb.Bank) -> None:
+    _, saved = _rekey_run(bank, 5)
+    log = list(reversed(bank.log("r")))
+    assert [c.step for c in log] == [1, 2, 3, 4, 5]
+
+    def deltas(ref: str) -> int:
+        m = bank.checkpoint(ref).manifest
+        return sum(1 for i in {c for t in m.tensors for c in t.chunks} if m.chunks[i].codec == "delta")
+
+    assert deltas("r@latest") == 0, "a resume loads no chain"
+    assert deltas("r@4") > 0, "the parent became reverse deltas against it"
+    for c, want in zip(log, saved, strict=True):
+        got = bank.load(c.id)["model"]
+        assert all(torch.equal(got[k], v) for k, v in want.items()), c.step
+    assert bank.verify().problems == ()
+
+
+def test_rekey_needs_the_auto_codec_and_a_held_lock_skips_it(bank: wb.Bank) -> None:
+    from weightbank.bank import locks
+
+    with pytest.raises(wb.InvalidArgument, match="codec='auto'"):
+        wb.CheckpointManager(bank, run="r", rekey=True, signals=())
+    with (
+        locks.hold(bank.storage, "repack", "someone-else"),
+        pytest.warns(wb.RekeySkipped, match="not rekeyed"),
+    ):
+        _, saved = _rekey_run(bank, 2)
+    assert [c.step for c in bank.log("r")] == [2, 1], "the saves stand"
+    got = bank.load("r@latest")["model"]
+    assert all(torch.equal(got[k], v) for k, v in saved[-1].items())

@@ -23,6 +23,11 @@ Rules that keep it exact:
 * every chunk is decoded from its current coding and hash-checked before it
   is coded again, and a new chain is made of window chunks only, pointing
   from older to newer — no new coding can reach an old one, so no cycle;
+* a delta whose base chunk (by hash) is still its base keeps its payload —
+  the XOR is against the base's bytes, not its coding — and only its depth,
+  cost and generation are recomputed, so turning a lineage around again one
+  checkpoint later (a rekey after every save) writes two codings per chunk
+  place, the new keyframe and one reverse delta, not the whole window;
 * a chunk that is already standalone stays where it is unless a reverse
   delta is smaller (the planner's :data:`~weightbank.format.planner.DELTA_GAIN`
   rule); lossy chunks are never re-coded and never serve as bases;
@@ -65,13 +70,14 @@ from ..format.lossy import LOSSY_CODECS
 from ..format.manifest import COMPACT_FORMAT, ChunkRecord, Manifest
 from ..format.planes import layout_for, split
 from ..format.planner import Base, link_cost, plan_chunk
+from ..format.schema import DeltaArgs
 from ..format.stored import is_compact
 from ..storage.base import Storage
 from .chunks import decode_record, records_by_hash
 from .layout import manifest_key, trash_key
 from .listing import read_compact
 
-__all__ = ["Recoded", "Window", "recode", "recoded_manifest", "window"]
+__all__ = ["Recoded", "Window", "chain_cost", "recode", "recoded_manifest", "rekey_window", "window"]
 
 Place = tuple[str, str, tuple[int, ...] | None, tuple[int, ...], int]
 """(tensor name, dtype, shard offsets or None, shape, chunk index): where a chunk sits in a state."""
@@ -92,6 +98,9 @@ class Window:
     """The checkpoints a recode turns around, newest (the new keyframe) first."""
 
     members: list[_Member] = field(default_factory=list)
+    #: Members from this index on keep standalone chunks as they are (a rekey: a reverse delta was
+    #: tried against the same base when they were the parent); None: every chunk is tried.
+    settled_from: int | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -153,6 +162,62 @@ def window(storage: Storage, cid: str, span: int) -> Window:
     return out
 
 
+def _content(m: Manifest) -> list[ChunkRecord]:
+    return [m.chunks[i] for i in sorted({c for t in m.tensors for c in t.chunks})]
+
+
+def chain_cost(m: Manifest) -> float:
+    """What a load of ``m`` costs over a load of the same chunks as keyframes, in keyframe loads.
+
+    The chains' decode cost summed in absolute terms across the whole
+    checkpoint (each chunk's chain cost times its size, over the checkpoint's
+    size): a chain of tiny chunks weighs what it costs, not what it costs
+    relative to one tiny chunk.
+
+    Example:
+        >>> import torch, weightbank as wb
+        >>> bank = wb.open("memory://")
+        >>> _ = bank.save({"w": torch.randn(1 << 18)}, run="r")
+        >>> chain_cost(bank.checkpoint("r@latest").manifest)
+        0.0
+    """
+    rows = _content(m)
+    total = sum(r.raw_len for r in rows)
+    spent = sum(r.args.cost * r.raw_len for r in rows if r.codec == DELTA and r.args is not None)
+    return spent / total if total else 0.0
+
+
+def _is_keyframe(m: Manifest) -> bool:
+    return all(r.codec != DELTA for r in _content(m))
+
+
+def rekey_window(storage: Storage, cid: str, keyframe_every: int, budget: float) -> Window:
+    """The window a rekey of ``cid`` turns around: ``cid`` and its run's open block behind it.
+
+    A rekeyed lineage is a row of blocks, each a keyframe (its newest
+    checkpoint) with reverse deltas behind it. The open block is the parent
+    (its keyframe) and the reverse deltas behind it, back to the previous
+    block's keyframe, which stays. When the block is full — ``keyframe_every``
+    checkpoints, or its oldest would cost more than ``budget`` keyframe loads
+    (:func:`chain_cost`) with one more link — ``cid`` starts a block of its own
+    and the window is ``cid`` alone. A lineage saved with forward deltas is
+    turned around whole the first time (up to ``keyframe_every`` checkpoints).
+    """
+    full = window(storage, cid, keyframe_every + 1)  # one more: where the open block ends
+    members = full.members[:2]
+    rekeyed = len(members) > 1 and _is_keyframe(members[1].manifest)  # else forward deltas: all of it
+    for mem in full.members[2:]:
+        if rekeyed and _is_keyframe(mem.manifest):
+            break  # the previous block's keyframe: it stays
+        members.append(mem)
+    link = chain_cost(members[0].manifest)  # about what the parent's reverse link will cost
+    if not rekeyed:
+        members = members[:keyframe_every]
+    elif len(members) > keyframe_every or chain_cost(members[-1].manifest) + link > budget:
+        members = members[:1]
+    return Window(members, settled_from=2 if rekeyed else None)
+
+
 def _raw(storage: Storage, mem: _Member, rec: ChunkRecord) -> bytearray:
     """Chunk ``rec`` of ``mem`` decoded from its current coding, hash-checked."""
     out = bytearray(rec.raw_len)
@@ -194,6 +259,25 @@ def _kept(out: Recoded, mem: _Member, old: ChunkRecord, base: str) -> bool:
     return pkey == mem.manifest.packs[row.pack] and dataclasses.replace(rec, pack=row.pack) == row
 
 
+def _rebased(
+    mem: _Member, old: ChunkRecord, cand: _Prev, gen: int, budget: float
+) -> tuple[str, ChunkRecord] | None:
+    """``old`` as it stands, with its chain position recomputed, if it is a delta on ``cand``'s content.
+
+    A delta's payload is the XOR against its base's *bytes*, whatever coding the
+    base has now, so when the base was re-coded (it became a reverse delta or a
+    keyframe) only the depth, cost and generation change — nothing is written.
+    None when it is not a delta on ``cand`` or its chain would now break the budget.
+    """
+    if old.codec != DELTA or old.args is None or old.args.base != cand.hash:
+        return None
+    cost = round(cand.rec.cost + link_cost(old.stored_len, old.raw_len), 4)
+    if cost > budget:
+        return None
+    args = DeltaArgs(base=cand.hash, depth=cand.rec.depth + 1, cost=cost, gen=gen + 1)
+    return mem.manifest.packs[old.pack], dataclasses.replace(old, args=args)
+
+
 def recode(
     storage: Storage,
     win: Window,
@@ -209,6 +293,7 @@ def recode(
     if budget is None:
         budget = planner.CHAIN_BUDGET
     out = Recoded()
+    settled = set() if win.settled_from is None else set(win.ids[win.settled_from :])
     order: dict[Place, None] = {}
     for mem in win.members:
         order.update(dict.fromkeys(mem.places))
@@ -241,8 +326,13 @@ def recode(
                 last = link_cost(prev.rec.stored_len, prev.rec.raw_len) if prev.rec.codec == DELTA else 0.0
                 if root is not None and prev.rec.cost + last > budget:
                     cand = root
+            moved = None if cand is None else _rebased(mem, old, cand, gen, budget)
             if old.codec == DELTA and cand is not None and _kept(out, mem, old, cand.hash):
                 new = keep(mem, old)  # already a delta on that base, which keeps its coding
+            elif moved is not None:
+                new = moved  # a delta on that base's content: the payload stands, its chain moved
+            elif old.codec != DELTA and mem.cid in settled:
+                new = keep(mem, old)  # tried against this base before, when it was the parent
             else:
                 raw = _raw(storage, mem, old)
                 base = None if cand is None else dataclasses.replace(cand.base(storage), gen=gen)

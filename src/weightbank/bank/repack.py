@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -72,16 +73,20 @@ from .layout import (
     trash_key,
 )
 from .listing import read_compact, scan_manifests
-from .results import RepackReport
+from .results import RekeyReport, RepackReport
 from .writer import DEFAULT_KEYFRAME_EVERY
 
-__all__ = ["DEFAULT_MIN_DEAD", "PackWriter", "repack"]
+__all__ = ["DEFAULT_MIN_DEAD", "REKEY_BUDGET", "PackWriter", "rekey", "repack"]
 
 #: A pack is rewritten once at least this share of its bytes is dead.
 DEFAULT_MIN_DEAD = 0.2
 #: New packs roll over at this size.
 REPACK_PACK_SIZE = 512 << 20
 _ALIGN = 64  # as a save aligns chunks (weightbank.bank.writer.CHUNK_ALIGN)
+#: Most a rekeyed block's oldest checkpoint may cost to load, in keyframe loads over a
+#: keyframe load (:func:`.recode.chain_cost`): a block closes before passing it. Old
+#: checkpoints are loaded rarely (a rollback a few steps back reads a short chain).
+REKEY_BUDGET = 2.0
 
 Extent = tuple[int, int]  # (offset, stored_len) of one chunk's bytes in a pack
 
@@ -292,7 +297,7 @@ def repack(
     with locks.hold(storage, "repack", repack_id, ttl=lease_ttl):
         recoded = written = 0
         for cid in dict.fromkeys(keyframes):
-            n, nbytes = _recode_chain(storage, catalog, cid, keyframe_every, workers)
+            n, nbytes, _ = _recode_chain(storage, catalog, cid, keyframe_every, workers)
             recoded += n
             written += nbytes
         leases.acquire(storage, repack_id)
@@ -304,10 +309,41 @@ def repack(
     return dataclasses.replace(report, recoded=recoded, recode_written=written)
 
 
+def rekey(
+    storage: Storage,
+    catalog: Catalog,
+    cid: str,
+    *,
+    keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
+    budget: float = REKEY_BUDGET,
+    lease_ttl: float = leases.DEFAULT_TTL,
+    workers: int = 8,
+) -> RekeyReport:
+    """Make ``cid`` the keyframe of its run's open block (:func:`.recode.rekey_window`); what it did.
+
+    Only the recode: no pack survey, so it costs what the block holds, not the
+    bank. Holds the repack lock (:class:`~weightbank.errors.ConcurrentUpdate`
+    while another repack or rekey runs).
+    """
+    t0 = time.perf_counter()
+    with locks.hold(storage, "repack", leases.new_id(), ttl=lease_ttl):
+        win = recode.rekey_window(storage, cid, keyframe_every, budget)
+        n, nbytes, chunks = _recode_chain(storage, catalog, cid, keyframe_every, workers, win=win)
+    return RekeyReport(cid, tuple(win.ids), n, chunks, nbytes, time.perf_counter() - t0)
+
+
 def _recode_chain(
-    storage: Storage, catalog: Catalog, cid: str, keyframe_every: int, workers: int
-) -> tuple[int, int]:
-    """Make ``cid`` the keyframe of its chains (:mod:`.recode`); (heads rewritten, bytes written).
+    storage: Storage,
+    catalog: Catalog,
+    cid: str,
+    keyframe_every: int,
+    workers: int,
+    win: recode.Window | None = None,
+) -> tuple[int, int, int]:
+    """Make ``cid`` the keyframe of its chains (:mod:`.recode`); (heads rewritten, bytes and chunks written).
+
+    ``win``: a rekey's window (reverse chains unbounded within it: the block
+    bounds them), else the chain behind ``cid`` bounded by the decode budget.
 
     Crash-safe like a save: a lease of its own keeps the new packs while the
     heads point elsewhere, they are durable before a head names them, and a
@@ -317,10 +353,12 @@ def _recode_chain(
     rid = leases.new_id()
     leases.acquire(storage, rid)
     try:
-        win = recode.window(storage, cid, keyframe_every)
+        budget = None if win is None else math.inf
+        if win is None:
+            win = recode.window(storage, cid, keyframe_every)
         writer = PackWriter(storage, rid)
         try:
-            decided = recode.recode(storage, win, writer.append, keyframe_every=keyframe_every)
+            decided = recode.recode(storage, win, writer.append, keyframe_every=keyframe_every, budget=budget)
             writer.close()
         except BaseException:
             writer.abort()
@@ -338,7 +376,7 @@ def _recode_chain(
         for mem in members:
             catalog.evict(mem.cid)
         releases.stamp(storage, record.rel)
-        return sum(done), decided.written
+        return sum(done), decided.written, decided.chunks_written
     finally:
         with contextlib.suppress(Exception):
             leases.release(storage, rid)

@@ -21,6 +21,7 @@ __all__ = [
     "LoadResult",
     "PrefetchReport",
     "PruneReport",
+    "RekeyReport",
     "RepackReport",
     "RunEvent",
     "SaveResult",
@@ -275,6 +276,22 @@ class RepackReport:
     seconds: float
     recoded: int = 0
     recode_written: int = 0
+
+
+@dataclass(frozen=True)
+class RekeyReport:
+    """What ``Bank.rekey`` did: ``keyframe`` now loads with no chain; ``window`` (newest first) was re-coded.
+
+    ``recoded``: heads rewritten; ``chunks_written`` / ``bytes_written``: the
+    new codings (the keyframe's chunks and the reverse deltas behind it).
+    """
+
+    keyframe: str
+    window: tuple[str, ...]
+    recoded: int
+    chunks_written: int
+    bytes_written: int
+    seconds: float
 
 
 @dataclass(frozen=True)

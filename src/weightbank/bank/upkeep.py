@@ -24,7 +24,7 @@ from . import repack as repack_mod
 from . import verify as verify_mod
 from .environment import who
 from .layout import check_name
-from .results import DuReport, GcReport, PruneReport, RepackReport, VerifyReport
+from .results import DuReport, GcReport, PruneReport, RekeyReport, RepackReport, VerifyReport
 
 if TYPE_CHECKING:
     from ..format.manifest import Manifest
@@ -202,6 +202,38 @@ class Upkeep:
             keyframes=keyframes,
             workers=max(8, self.workers),
         )
+
+    def rekey(self, ref: str) -> RekeyReport:
+        """Make ``ref`` load with no delta chain, cheaply enough to run after every save.
+
+        A save codes its chunks as deltas against its parent, so with forward
+        chains the newest checkpoint — what a resume or a deploy loads — is
+        the most expensive to load. A rekey re-codes ``ref`` standalone and its
+        parent as reverse deltas against it; older checkpoints of the run's
+        open block keep their delta payloads (only their chains move), so it
+        writes about one checkpoint's keyframe plus one delta. Blocks close
+        after ``keyframe_every`` checkpoints or when the oldest would cost more
+        than :data:`~weightbank.bank.repack.REKEY_BUDGET` keyframe loads, so
+        every checkpoint keeps a bounded chain. Ids, tags and lineage never
+        change (format-3 ids cover content, not coding). ``gc`` frees the
+        codings it replaced. ConcurrentUpdate while a repack or rekey runs.
+
+        Example:
+            >>> import torch, weightbank as wb
+            >>> bank = wb.open("memory://")
+            >>> w = torch.randn(1 << 18)
+            >>> for s in range(3): w[: 100 * (s + 1)] += 1; _ = bank.save({"w": w}, run="r", step=s)
+            >>> [c.codec for c in bank.checkpoint("r@latest").manifest.chunks][0]  # a forward chain
+            'delta'
+            >>> bank.rekey("r@latest").window == tuple(bank.resolve(f"r@{s}") for s in (2, 1, 0))
+            True
+            >>> [c.codec for c in bank.checkpoint("r@latest").manifest.chunks]
+            ['planes']
+        """
+        cid = self.resolve(ref)
+        self._catalog.writable()
+        self._finish_undone_deletes()
+        return repack_mod.rekey(self.storage, self._catalog, cid, workers=max(8, self.workers))
 
     def verify(self, ref: str | None = None, *, full: bool = True) -> VerifyReport:
         """Check manifests, chunk hashes (``full``) or just presence, and tags; report problems.

@@ -12,7 +12,7 @@ from .data import DataPositionWarning, ResumableLoader
 from .determinism import deterministic
 from .guard import Guard
 from .keeping import DamagedTagWarning
-from .manager import CheckpointManager
+from .manager import CheckpointManager, RekeySkipped
 from .policies import (
     BestN,
     EarlyStopping,
@@ -41,6 +41,7 @@ __all__ = [
     "LastN",
     "MaxAge",
     "OnImprovement",
+    "RekeySkipped",
     "ResumableLoader",
     "Rollback",
     "SaveHandle",

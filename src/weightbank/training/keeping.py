@@ -72,7 +72,7 @@ class Keeper:
         # Metrics whose tag was left unmoved while its record was damaged: ranked again once it is replaced.
         self._stale: set[str] = set()
         self._warned: set[tuple[str, str]] = set()  # (tag, what was skipped) already reported
-        self._pending: deque[DamagedTagWarning] = deque()  # filled by the save thread, raised by warn_pending
+        self._pending: deque[UserWarning] = deque()  # filled by the save thread, raised by warn_pending
 
     def tag(self, metric: str) -> str:
         """The name of the tag kept on the best checkpoint for ``metric`` (``<run>.best.<metric>``)."""
@@ -215,8 +215,12 @@ class Keeper:
                     )
                 )
 
+    def note(self, warning: UserWarning) -> None:
+        """Queue ``warning`` (from the save thread) for :meth:`warn_pending` to issue."""
+        self._pending.append(warning)
+
     def warn_pending(self, stacklevel: int = 1) -> None:
-        """Issue the DamagedTagWarnings found since the last call, in the calling thread.
+        """Issue the warnings (DamagedTagWarning, RekeySkipped) queued since the last call, in the calling thread.
 
         ``stacklevel`` counts from the caller, as ``warnings.warn`` does from
         itself (1: the line that called this).

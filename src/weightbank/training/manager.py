@@ -67,7 +67,7 @@ from ..bank.environment import warm_up
 from ..bank.layout import check_new_name
 from ..bank.results import CheckpointInfo
 from ..bank.retention import BestN, KeepPolicy
-from ..errors import AlreadyClosed, TrainingDiverged
+from ..errors import AlreadyClosed, InvalidArgument, TrainingDiverged, WeightbankError
 from .data import DataPositionWarning, warn_no_position
 from .guard import Guard
 from .job import Decision, choose_job
@@ -79,7 +79,11 @@ from .results import Rollback, StepOutcome
 from .saver import SaveHandle
 from .state import TrainingState
 
-__all__ = ["CheckpointManager", "DamagedTagWarning", "DataPositionWarning"]
+__all__ = ["CheckpointManager", "DamagedTagWarning", "DataPositionWarning", "RekeySkipped"]
+
+
+class RekeySkipped(UserWarning):
+    """A save committed, but its rekey (``CheckpointManager(rekey=True)``) could not run."""
 
 
 class CheckpointManager:
@@ -99,7 +103,14 @@ class CheckpointManager:
             checked here: InvalidState names a key JSON cannot hold, integer
             keys are stored as strings (not a lossless round trip).
         data_fingerprint: recorded in every checkpoint's meta.
-        codec: the bank codec for saves.
+        codec: the bank codec for saves (``"raw"``: the fastest save; ``"auto"``:
+            compressed, each save a delta against the last).
+        rekey: with ``codec="auto"``, after each save make it its run's
+            keyframe (:meth:`~weightbank.Bank.rekey`, in the save thread): a
+            resume or rollback to the newest loads no delta chain, and the
+            chain cost falls on older checkpoints. A rekey that cannot run
+            (another repack holds the lock) is skipped with a RekeySkipped
+            warning; the save stands.
         best_tags: keep a ``<run>.best.<metric>`` tag on the best checkpoint
             of every monitored metric (from BestN, OnImprovement, EarlyStopping).
         signals: signals meaning "preempted": finish the step, save, and exit
@@ -128,6 +139,7 @@ class CheckpointManager:
         meta: Mapping[str, Any] | None = None,
         data_fingerprint: str | None = None,
         codec: str = "raw",
+        rekey: bool = False,
         best_tags: bool = True,
         signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_signal: bool = True,
@@ -151,13 +163,16 @@ class CheckpointManager:
         self.meta = json_metadata(meta, "meta")
         if data_fingerprint is not None:
             self.meta["data_fingerprint"] = data_fingerprint
+        if rekey and codec != "auto":
+            raise InvalidArgument("rekey", rekey, "a rekey turns delta chains around: it needs codec='auto'")
         self.codec = codec
+        self.rekey = bool(rekey)
         self.rollbacks: list[Rollback] = []
         self._job = choose_job(distributed, collective_timeout)
         self._saves = SavePipeline(bank, self._job, guard, max_inflight)
         monitored = self._monitored_metrics() if best_tags else {}
         self._keeper = Keeper(bank, run, keep=self.keep, monitored=monitored, protected=self._saves.protected)
-        self._saves.after_commit = self._keeper.after_commit
+        self._saves.after_commit = self._after_commit
         self._parent: str | Auto = AUTO
         self._closed = False
         self._signalled: int | None = None
@@ -169,6 +184,20 @@ class CheckpointManager:
         if threading.current_thread() is threading.main_thread():
             for sig in signals:
                 self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _after_commit(self, info: CheckpointInfo) -> None:
+        """Best tags and pruning, then the rekey (in the save thread, on the leader)."""
+        self._keeper.after_commit(info)
+        if not self.rekey:
+            return
+        try:
+            self.bank.rekey(info.id)
+        except (WeightbankError, OSError) as e:
+            self._keeper.note(
+                RekeySkipped(
+                    f"checkpoint {info.id[:12]} was saved but not rekeyed ({e}); it loads as a delta chain"
+                )
+            )
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.bank.url!r}, run={self.run!r})"
