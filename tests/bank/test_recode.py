@@ -226,6 +226,21 @@ def test_a_rekey_after_each_save_codes_the_keyframe_and_one_reverse_delta_per_ch
     assert_loads(tmp_path / "bank", states)
 
 
+def test_after_rekeys_gc_alone_leaves_a_bank_no_larger_than_forward_chains(tmp_path: Path) -> None:
+    """The codings a rekey replaces (the save's deltas, the last keyframe) lie in packs that die whole."""
+    sizes = {}
+    for how in ("forward", "rekey"):
+        with wb.open(tmp_path / how) as bank:
+            for s in range(7):
+                cid = bank.save(state(s), run="r", step=s, chunk_size=CHUNK).id
+                if how == "rekey":
+                    bank.rekey(cid)
+            collect(bank)
+            assert bank.verify().problems == ()
+            sizes[how] = pack_bytes(bank.storage)
+    assert sizes["rekey"] <= sizes["forward"] * 1.05, sizes
+
+
 def test_a_full_block_starts_a_new_one(tmp_path: Path) -> None:
     ids, states = build(tmp_path / "bank", steps=1)
     with wb.open(tmp_path / "bank", create=False) as bank:

@@ -295,6 +295,7 @@ def test_rekey_keeps_the_newest_checkpoint_a_keyframe(bank: wb.Bank) -> None:
     for c, want in zip(log, saved, strict=True):
         got = bank.load(c.id)["model"]
         assert all(torch.equal(got[k], v) for k, v in want.items()), c.step
+    assert bank.gc(grace=0).bytes_freed > 0, "the codings a rekey replaced die in whole packs"
     assert bank.verify().problems == ()
 
 

@@ -81,8 +81,9 @@ __all__ = ["Recoded", "Window", "chain_cost", "recode", "recoded_manifest", "rek
 
 Place = tuple[str, str, tuple[int, ...] | None, tuple[int, ...], int]
 """(tensor name, dtype, shard offsets or None, shape, chunk index): where a chunk sits in a state."""
-Append = Callable[[bytes], tuple[str, int]]
-"""Writes one payload into the repack's packs; returns (pack key, offset)."""
+Append = Callable[[bytes, bool], tuple[str, int]]
+"""Writes one payload into the repack's packs (``True``: a coding of the new keyframe, kept apart);
+returns (pack key, offset)."""
 
 
 @dataclass
@@ -101,6 +102,10 @@ class Window:
     #: Members from this index on keep standalone chunks as they are (a rekey: a reverse delta was
     #: tried against the same base when they were the parent); None: every chunk is tried.
     settled_from: int | None = None
+    #: Packs no checkpoint outside the window names (a rekey's: the packs of its block's saves and
+    #: rekeys): once the recode moves some chunks out of one, the rest are copied out too, so it
+    #: dies whole and gc frees it without a repack.
+    replaceable: frozenset[str] = frozenset()
 
     @property
     def ids(self) -> list[str]:
@@ -215,7 +220,10 @@ def rekey_window(storage: Storage, cid: str, keyframe_every: int, budget: float)
         members = members[:keyframe_every]
     elif len(members) > keyframe_every or chain_cost(members[-1].manifest) + link > budget:
         members = members[:1]
-    return Window(members, settled_from=2 if rekeyed else None)
+    # Packs the checkpoint just past the window names may be named by any older one: they stay.
+    beyond = full.members[len(members)].manifest.packs if len(full.members) > len(members) else ()
+    named = {p for mem in members for p in mem.manifest.packs}
+    return Window(members, settled_from=2 if rekeyed else None, replaceable=frozenset(named - set(beyond)))
 
 
 def _raw(storage: Storage, mem: _Member, rec: ChunkRecord) -> bytearray:
@@ -341,7 +349,7 @@ def recode(
                     new = keep(mem, old)  # already standalone, and no reverse delta pays
                 else:
                     payload = bytes(enc.payload)
-                    pkey, offset = append(payload)
+                    pkey, offset = append(payload, mem is first)
                     out.written += len(payload)
                     out.chunks_written += 1
                     rec = ChunkRecord(old.hash, old.raw_len, enc.codec, -1, offset, len(payload), enc.args)
@@ -363,7 +371,37 @@ def recode(
         root: _Prev | None = None
         for mem in win.members:
             prev, root = code(mem, place, prev, root)
+    _empty_packs(storage, win, out, append)
     return out
+
+
+def _empty_packs(storage: Storage, win: Window, out: Recoded, append: Append) -> None:
+    """Copy the chunks kept in a replaceable pack the recode moved others out of (see :class:`Window`)."""
+    kept: dict[str, dict[str, ChunkRecord]] = {}
+    emptied: set[str] = set()
+    for mem in win.members:
+        for rec in mem.manifest.chunks:
+            pkey = mem.manifest.packs[rec.pack]
+            new = out.coded.get(rec.hash)
+            if pkey not in win.replaceable or new is None:
+                continue  # a row the recode did not decide keeps its place, and its pack lives
+            if new[0] == pkey and new[1].offset == rec.offset:
+                kept.setdefault(pkey, {})[rec.hash] = new[1]
+            else:
+                emptied.add(pkey)
+    first = set(win.members[0].places.values())
+    newest = {win.members[0].manifest.chunks[i].hash for i in first}
+    for pkey in sorted(emptied):
+        for h, rec in kept.get(pkey, {}).items():
+            payload = storage.read(pkey, rec.offset, rec.stored_len)
+            if len(payload) != rec.stored_len:
+                raise CorruptObject(
+                    pkey, detail=f"pack ends before the chunk at {rec.offset} (+{rec.stored_len})"
+                )
+            at, offset = append(payload, h in newest)
+            out.written += len(payload)
+            out.chunks_written += 1
+            out.coded[h] = (at, dataclasses.replace(rec, pack=-1, offset=offset))
 
 
 def recoded_manifest(m: Manifest, coded: dict[str, tuple[str, ChunkRecord]]) -> Manifest | None:

@@ -50,10 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -104,9 +105,10 @@ class PackWriter:
         (True, 0, 7)
     """
 
-    def __init__(self, storage: Storage, repack_id: str) -> None:
+    def __init__(self, storage: Storage, repack_id: str, seq: Iterator[int] | None = None) -> None:
         self.storage = storage
         self.repack_id = repack_id
+        self._seq = itertools.count() if seq is None else seq  # shared by writers of one id
         self.done: list[str] = []
         self.bytes = 0
         self._w: ObjectWriter | None = None
@@ -117,7 +119,7 @@ class PackWriter:
         """Append ``data`` (aligned); the pack key and offset it lands at. A full pack is committed first."""
         if self._w is None or self._offset >= REPACK_PACK_SIZE:
             self.close()
-            self._key = pack_key(self.repack_id, len(self.done))
+            self._key = pack_key(self.repack_id, next(self._seq))
             self._w = self.storage.open_writer(self._key)
             self._offset = 0
         pad = -self._offset % _ALIGN
@@ -356,12 +358,23 @@ def _recode_chain(
         budget = None if win is None else math.inf
         if win is None:
             win = recode.window(storage, cid, keyframe_every)
-        writer = PackWriter(storage, rid)
+        # The keyframe's codings in packs of their own: the next rekey replaces them (they become
+        # reverse deltas), so those packs die whole and gc frees them without a repack.
+        seq = itertools.count()
+        writers = (PackWriter(storage, rid, seq), PackWriter(storage, rid, seq))
         try:
-            decided = recode.recode(storage, win, writer.append, keyframe_every=keyframe_every, budget=budget)
-            writer.close()
+            decided = recode.recode(
+                storage,
+                win,
+                lambda data, newest: writers[0 if newest else 1].append(data),
+                keyframe_every=keyframe_every,
+                budget=budget,
+            )
+            for w in writers:
+                w.close()
         except BaseException:
-            writer.abort()
+            for w in writers:
+                w.abort()
             raise
         members = win.members
         old_packs = sorted({p for mem in members for p in mem.manifest.packs})
