@@ -46,10 +46,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import zstandard
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as fn
 
 import weightbank as wb
 from bench_codecs import (  # sibling modules of this script
@@ -99,9 +99,9 @@ class Crepe(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, None, :, None]
         for i in range(1, 7):
-            x = F.pad(x, (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32))
-            x = getattr(self, f"conv{i}_BN")(F.relu(getattr(self, f"conv{i}")(x)))
-            x = F.max_pool2d(x, (2, 1), (2, 1))
+            x = fn.pad(x, (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32))
+            x = getattr(self, f"conv{i}_BN")(fn.relu(getattr(self, f"conv{i}")(x)))
+            x = fn.max_pool2d(x, (2, 1), (2, 1))
         return self.classifier(x.permute(0, 2, 1, 3).reshape(-1, 2048))
 
 
@@ -125,9 +125,9 @@ class Silero(nn.Module):
         mag = (spec[:, :129] ** 2 + spec[:, 129:] ** 2 + 1e-9).sqrt()
         h = mag
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
-            h = F.relu(conv(h))
+            h = fn.relu(conv(h))
         hx, _ = self.lstm_cell(h.mean(-1))
-        return self.final_conv(F.relu(hx)[:, :, None])[:, 0, 0]
+        return self.final_conv(fn.relu(hx)[:, :, None])[:, 0, 0]
 
 
 def _train(
@@ -169,7 +169,7 @@ def crepe_steps(dtype: torch.dtype, steps: int) -> list[Step] | None:
     def loss_of(g: torch.Generator) -> torch.Tensor:
         frames = (torch.randn(4, 1024, generator=g) * 0.1).to(dtype)
         target = torch.randint(0, 360, (4,), generator=g)
-        return F.cross_entropy(model(frames).float(), target)
+        return fn.cross_entropy(model(frames).float(), target)
 
     return _train(model, opt, steps, loss_of)
 
@@ -185,7 +185,7 @@ def silero_steps(dtype: torch.dtype, steps: int) -> list[Step] | None:
     def loss_of(g: torch.Generator) -> torch.Tensor:
         audio = (torch.randn(16, 4096, generator=g) * 0.1).to(dtype)
         labels = torch.randint(0, 2, (16,), generator=g).float()
-        return F.binary_cross_entropy_with_logits(model(audio).float(), labels)
+        return fn.binary_cross_entropy_with_logits(model(audio).float(), labels)
 
     return _train(model, opt, steps, loss_of)
 
