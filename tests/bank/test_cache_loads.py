@@ -172,7 +172,7 @@ def test_delta_chains_load_right_through_the_cache(
     assert all(len(chain_of(m.chunks[c], index)) == 5 for c in w.chunks), "the test needs delta chains"
     store.reset()
     assert same(remote.load(ids[-1]), states[-1])
-    cold = store.reads
+    cold = store.read_bytes
     store.reset()
     assert same(remote.load(ids[-1]), states[-1]) and store.reads == 0
     # The next checkpoint's delta chunks start from their cached bases: one link read per chunk.
@@ -181,7 +181,10 @@ def test_delta_chains_load_right_through_the_cache(
     fresh = {mn.chunks[c].hash for t in mn.tensors for c in t.chunks} - {c.hash for c in m.chunks}
     store.reset()
     assert same(remote.load(nxt), training(6)[-1])
-    assert store.reads == len(fresh) < cold
+    # (small chunks: their link reads are merged into span reads of the pack)
+    links = sum(mn.chunks[c].stored_len for t in mn.tensors for c in t.chunks if mn.chunks[c].hash in fresh)
+    assert 1 <= store.reads <= len(fresh)
+    assert store.read_bytes < min(cold, links + 2 * len(fresh) * 4096), "only the new links, not whole chains"
     # Loading older checkpoints of the run is right too (their chunks are cached on the way).
     for cid, s in zip(ids, states, strict=True):
         assert same(remote.load(cid), s)

@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -59,6 +59,7 @@ from ..format.manifest import ChunkRecord, Manifest, TensorRecord
 from ..storage.base import Storage
 from ..storage.diskcache import DiskCache
 from .chunks import chain_of, decode_record, read_chain, records_by_hash
+from .spans import SpanReads
 from .trust import TRUSTED, Evidence, Verify, file_ids
 
 __all__ = ["allocate", "check_device", "check_fits", "physical_memory", "prefetch_chunks", "read_tensors"]
@@ -408,6 +409,25 @@ def _load_fresh(
     futures: list[Future[None]] = []
     inline: list[Callable[[], None]] = []
     index = records_by_hash(manifest)
+    # Small chunks are read on this thread; their reads are merged into a few span reads first.
+    spans = SpanReads(storage)
+    small = cast(Storage, spans)
+
+    def want(chunk: ChunkRecord) -> None:
+        if chunk.raw_len >= _INLINE_MAX or (cache is not None and cache.contains(chunk.hash, chunk.raw_len)):
+            return
+        try:
+            chain = chain_of(chunk, index, manifest.packs[chunk.pack]) if chunk.codec == DELTA else [chunk]
+        except CorruptObject:
+            return  # the chunk's own read reports it
+        if cache is not None:  # a cached base shortens the chain (_decode_from_cached_base)
+            for j in range(len(chain) - 2, -1, -1):
+                if chain[j].raw_len == chunk.raw_len and cache.contains(chain[j].hash, chunk.raw_len):
+                    chain = chain[j + 1 :]
+                    break
+        for link in chain:
+            spans.want(manifest.packs[link.pack], link.offset, link.stored_len)
+
     # verify="once", chunks read straight from a local pack (mapped, or raw): each pack file's
     # identity is looked at once before and once after the whole load; chunks trusted under the
     # first look are hashed after all if the two differ.
@@ -440,18 +460,20 @@ def _load_fresh(
                 if TRUSTED.trusted(token, before[key]):
                     trusted.setdefault(key, []).append((rec.name, chunk.hash, dest))
                     if mapped is None:  # read it, unhashed: checked after the load as the mapped ones are
+                        want(chunk)
+                        src = small if chunk.raw_len < _INLINE_MAX else storage
                         _later(
                             inline,
                             futures,
                             pool,
                             chunk,
-                            partial(_read_raw, storage, cid, key, rec.name, chunk, dest),
+                            partial(_read_raw, src, cid, key, rec.name, chunk, dest),
                         )
                     continue
             if mapped is None:
-                job = partial(
-                    _fill_chunk, storage, cid, manifest, rec.name, chunk, dest, index, cache, verify
-                )
+                want(chunk)
+                src = small if chunk.raw_len < _INLINE_MAX else storage
+                job = partial(_fill_chunk, src, cid, manifest, rec.name, chunk, dest, index, cache, verify)
                 _later(inline, futures, pool, chunk, job)
                 continue
             if verify == "never":
@@ -461,6 +483,7 @@ def _load_fresh(
                     _verify_chunk, key, cid, rec.name, chunk, dest, verify, path, before.get(key), token,
                 )
             )  # fmt: skip
+    spans.fetch()
     for run in inline:
         run()
     for f in futures:

@@ -175,9 +175,11 @@ def chain_cost(m: Manifest) -> float:
     """What a load of ``m`` costs over a load of the same chunks as keyframes, in keyframe loads.
 
     The chains' decode cost summed in absolute terms across the whole
-    checkpoint (each chunk's chain cost times its size, over the checkpoint's
-    size): a chain of tiny chunks weighs what it costs, not what it costs
-    relative to one tiny chunk.
+    checkpoint: each chunk's chain cost (in keyframe loads of that chunk,
+    :func:`~weightbank.format.planner.link_cost`) times what its keyframe load
+    costs (its bytes plus the fixed per-chunk cost), over the whole
+    checkpoint's keyframe load. A long chain on a tiny tensor weighs what it
+    costs the load, not what it costs relative to the tiny tensor.
 
     Example:
         >>> import torch, weightbank as wb
@@ -187,8 +189,12 @@ def chain_cost(m: Manifest) -> float:
         0.0
     """
     rows = _content(m)
-    total = sum(r.raw_len for r in rows)
-    spent = sum(r.args.cost * r.raw_len for r in rows if r.codec == DELTA and r.args is not None)
+    total = sum(r.raw_len + planner.KEY_OVERHEAD for r in rows)
+    spent = sum(
+        r.args.cost * (r.raw_len + planner.KEY_OVERHEAD)
+        for r in rows
+        if r.codec == DELTA and r.args is not None
+    )
     return spent / total if total else 0.0
 
 

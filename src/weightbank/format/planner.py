@@ -16,10 +16,28 @@ Policy (every threshold measured on real fine-tune checkpoints, see
 
 Chain cost: decoding a delta link costs about its stored bytes (zstd's
 Huffman decoding dominates; merging and hashing are paid once per chain) plus
-a fixed overhead, so a link's cost is ``(stored + LINK_OVERHEAD) / raw`` and a
-chain's is the sum over its links. The budget bounds what a chain-end load
-costs over a keyframe load whatever the data: tiny bf16 deltas make long
-chains, fp32 deltas (a third to half of the chunk) short ones. When another
+a fixed overhead, and loading the chunk as a keyframe costs its raw bytes plus
+about the same fixed overhead (a read, a record, headers, the hash, the copy
+out: measured 110-150 µs per chunk and per link alike, see
+``benchmarks/RESULTS.md``, "Delta chains"). So a link's cost, in keyframe
+loads of its chunk, is ``(stored + LINK_OVERHEAD) / (raw + KEY_OVERHEAD)``
+and a chain's is the sum over its links. Charging the fixed cost on both
+sides prices a link of a tiny tensor at about one keyframe load of it (what
+it costs), not at dozens (what charging it against the raw bytes alone
+said, which re-keyframed every small tensor at every save). The budget
+bounds what a chain-end load costs over a keyframe load whatever the data:
+tiny bf16 deltas make long chains, fp32 deltas (a third to half of the
+chunk) short ones. Across a whole checkpoint the same units add up in
+absolute terms (:func:`weightbank.bank.recode.chain_cost`), which is how a
+rekey bounds its blocks.
+
+For the checkpoint people load most — the newest, to resume or deploy —
+forward chains are the wrong way round: it sits at the end of the longest
+chain. :meth:`weightbank.Bank.rekey` (``CheckpointManager(rekey=True)``)
+turns each save around: the new checkpoint becomes the keyframe, its parent a
+reverse delta against it, so every delta is against the adjacent checkpoint
+(no star deltas growing with drift) and the chain cost falls on older
+checkpoints, bounded per block. When another
 link would break the budget, the writer codes the chunk against its chain's
 keyframe instead (a two-link chain; measured on MiniLM fp32, that delta is
 5-15% larger than one against the parent and still over 2× smaller than a
@@ -47,6 +65,7 @@ from .schema import DeltaArgs
 __all__ = [
     "CHAIN_BUDGET",
     "DELTA_GAIN",
+    "KEY_OVERHEAD",
     "LINK_OVERHEAD",
     "MIN_CODED",
     "MODES",
@@ -72,21 +91,22 @@ DELTA_SURE = 0.25
 #: target of issue #3 with the smallest chain-end cost that does.
 CHAIN_BUDGET = 1.0
 #: Fixed cost of decoding one more link (a read, headers, a few zstd frames, the
-#: sparse positions), in bytes of stored payload: measured 150-280 µs per link
-#: on a loaded 2-core machine, what ~128 KiB of Huffman decoding takes. It keeps
-#: small and mid-size chunks from long chains: there a link costs about as
-#: much as decoding the keyframe itself.
+#: sparse positions), in bytes of stored payload: measured 80-140 µs per link
+#: and chunk for chunks of 2 KiB to 64 KiB, what ~128 KiB of decoding takes.
 LINK_OVERHEAD = 128 << 10
+#: Fixed cost of loading one chunk as a keyframe (a read, its record, the hash,
+#: the copy into the tensor), in the same units: measured 110-150 µs per chunk.
+KEY_OVERHEAD = 128 << 10
 
 
 def link_cost(stored: int, raw: int) -> float:
-    """Decode cost of one delta link of ``stored`` bytes for a ``raw``-byte chunk, in raw-chunk units.
+    """Decode cost of one delta link of ``stored`` bytes for a ``raw``-byte chunk, in keyframe loads of it.
 
     Example:
-        >>> round(link_cost(1 << 20, 4 << 20), 3)
-        0.281
+        >>> round(link_cost(1 << 20, 4 << 20), 3), round(link_cost(1 << 10, 2 << 10), 3)
+        (0.273, 0.992)
     """
-    return (stored + LINK_OVERHEAD) / max(1, raw)
+    return (stored + LINK_OVERHEAD) / (max(0, raw) + KEY_OVERHEAD)
 
 
 _zstd = ZstdCodec(level=3, min_saving=MIN_SAVING)
