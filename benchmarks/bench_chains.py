@@ -268,6 +268,55 @@ def sequence(
     remove(root)
 
 
+def fixed_costs(repeats: int) -> list[str]:
+    """Load time per chunk of a keyframe and of each delta link, by chunk size (planner's overheads).
+
+    Reverse chains of depth 0-5 made by rekeys with an unbounded budget; each
+    checkpoint loaded in a fresh bank handle, interleaved, median; the slope
+    over depth is the per-link cost.
+    """
+    from weightbank.bank import repack as repack_mod
+
+    rows = [
+        "| chunk | chunks | delta | keyframe load per chunk | each link adds per chunk | in bytes of keyframe decoding |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n_el, count in ((512, 256), (16384, 64), (262144, 16), (1 << 20, 4)):
+        for dense in (False, True):
+            path = WORK / f"fixed-{n_el}-{dense}"
+            remove(path)
+            g = torch.Generator().manual_seed(0)
+            w = {f"t{i}": torch.randn(n_el, generator=g) * 0.05 for i in range(count)}
+            ids = []
+            with wb.open(path) as bank:
+                for s in range(6):
+                    if dense:
+                        w = {k: v * (1 + 1e-4 * torch.randn(v.shape, generator=g)) for k, v in w.items()}
+                    else:
+                        w = {k: v.clone() for k, v in w.items()}
+                        for v in w.values():
+                            v[::50] += 1e-3
+                    ids.append(bank.save(w, run="r", step=s).id)
+                    repack_mod.rekey(bank.storage, bank._catalog, ids[-1], keyframe_every=16, budget=1e9)
+                bank.gc(grace=0)
+            times: dict[int, list[float]] = {}
+            for r in range(repeats):
+                order = list(enumerate(reversed(ids)))
+                for depth, cid in order if r % 2 == 0 else list(reversed(order)):
+                    with wb.open(path, create=False) as b:
+                        times.setdefault(depth, []).append(timed(lambda b=b, c=cid: b.load(c))[0])
+            med = [median(times[k]) for k in sorted(times)]
+            key = med[0] / count
+            link = (med[-1] - med[0]) / (len(med) - 1) / count
+            speed = n_el * 4 / key if key > 0 else float("nan")  # keyframe bytes per second, fixed cost in
+            rows.append(
+                f"| {n_el * 4 // 1024} KiB | {count} | {'dense (every word)' if dense else 'sparse (2%)'} |"
+                f" {key * 1e6:.0f} µs | {link * 1e6:.0f} µs | {link * speed / 1024:.0f} KiB |"
+            )
+            remove(path)
+    return rows
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10)
@@ -299,8 +348,11 @@ def main(argv: list[str]) -> int:
                 sequence(name, key, part, steps, repeats, rows, misses)
                 print(rows[-2], rows[-1], sep="\n", flush=True)
             del steps
+    fixed = [] if args.quick else fixed_costs(repeats)
     text = "\n".join(rows)
     print_outcome(text, misses, "target")
+    if fixed:
+        print("\n".join(fixed))
     for s in skipped:
         print("skipped:", s)
     results = None if args.quick else (args.results or RESULTS)
@@ -314,8 +366,21 @@ def main(argv: list[str]) -> int:
             f"{', '.join(f'{x:.2f}' for x in la)} (a shared machine)."
         )
         notes = ["", *(f"- skipped {s}" for s in skipped)] if skipped else []
+        costs = ["", "### Fixed costs per chunk (the planner's LINK_OVERHEAD and KEY_OVERHEAD)", "", *fixed]
         section = "\n".join(
-            [BEGIN, "## Delta chains on three model families (#13)", "", head, "", text, *notes, "", END, ""]
+            [
+                BEGIN,
+                "## Delta chains on three model families (#13)",
+                "",
+                head,
+                "",
+                text,
+                *notes,
+                *costs,
+                "",
+                END,
+                "",
+            ]
         )
         write_section(results, section, BEGIN, END)
     return 0

@@ -230,3 +230,29 @@ def test_repack_keyframe_of_an_unknown_ref_is_one_line_and_writes_nothing(tmp_pa
     line = fails(NOT_FOUND, "repack", "--keyframe", "nope", bank=tmp_path / "bank")
     assert "nope" in line, line
     assert files(tmp_path / "bank") == before
+
+
+def test_rekey_makes_the_newest_a_keyframe_and_gc_frees_what_it_replaced(tmp_path: Path) -> None:
+    states = _chain_bank(tmp_path / "bank")
+    before = pack_bytes(tmp_path / "bank")
+    out = flat(ok("rekey", "r@latest", bank=tmp_path / "bank").stdout)
+    assert "now loads with no delta chain; re-coded 3 checkpoint(s)" in out, out
+    with wb.open(tmp_path / "bank", create=False) as bank:
+        assert [c.codec for c in bank.checkpoint("r@latest").manifest.chunks] == ["planes"]
+        for s, w in enumerate(states):
+            assert torch.equal(bank.load(f"r@{s}")["w"], w)
+    again = as_json("rekey", "r@latest", bank=tmp_path / "bank")
+    assert again["chunks_written"] == 0 and again["window"][0] == again["keyframe"]
+    ok("gc", "--grace", "0", bank=tmp_path / "bank")
+    assert pack_bytes(tmp_path / "bank") <= before * 1.05
+    with wb.open(tmp_path / "bank", create=False) as bank:
+        assert all(torch.equal(bank.load(f"r@{s}")["w"], w) for s, w in enumerate(states))
+        assert bank.verify().problems == ()
+
+
+def test_rekey_of_an_unknown_ref_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    _chain_bank(tmp_path / "bank")
+    before = files(tmp_path / "bank")
+    line = fails(NOT_FOUND, "rekey", "nope", bank=tmp_path / "bank")
+    assert "nope" in line, line
+    assert files(tmp_path / "bank") == before

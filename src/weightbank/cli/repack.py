@@ -5,7 +5,7 @@ Example:
     >>> from weightbank.cli.repack import register
     >>> app = typer.Typer(); register(app)
     >>> [c.name or c.callback.__name__ for c in app.registered_commands]
-    ['repack']
+    ['repack', 'rekey']
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import typer
 from rich.text import Text
 
 from ..bank.repack import DEFAULT_MIN_DEAD
-from ..bank.results import RepackReport
+from ..bank.results import RekeyReport, RepackReport
 from .common import DEFAULT_BANK, BankOpt, JsonOpt, emit, emit_json, open_existing
 from .render import busy, human_bytes
 
-__all__ = ["register", "repack_view"]
+__all__ = ["register", "rekey_view", "repack_view"]
 
 
 def repack_view(report: RepackReport) -> Text:
@@ -62,8 +62,25 @@ def repack_view(report: RepackReport) -> Text:
     )
 
 
+def rekey_view(report: RekeyReport) -> Text:
+    """What a rekey re-coded.
+
+    Example:
+        >>> print(rekey_view(RekeyReport("ab" * 32, ("ab" * 32, "cd" * 32), 2, 10, 4096, 0.2)))
+        abababababab now loads with no delta chain; re-coded 2 checkpoint(s), 10 chunk(s) (4.0 KiB); ids unchanged
+        the next `weightbank gc` frees the codings it replaced
+    """
+    if not report.chunks_written:
+        return Text(f"{report.keyframe[:12]} already loads with no delta chain; nothing re-coded")
+    return Text(
+        f"{report.keyframe[:12]} now loads with no delta chain; re-coded {report.recoded} checkpoint(s),"
+        f" {report.chunks_written} chunk(s) ({human_bytes(report.bytes_written)}); ids unchanged\n"
+        "the next `weightbank gc` frees the codings it replaced"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``repack`` to ``app``."""
+    """Add ``repack`` and ``rekey`` to ``app``."""
 
     @app.command()
     def repack(
@@ -98,3 +115,17 @@ def register(app: typer.Typer) -> None:
             emit_json(report)
         else:
             emit(repack_view(report))
+
+    @app.command()
+    def rekey(
+        ref: Annotated[str, typer.Argument(metavar="REF", help="The checkpoint to make a keyframe (e.g. run@latest).")],
+        bank: BankOpt = DEFAULT_BANK,
+        as_json: JsonOpt = False,
+    ) -> None:
+        """Make REF load with no delta chain; its parent becomes a reverse delta (cheap after every save)."""
+        with open_existing(bank) as b, busy("rekeying"):
+            report = b.rekey(ref)
+        if as_json:
+            emit_json(report)
+        else:
+            emit(rekey_view(report))
