@@ -302,7 +302,13 @@ def test_storage_options_from_the_environment(
 
 
 _SAVER = """
-import sys, torch, weightbank as wb
+import sys, time, torch, weightbank as wb
+from weightbank.storage import s3
+ship = s3._MultipartWriter._ship
+def slow_ship(self, part):  # a slow link: the upload stays in flight long enough to be seen and killed
+    time.sleep(0.3)
+    ship(self, part)
+s3._MultipartWriter._ship = slow_ship
 bank = wb.open(sys.argv[1], create=False)
 g = torch.Generator().manual_seed(1)
 state = {f"w{i}": torch.randn(2_000_000, generator=g) for i in range(8)}
