@@ -118,7 +118,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def rekey(
-        ref: Annotated[str, typer.Argument(metavar="REF", help="The checkpoint to make a keyframe (e.g. run@latest).")],
+        ref: Annotated[
+            str, typer.Argument(metavar="REF", help="The checkpoint to make a keyframe (e.g. run@latest).")
+        ],
         bank: BankOpt = DEFAULT_BANK,
         as_json: JsonOpt = False,
     ) -> None:
