@@ -241,6 +241,22 @@ def test_after_rekeys_gc_alone_leaves_a_bank_no_larger_than_forward_chains(tmp_p
     assert sizes["rekey"] <= sizes["forward"] * 1.05, sizes
 
 
+def test_a_rekey_after_a_skipped_one_does_not_swallow_earlier_blocks(tmp_path: Path) -> None:
+    ids, states = build(tmp_path / "bank", steps=1)
+    with wb.open(tmp_path / "bank", create=False) as bank:
+        for s in range(1, 9):
+            st = state(s)
+            cid = bank.save(st, run="r", step=s, chunk_size=CHUNK, keyframe_every=4).id
+            ids.append(cid)
+            states[cid] = st
+            if s != 6:  # step 6's rekey was skipped (another repack held the lock)
+                repack_mod.rekey(bank.storage, bank._catalog, cid, keyframe_every=4)
+        assert all(len(ch) <= 4 for i in ids for ch in chains(read_manifest(bank.storage, i)))
+        with pytest.raises(wb.CheckpointNotFound):
+            bank.rekey("r@99")
+    assert_loads(tmp_path / "bank", states)
+
+
 def test_a_full_block_starts_a_new_one(tmp_path: Path) -> None:
     ids, states = build(tmp_path / "bank", steps=1)
     with wb.open(tmp_path / "bank", create=False) as bank:

@@ -215,11 +215,17 @@ def rekey_window(storage: Storage, cid: str, keyframe_every: int, budget: float)
     turned around whole the first time (up to ``keyframe_every`` checkpoints).
     """
     full = window(storage, cid, keyframe_every + 1)  # one more: where the open block ends
+    if not full.members:
+        raise InvalidArgument("ref", cid[:12], "a checkpoint that exists and is not being deleted")
     members = full.members[:2]
-    rekeyed = len(members) > 1 and _is_keyframe(members[1].manifest)  # else forward deltas: all of it
-    for mem in full.members[2:]:
-        if rekeyed and _is_keyframe(mem.manifest):
-            break  # the previous block's keyframe: it stays
+    rekeyed = len(members) > 1 and _is_keyframe(members[1].manifest)  # else forward deltas
+    if not rekeyed and len(members) > 1 and _is_keyframe(members[0].manifest):
+        members = members[:1]  # already a keyframe on a forward chain: nothing behind it to turn around
+    for mem in full.members[len(members) :] if len(members) > 1 else ():
+        if _is_keyframe(mem.manifest):
+            if not rekeyed:
+                members.append(mem)  # a forward chain ends at its keyframe: it is turned around too
+            break  # else the previous block's keyframe: it stays
         members.append(mem)
     link = chain_cost(members[0].manifest)  # about what the parent's reverse link will cost
     if not rekeyed:
