@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,7 @@ def _numpy_split(raw: np.ndarray, lay: WordLayout) -> np.ndarray:
 def test_compiled_split_and_merge_match_numpy(
     lay: WordLayout, words: int, offset: int, seed: int, special: bool
 ) -> None:
+    assert planes.COMPILED, "the compiled coder is built but switched off (WEIGHTBANK_PURE_PLANES)"
     rng = np.random.default_rng(seed)
     k = lay.itemsize
     buf = rng.integers(0, 256, words * k + offset, dtype=np.uint8)
@@ -107,8 +109,9 @@ def test_bad_arguments_raise_value_error(call: object) -> None:
 
 def test_pure_numpy_can_be_asked_for() -> None:
     code = "from weightbank.format import planes; print(planes.COMPILED)"
-    env = {"WEIGHTBANK_PURE_PLANES": "1", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "WEIGHTBANK_PURE_PLANES": "1"}
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "False"
-    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env["WEIGHTBANK_PURE_PLANES"] = "0"
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "True"
