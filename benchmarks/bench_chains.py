@@ -60,6 +60,7 @@ from bench_codecs import (  # sibling modules of this script
     reference_bytes,
     remove,
     same_bytes,
+    snapshot,
     timed,
 )
 from bench_common import print_outcome, tree_bytes, write_section
@@ -144,13 +145,7 @@ def _train(
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        osd = opt.state_dict()
-        state = {
-            pid: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-            for pid, s in osd["state"].items()
-        }
-        out.append(Step(sd, {"state": state, "param_groups": osd["param_groups"]}))
+        out.append(snapshot(model, opt))
     return out
 
 

@@ -218,14 +218,19 @@ def finetune(dtype: torch.dtype, steps: int, *, frozen: bool = False) -> list[St
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        osd = opt.state_dict()
-        state = {
-            pid: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-            for pid, s in osd["state"].items()
-        }
-        out.append(Step(sd, {"state": state, "param_groups": osd["param_groups"]}))
+        out.append(snapshot(model, opt))
     return out
+
+
+def snapshot(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Step:
+    """The model's and optimizer's state now, every tensor cloned."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    state = {
+        pid: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        for pid, s in osd["state"].items()
+    }
+    return Step(sd, {"state": state, "param_groups": osd["param_groups"]})
 
 
 def synthetic(layers: int, dtype: torch.dtype) -> Flat:
