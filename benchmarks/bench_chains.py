@@ -19,8 +19,9 @@ Every step is saved into one run of a fresh local bank, three ways:
 
 * **forward** — ``bank.save`` with the default codec: each step a delta against its parent
   within the chain budget (the newest checkpoint sits at the end of the longest chain);
-* **rekey** — the same saves, each followed by ``bank.rekey`` (the newest becomes the keyframe,
-  its parent a reverse delta; ``CheckpointManager(rekey=True)`` does this), then ``gc``;
+* **rekey** — what ``CheckpointManager(codec="auto")`` does: each save writes its changed chunks
+  standalone (``keyframe_every=1``) and is followed by ``bank.rekey`` (its parent becomes a
+  reverse delta against it), then ``gc``;
 * **reference** — the naive unbounded coder of issue #13: every tensor XORed with the previous
   step's, split into byte planes, each plane zstd-3 (no chain bound, no metadata).
 
@@ -211,7 +212,8 @@ def sequence(
         ids, saves, rekeys = [], [], []
         with wb.open(path) as bank:
             for i, st in enumerate(nested):
-                dt, info = timed(lambda st=st, i=i, b=bank: b.save(st, run="ft", step=i))
+                kw = {"keyframe_every": 1} if how == "rekey" else {}  # as CheckpointManager saves to rekey
+                dt, info = timed(lambda st=st, i=i, b=bank, kw=kw: b.save(st, run="ft", step=i, **kw))
                 saves.append(dt)
                 ids.append(info.id)
                 if how == "rekey":

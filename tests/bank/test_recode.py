@@ -241,6 +241,34 @@ def test_after_rekeys_gc_alone_leaves_a_bank_no_larger_than_forward_chains(tmp_p
     assert sizes["rekey"] <= sizes["forward"] * 1.05, sizes
 
 
+@pytest.mark.parametrize("keyframe_saves", [False, True], ids=["forward-saves", "keyframe-saves"])
+def test_a_frozen_backbone_is_not_written_again_at_every_rekey(tmp_path: Path, keyframe_saves: bool) -> None:
+    """A fine-tune that trains a small head over a frozen backbone: each rekey writes what the head
+    changed (its keyframe and one reverse delta), never the backbone again — and gc still frees the
+    codings the rekeys replaced."""
+    backbone = {f"layer{i}": _noise(10 + i) for i in range(6)}  # 6 MiB, never changes
+    written = []
+    states: dict[str, State] = {}
+    with wb.open(tmp_path / "bank") as bank:
+        for s in range(8):
+            head = _noise(1)
+            head[:: 97 - s] += 1e-3 * (s + 1)
+            st = {**backbone, "head": head}
+            kw = {"keyframe_every": 1} if keyframe_saves else {}
+            cid = bank.save(st, run="r", step=s, chunk_size=CHUNK, **kw).id
+            states[cid] = st
+            written.append(bank.rekey(cid).bytes_written)
+        collect(bank)
+        assert bank.verify().problems == ()
+        live = pack_bytes(bank.storage)
+    head_bytes = N * 4
+    assert max(written[3:]) <= 2 * head_bytes, written  # the head's keyframe + its reverse delta at most
+    assert sum(written) < 6 * N * 4 + 8 * 2 * head_bytes, written  # the backbone copied once at most
+    # What is left after gc: the backbone once, one keyframe of the head, seven small reverse deltas.
+    assert live < (6 + 1) * N * 4 + 7 * head_bytes // 2, live
+    assert_loads(tmp_path / "bank", states)
+
+
 def test_a_rekey_after_a_skipped_one_does_not_swallow_earlier_blocks(tmp_path: Path) -> None:
     ids, states = build(tmp_path / "bank", steps=1)
     with wb.open(tmp_path / "bank", create=False) as bank:

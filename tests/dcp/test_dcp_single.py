@@ -91,6 +91,19 @@ def test_save_through_dcp_then_load_through_dcp_and_through_the_bank() -> None:
     assert again.info.save_stats is not None and again.info.save_stats.written_bytes == 0
 
 
+def test_keyframe_every_reaches_the_parts_a_writer_saves() -> None:
+    """``keyframe_every=1`` (a save to be rekeyed): the changed chunks are standalone, not deltas."""
+    bank = wb.open("memory://")
+    w = torch.randn(1 << 18)
+    codecs = []
+    for step, every in ((1, 16), (2, 16), (3, 1)):
+        w[:: 100 + step] += 1e-3
+        dcp.save({"w": w}, storage_writer=wb.dcp.Writer(bank, run="r", step=step, keyframe_every=every))
+        codecs.append({c.codec for c in bank.checkpoint(f"r@{step}").manifest.chunks[:1]})
+    assert codecs[1] == {"delta"} and codecs[2] != {"delta"}, codecs
+    assert torch.equal(bank.load("r@3")["w"], w)
+
+
 def test_a_checkpoint_saved_with_bank_save_loads_through_dcp() -> None:
     bank = wb.open("memory://")
     lin = torch.nn.Linear(3, 2)

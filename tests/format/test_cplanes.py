@@ -87,6 +87,17 @@ def test_merge_takes_strided_and_read_only_planes() -> None:
     assert np.array_equal(out, raw)
 
 
+def _overlapping_split() -> None:
+    buf = bytearray(16)
+    cplanes.split(memoryview(buf)[:8], memoryview(buf)[4:12], 4, False)
+
+
+def _overlapping_merge() -> None:
+    buf = bytearray(16)
+    view = memoryview(buf)
+    cplanes.merge([view[0:2], view[2:4]], view[2:6], False)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -96,6 +107,9 @@ def test_merge_takes_strided_and_read_only_planes() -> None:
         lambda: cplanes.merge([b"\0\0", b"\0"], bytearray(4), True),  # planes of unequal size
         lambda: cplanes.merge([b"\0"] * 3, bytearray(3), True),  # three planes
         lambda: cplanes.merge([b"\0\0"] * 2, bytearray(5), True),  # output not whole words
+        lambda: cplanes.merge([b"\0"] * 9, bytearray(9), True),  # more planes than a word has bytes
+        lambda: _overlapping_split(),  # the loops take their buffers as restrict
+        lambda: _overlapping_merge(),
     ],
 )
 def test_bad_arguments_raise_value_error(call: object) -> None:
@@ -115,3 +129,19 @@ def test_pure_numpy_can_be_asked_for() -> None:
     env["WEIGHTBANK_PURE_PLANES"] = "0"
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "True"
+
+
+def test_a_chunk_above_the_cap_gets_a_buffer_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread keeps no plane buffer bigger than SCRATCH_MAX (a 1 GiB chunk must not pin 1 GiB per thread)."""
+    lay = WordLayout(4, True)
+    monkeypatch.setattr(planes, "SCRATCH_MAX", 1024)
+    small = planes._scratch(lay, 1024)
+    assert planes._scratch(lay, 512).base is small.base  # reused
+    big = planes._scratch(lay, 4096)
+    assert big.shape == (4, 1024) and big.base is not small.base
+    assert planes._scratch(lay, 1024).base is small.base  # the kept one is still the small one
+    raw = np.zeros(2048, np.float32)
+    raw[::97] = np.random.default_rng(0).standard_normal(22)  # sparse: decoded through the scratch
+    out = bytearray(raw.nbytes)
+    planes.decode_planes(memoryview(encode_planes(memoryview(raw.view(np.uint8)), lay)), memoryview(out))
+    assert bytes(out) == raw.tobytes()

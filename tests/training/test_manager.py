@@ -269,7 +269,7 @@ def _rekey_run(bank: wb.Bank, steps: int) -> tuple[wb.CheckpointManager, list[di
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     state = wb.TrainingState(model=model, optimizer=opt)
     saved = []
-    mgr = wb.CheckpointManager(bank, run="r", save=wb.Every(steps=1), codec="auto", rekey=True, signals=())
+    mgr = wb.CheckpointManager(bank, run="r", save=wb.Every(steps=1), codec="auto", signals=())  # rekeys
     with mgr:
         for step in range(steps):
             loss = model(torch.randn(8, 512)).pow(2).mean()
@@ -312,3 +312,12 @@ def test_rekey_needs_the_auto_codec_and_a_held_lock_skips_it(bank: wb.Bank) -> N
     assert [c.step for c in bank.log("r")] == [2, 1], "the saves stand"
     got = bank.load("r@latest")["model"]
     assert all(torch.equal(got[k], v) for k, v in saved[-1].items())
+    for ref in ("r@1", "r@2"):  # a save to be rekeyed writes its changed chunks standalone
+        m = bank.checkpoint(ref).manifest
+        assert all(c.codec != "delta" for c in m.chunks), ref
+
+
+def test_rekey_is_on_with_the_auto_codec_and_can_be_turned_off(bank: wb.Bank) -> None:
+    assert wb.CheckpointManager(bank, run="a", codec="auto", signals=()).rekey is True
+    assert wb.CheckpointManager(bank, run="b", codec="auto", rekey=False, signals=()).rekey is False
+    assert wb.CheckpointManager(bank, run="c", signals=()).rekey is False  # raw: no chains to turn

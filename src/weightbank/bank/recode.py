@@ -351,8 +351,10 @@ def recode(
                 new = keep(mem, old)  # already a delta on that base, which keeps its coding
             elif moved is not None:
                 new = moved  # a delta on that base's content: the payload stands, its chain moved
-            elif old.codec != DELTA and mem.cid in settled:
-                new = keep(mem, old)  # tried against this base before, when it was the parent
+            elif old.codec != DELTA and (cand is None or mem.cid in settled):
+                # Standalone with no base to try (coding it again would give the same), or tried
+                # against this base before, when it was the parent.
+                new = keep(mem, old)
             else:
                 raw = _raw(storage, mem, old)
                 base = None if cand is None else dataclasses.replace(cand.base(storage), gen=gen)
@@ -388,7 +390,12 @@ def recode(
 
 
 def _empty_packs(storage: Storage, win: Window, out: Recoded, append: Append) -> None:
-    """Copy the chunks kept in a replaceable pack the recode moved others out of (see :class:`Window`)."""
+    """Copy the chunks kept in a replaceable pack the recode moved others out of (see :class:`Window`).
+
+    The copies go with the reverse deltas, not with the new keyframe's codings
+    (which the next rekey replaces): a chunk that does not change — a frozen
+    backbone under a fine-tuned head — is copied once, not at every rekey.
+    """
     kept: dict[str, dict[str, ChunkRecord]] = {}
     emptied: set[str] = set()
     for mem in win.members:
@@ -401,8 +408,6 @@ def _empty_packs(storage: Storage, win: Window, out: Recoded, append: Append) ->
                 kept.setdefault(pkey, {})[rec.hash] = new[1]
             else:
                 emptied.add(pkey)
-    first = set(win.members[0].places.values())
-    newest = {win.members[0].manifest.chunks[i].hash for i in first}
     for pkey in sorted(emptied):
         for h, rec in kept.get(pkey, {}).items():
             payload = storage.read(pkey, rec.offset, rec.stored_len)
@@ -410,7 +415,7 @@ def _empty_packs(storage: Storage, win: Window, out: Recoded, append: Append) ->
                 raise CorruptObject(
                     pkey, detail=f"pack ends before the chunk at {rec.offset} (+{rec.stored_len})"
                 )
-            at, offset = append(payload, h in newest)
+            at, offset = append(payload, False)  # with the reverse deltas: the next rekey leaves them
             out.written += len(payload)
             out.chunks_written += 1
             out.coded[h] = (at, dataclasses.replace(rec, pack=-1, offset=offset))

@@ -25,6 +25,7 @@ from . import verify as verify_mod
 from .environment import who
 from .layout import check_name
 from .results import DuReport, GcReport, PruneReport, RekeyReport, RepackReport, VerifyReport
+from .writer import DEFAULT_KEYFRAME_EVERY
 
 if TYPE_CHECKING:
     from ..format.manifest import Manifest
@@ -203,7 +204,7 @@ class Upkeep:
             workers=max(8, self.workers),
         )
 
-    def rekey(self, ref: str) -> RekeyReport:
+    def rekey(self, ref: str, *, keyframe_every: int = DEFAULT_KEYFRAME_EVERY) -> RekeyReport:
         """Make ``ref`` load with no delta chain, cheaply enough to run after every save.
 
         A save codes its chunks as deltas against its parent, so with forward
@@ -217,6 +218,9 @@ class Upkeep:
         every checkpoint keeps a bounded chain. Ids, tags and lineage never
         change (format-3 ids cover content, not coding). ``gc`` frees the
         codings it replaced. ConcurrentUpdate while a repack or rekey runs.
+        A save that will be rekeyed can skip its forward deltas
+        (``save(..., keyframe_every=1)``, as ``CheckpointManager`` does): the
+        rekey then codes only the reverse delta.
 
         Example:
             >>> import torch, weightbank as wb
@@ -233,7 +237,13 @@ class Upkeep:
         cid = self.resolve(ref)
         self._catalog.writable()
         self._finish_undone_deletes()
-        return repack_mod.rekey(self.storage, self._catalog, cid, workers=max(8, self.workers))
+        if isinstance(keyframe_every, bool) or not isinstance(keyframe_every, int) or keyframe_every < 2:
+            raise InvalidArgument(
+                "keyframe_every", keyframe_every, "an int >= 2 (the most checkpoints a block holds)"
+            )
+        return repack_mod.rekey(
+            self.storage, self._catalog, cid, keyframe_every=keyframe_every, workers=max(8, self.workers)
+        )
 
     def verify(self, ref: str | None = None, *, full: bool = True) -> VerifyReport:
         """Check manifests, chunk hashes (``full``) or just presence, and tags; report problems.

@@ -69,7 +69,14 @@ def rekey_view(report: RekeyReport) -> Text:
         >>> print(rekey_view(RekeyReport("ab" * 32, ("ab" * 32, "cd" * 32), 2, 10, 4096, 0.2)))
         abababababab now loads with no delta chain; re-coded 2 checkpoint(s), 10 chunk(s) (4.0 KiB); ids unchanged
         the next `weightbank gc` frees the codings it replaced
+        >>> print(rekey_view(RekeyReport("ab" * 32, ("ab" * 32, "cd" * 32), 1, 0, 0, 0.1)))
+        abababababab loads with no delta chain; 1 checkpoint(s)' chains re-pointed, nothing re-coded; ids unchanged
     """
+    if not report.chunks_written and report.recoded:
+        return Text(
+            f"{report.keyframe[:12]} loads with no delta chain; {report.recoded} checkpoint(s)' chains"
+            " re-pointed, nothing re-coded; ids unchanged"
+        )
     if not report.chunks_written:
         return Text(f"{report.keyframe[:12]} already loads with no delta chain; nothing re-coded")
     return Text(

@@ -71,6 +71,7 @@ from torch.futures import Future
 from ..bank.bank import AUTO, Auto, Bank
 from ..bank.parts import SavePart, TensorShard, mark_numpy
 from ..bank.results import SaveResult
+from ..bank.writer import DEFAULT_KEYFRAME_EVERY
 from ..errors import CheckpointNotFound, CorruptObject, IncompatibleState, InvalidRef, InvalidState
 from ..format.tree import TensorRef, check_tree, flatten, flatten_refs, map_tensors, tensor_indices, unflatten
 from .metadata import Path, dcp_entries, metadata_to_json
@@ -157,7 +158,7 @@ class Writer(StorageWriter):
         tags: tags moved to the checkpoint after it is committed.
         metrics, config, meta, message: stored with the checkpoint (rank 0's are used).
         parent: a ref, None for a root, or ``AUTO`` (the run's newest checkpoint).
-        codec, chunk_size: as for :meth:`Bank.save <weightbank.Bank.save>`.
+        codec, chunk_size, keyframe_every: as for :meth:`Bank.save <weightbank.Bank.save>`.
 
     After ``dcp.save`` returns, ``info`` holds the checkpoint's info on rank 0;
     every rank can get its id with :func:`saved_id`. If it raises, :meth:`abort`
@@ -183,6 +184,7 @@ class Writer(StorageWriter):
         parent: str | Auto | None = AUTO,
         codec: str = "auto",
         chunk_size: int | None = None,
+        keyframe_every: int = DEFAULT_KEYFRAME_EVERY,
     ) -> None:
         self.bank = bank
         self.run, self.step = run, step
@@ -191,6 +193,7 @@ class Writer(StorageWriter):
         if "dcp" in self.meta:
             raise InvalidState("meta.dcp", "the key 'dcp' of meta is weightbank's own")
         self.message, self.parent, self.codec, self.chunk_size = message, parent, codec, chunk_size
+        self.keyframe_every = keyframe_every
         self.info: SaveResult | None = None
         self.part: SavePart | None = None
         self._parent_id: str | None = None
@@ -323,7 +326,13 @@ class Writer(StorageWriter):
         if not plan.items:
             fut.set_result([])
             return fut
-        self.part = self.bank.save_part(tensors, codec=self.codec, parent=parent, chunk_size=self.chunk_size)
+        self.part = self.bank.save_part(
+            tensors,
+            codec=self.codec,
+            parent=parent,
+            chunk_size=self.chunk_size,
+            keyframe_every=self.keyframe_every,
+        )
         results = []
         for n, (item, size) in enumerate(zip(plan.items, sizes, strict=True)):
             sd: dict[str, Any] = {"rank": self.rank}

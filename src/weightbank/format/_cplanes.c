@@ -60,6 +60,12 @@ static int check_itemsize(int k) {
     return -1;
 }
 
+/* Whether two byte ranges share memory (the loops take their buffers as restrict). */
+static int overlap(const void *a, Py_ssize_t alen, const void *b, Py_ssize_t blen) {
+    const uint8_t *x = (const uint8_t *)a, *y = (const uint8_t *)b;
+    return alen > 0 && blen > 0 && x < y + blen && y < x + alen;
+}
+
 /* split(src, dst, itemsize, rotate): dst (itemsize * words bytes) gets plane p at p * words. */
 static PyObject *cplanes_split(PyObject *self, PyObject *args) {
     Py_buffer src, dst;
@@ -68,6 +74,10 @@ static PyObject *cplanes_split(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*w*ip", &src, &dst, &k, &rot)) return NULL;
     PyObject *result = NULL;
     if (check_itemsize(k) < 0) goto done;
+    if (overlap(src.buf, src.len, dst.buf, dst.len)) {
+        PyErr_SetString(PyExc_ValueError, "split: source and planes overlap");
+        goto done;
+    }
     if (src.len % k != 0 || dst.len != src.len) {
         PyErr_Format(PyExc_ValueError, "split: %zd source bytes into %zd plane bytes (itemsize %d)",
                      src.len, dst.len, k);
@@ -103,7 +113,11 @@ static PyObject *cplanes_merge(PyObject *self, PyObject *args) {
     PyObject *seq = PySequence_Fast(seq_obj, "merge: planes must be a sequence of buffers");
     if (seq == NULL) goto done;
     Py_ssize_t k = PySequence_Fast_GET_SIZE(seq);
-    if (check_itemsize((int)k) < 0 || k != (int)k) goto done;
+    if (k > 8) {
+        PyErr_Format(PyExc_ValueError, "merge: %zd planes (at most 8)", k);
+        goto done;
+    }
+    if (check_itemsize((int)k) < 0) goto done;
     if (out.len % k != 0) {
         PyErr_Format(PyExc_ValueError, "merge: %zd output bytes are not whole %zd-byte words", out.len, k);
         goto done;
@@ -114,6 +128,10 @@ static PyObject *cplanes_merge(PyObject *self, PyObject *args) {
         held++;
         if (views[p].len != n) {
             PyErr_Format(PyExc_ValueError, "merge: plane %zd has %zd bytes, expected %zd", p, views[p].len, n);
+            goto done;
+        }
+        if (overlap(views[p].buf, n, out.buf, out.len)) {
+            PyErr_Format(PyExc_ValueError, "merge: plane %zd overlaps the output", p);
             goto done;
         }
         rows[p] = (const uint8_t *)views[p].buf;

@@ -293,7 +293,14 @@ def _encode_maybe_sparse(planes: np.ndarray, lay: WordLayout, *, retry: bool) ->
     return _encode(planes, lay, words, None, retry)
 
 
+#: The largest plane buffer a thread keeps for reuse: a bigger chunk gets a buffer of its own, so a
+#: pool thread that once coded a 1 GiB chunk does not hold a 1 GiB buffer from then on.
+SCRATCH_MAX = 64 << 20
+
+
 def _reused(name: str, lay: WordLayout, nbytes: int) -> np.ndarray:
+    if nbytes > SCRATCH_MAX:
+        return np.empty((lay.itemsize, nbytes // lay.itemsize), dtype=np.uint8)
     buf: np.ndarray | None = getattr(_local, name, None)
     if buf is None or buf.size < nbytes:
         buf = np.empty(nbytes, dtype=np.uint8)

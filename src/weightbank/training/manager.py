@@ -105,12 +105,17 @@ class CheckpointManager:
         data_fingerprint: recorded in every checkpoint's meta.
         codec: the bank codec for saves (``"raw"``: the fastest save; ``"auto"``:
             compressed, each save a delta against the last).
-        rekey: with ``codec="auto"``, after each save make it its run's
-            keyframe (:meth:`~weightbank.Bank.rekey`, in the save thread): a
-            resume or rollback to the newest loads no delta chain, and the
-            chain cost falls on older checkpoints. A rekey that cannot run
-            (another repack holds the lock) is skipped with a RekeySkipped
-            warning; the save stands.
+        rekey: with ``codec="auto"`` (the default there; None: on exactly
+            then), each save is its run's keyframe and its parent becomes a
+            reverse delta against it (:meth:`~weightbank.Bank.rekey`, in the
+            save thread): a resume or rollback to the newest loads no delta
+            chain, the chain cost falls on older checkpoints nobody loads, and
+            retention that deletes old checkpoints frees their bytes (with
+            forward chains newer checkpoints still need them). The save itself
+            writes the new checkpoint's changed chunks standalone, so the
+            rekey codes only the reverse delta. ``False``: forward deltas, the
+            cheapest save. A rekey that cannot run (another repack holds the
+            lock) is skipped with a RekeySkipped warning; the save stands.
         best_tags: keep a ``<run>.best.<metric>`` tag on the best checkpoint
             of every monitored metric (from BestN, OnImprovement, EarlyStopping).
         signals: signals meaning "preempted": finish the step, save, and exit
@@ -139,7 +144,7 @@ class CheckpointManager:
         meta: Mapping[str, Any] | None = None,
         data_fingerprint: str | None = None,
         codec: str = "raw",
-        rekey: bool = False,
+        rekey: bool | None = None,
         best_tags: bool = True,
         signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1),
         exit_on_signal: bool = True,
@@ -166,7 +171,7 @@ class CheckpointManager:
         if rekey and codec != "auto":
             raise InvalidArgument("rekey", rekey, "a rekey turns delta chains around: it needs codec='auto'")
         self.codec = codec
-        self.rekey = bool(rekey)
+        self.rekey = codec == "auto" if rekey is None else bool(rekey)
         self.rollbacks: list[Rollback] = []
         self._job = choose_job(distributed, collective_timeout)
         self._saves = SavePipeline(bank, self._job, guard, max_inflight)
@@ -195,7 +200,8 @@ class CheckpointManager:
         except Exception as e:  # the save has committed: a failed rekey must not fail it
             self._keeper.note(
                 RekeySkipped(
-                    f"checkpoint {info.id[:12]} was saved but not rekeyed ({e}); it loads as a delta chain"
+                    f"checkpoint {info.id[:12]} was saved but not rekeyed ({e}): it loads as fast, but its"
+                    " parent stays a keyframe (more bytes than a reverse delta)"
                 )
             )
 
@@ -454,6 +460,8 @@ class CheckpointManager:
         meta.setdefault("torch_seed", torch.initial_seed())
         options: dict[str, Any] = {"run": self.run, "step": done, "metrics": metrics, "config": self.config}
         options.update(meta=meta, tags=list(tags), message=message, parent=self._parent, codec=self.codec)
+        if self.rekey:  # the rekey makes it the keyframe: its changed chunks are written standalone
+            options["keyframe_every"] = 1
         self._parent = AUTO
         return self._saves.submit(tree, done, options, started=t0)
 
