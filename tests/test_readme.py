@@ -39,6 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
 PRELUDES: dict[str, str] = {
+    "Lightning (`pip install 'weightbank[lightning]'`)": """
+# Lightning 2.6 on torch 2.13 warns about deprecated pytree names and a loader without workers:
+# its warnings, not weightbank's, so the suite's filterwarnings=error does not apply to them.
+import warnings
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", module="lightning")
+warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|litlogger).*")
+""",
     "Training: CheckpointManager": """
 # The reader's training set-up; the section's own bank, since run "tts" above holds plain state dicts.
 tour_bank, bank = bank, wb.open("training-bank")

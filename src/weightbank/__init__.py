@@ -204,8 +204,9 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     # ``weightbank.dcp`` imports torch.distributed.checkpoint (about a second): only on first use.
-    if name == "dcp":
+    # ``weightbank.lightning`` is an optional extra: imported only when a user asks for it.
+    if name in ("dcp", "lightning"):
         import importlib
 
-        return importlib.import_module(".dcp", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

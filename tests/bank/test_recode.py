@@ -254,7 +254,7 @@ def test_a_frozen_backbone_is_not_written_again_at_every_rekey(tmp_path: Path, k
             head = _noise(1)
             head[:: 97 - s] += 1e-3 * (s + 1)
             st = {**backbone, "head": head}
-            kw = {"keyframe_every": 1} if keyframe_saves else {}
+            kw: dict[str, Any] = {"keyframe_every": 1} if keyframe_saves else {}
             cid = bank.save(st, run="r", step=s, chunk_size=CHUNK, **kw).id
             states[cid] = st
             written.append(bank.rekey(cid).bytes_written)

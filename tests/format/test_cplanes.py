@@ -143,5 +143,6 @@ def test_a_chunk_above_the_cap_gets_a_buffer_of_its_own(monkeypatch: pytest.Monk
     raw = np.zeros(2048, np.float32)
     raw[::97] = np.random.default_rng(0).standard_normal(22)  # sparse: decoded through the scratch
     out = bytearray(raw.nbytes)
-    planes.decode_planes(memoryview(encode_planes(memoryview(raw.view(np.uint8)), lay)), memoryview(out))
+    payload = encode_planes(memoryview(raw.view(np.uint8).tobytes()), lay)
+    planes.decode_planes(memoryview(payload), memoryview(out))
     assert bytes(out) == raw.tobytes()
