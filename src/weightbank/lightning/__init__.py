@@ -271,6 +271,9 @@ class BankIO(CheckpointIO):
             with self._lock:  # its save may still be queued (AsyncCheckpointIO): removed when it lands
                 self._removed_early.add(os.path.abspath(p))
             return
+        except IncompatibleState:  # a file of Lightning's own (saved before BankIO): removed as asked
+            p.unlink(missing_ok=True)
+            return
         p.unlink(missing_ok=True)
         self._forget(p.parent, cid, f"Lightning removed {p.name}")
 
