@@ -47,6 +47,7 @@ import torch
 
 try:
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.pytorch.callbacks import Callback
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     from ..errors import MissingDependency
 
@@ -55,9 +56,10 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 from ..bank.bank import Bank
 from ..bank.bank import open as open_bank
 from ..errors import CheckpointNotFound, IncompatibleState, InvalidArgument, InvalidRef, WeightbankError
+from ..training.rng import capture_rng, check_rng, restore_rng
 from .encoding import DecodeWarning, decode, encode
 
-__all__ = ["POINTER_VERSION", "BankIO", "DecodeWarning", "read_pointer"]
+__all__ = ["POINTER_VERSION", "BankIO", "DecodeWarning", "ExactResume", "read_pointer"]
 
 #: The ``"weightbank"`` field of a pointer file this code writes and reads.
 POINTER_VERSION = 1
@@ -304,6 +306,42 @@ class BankIO(CheckpointIO):
 
     def teardown(self) -> None:
         """Nothing to release: the bank stays open for the caller."""
+
+
+class ExactResume(Callback):
+    """Save every global RNG with each checkpoint and restore it on resume (a Lightning callback).
+
+    Lightning's checkpoint holds no RNG state, so after a resume dropout,
+    random augmentation and anything else drawing from ``torch``, ``numpy``
+    or ``random`` take different values than the uninterrupted run would.
+    This callback's state (captured on the training thread when Lightning
+    builds the checkpoint, so ``AsyncCheckpointIO`` saves the right one) is
+    Python's, numpy's, torch's CPU and every initialized CUDA generator;
+    ``load_state_dict`` puts them back. With a loader whose position is in
+    the checkpoint too (``wb.ResumableLoader``: Lightning saves and restores a
+    loader that has ``state_dict``), a resume mid-epoch continues bit for bit.
+
+    Example:
+        >>> import torch, weightbank.lightning as wl
+        >>> cb = wl.ExactResume()
+        >>> saved = cb.state_dict()
+        >>> a = torch.rand(1)
+        >>> cb.load_state_dict(saved)
+        >>> torch.equal(torch.rand(1), a)
+        True
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every global generator's state, as a tree of tensors, arrays and JSON values."""
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the generators; IncompatibleState (and nothing changed) if the state is malformed."""
+        rng = state_dict.get("rng") if isinstance(state_dict, Mapping) else None
+        if not isinstance(rng, Mapping):
+            raise IncompatibleState("ExactResume: the checkpoint's callback state holds no RNG state")
+        check_rng(rng)
+        restore_rng(rng)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
