@@ -110,8 +110,8 @@ def test_model_checkpoint_top_k_last_and_removals_live_in_the_bank(tmp_path: Pat
     assert set(pointers.values()) == live, "each removed top-k checkpoint was deleted from the bank"
     best = json.loads(Path(cb.best_model_path).read_text())["id"]
     assert bank.resolve("r.best.val_loss") == best
-    by_metric = bank.info("r@best:val_loss")  # best or last.ckpt saved with it (the same step and score)
-    assert (by_metric.step, by_metric.metrics) == (bank.info(best).step, bank.info(best).metrics)
+    assert bank.resolve("r@best:val_loss") == best  # last.ckpt records no score it was not ranked by
+    assert "val_loss" not in bank.info(pointers["last.ckpt"]).metrics
     got = io.load_checkpoint(cb.best_model_path)
     assert got["hyper_parameters"]["kind"] is Kind.SMALL and got["hyper_parameters"]["out"] == Path("runs")
     assert got["hyper_parameters"]["opt"] == Opt(1e-2, (0.9, 0.99))
@@ -243,3 +243,76 @@ def test_a_sigkill_mid_epoch_then_a_resume_matches_the_uninterrupted_run_bit_for
     want = load_file(tmp_path / "whole" / "ck" / "final.safetensors")
     got = load_file(tmp_path / "cut" / "ck" / "final.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_resume_into_a_new_directory_keeps_every_pointer_of_the_old_one(tmp_path: Path) -> None:
+    """Lightning's version_N layout: the old directory's best must survive the new run's best tag moves."""
+    bank = wb.open(tmp_path / "bank")
+    _fit(wb.lightning.BankIO(bank, run="r"), tmp_path / "v0", epochs=2)
+    old = _pointers(tmp_path / "v0")
+    _fit(
+        wb.lightning.BankIO(bank, run="r"),
+        tmp_path / "v1",
+        epochs=4,
+        ckpt_path=str(tmp_path / "v0" / "last.ckpt"),
+    )
+    io = wb.lightning.BankIO(bank, run="r")
+    for name in old:
+        assert io.load_checkpoint(tmp_path / "v0" / name)["global_step"] > 0, name
+    assert set(_pointers(tmp_path / "v1").values()) <= {c.id for c in bank.log("r")}
+
+
+def test_a_removal_before_its_save_lands_removes_the_save_when_it_lands(tmp_path: Path) -> None:
+    """AsyncCheckpointIO queues saves but removes at once: the removal must not be lost."""
+    bank = wb.open(tmp_path / "bank")
+    io = wb.lightning.BankIO(bank, run="r")
+    path = tmp_path / "epoch=0-step=4.ckpt"
+    io.remove_checkpoint(path)  # Lightning dropped it from its top-k before the queued save ran
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 4}, path)
+    assert not path.exists() and bank.log() == []
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 8}, path)  # the path again: kept
+    assert path.exists() and [c.step for c in bank.log()] == [8]
+
+
+def test_stored_class_names_import_nothing_and_run_nothing_unexpected(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings; warnings.simplefilter('ignore')\n"
+        "from weightbank.lightning.encoding import decode\n"
+        "before = set(sys.modules)\n"
+        "for cls in ('weightbank:dcp.Writer', 'concurrent.futures:ProcessPoolExecutor', 'os:path.join'):\n"
+        "    decode({'__wb__': 'dataclass', 'cls': cls, 'v': {}})\n"
+        "    decode({'__wb__': 'enum', 'cls': cls, 'v': 'A'})\n"
+        "print(sorted(m for m in set(sys.modules) - before if 'dcp' in m or 'futures.process' in m))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@dataclass
+class Checked:
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError("n must be >= 0")
+
+
+def test_damaged_pointers_and_values_are_typed_errors(tmp_path: Path) -> None:
+    with pytest.raises(wb.InvalidState):
+        decode({"k": {"__wb__": "path", "v": "a", "flavour": ["posix"]}})
+    with pytest.raises(wb.InvalidState):
+        decode({"k": {"__wb__": "enum", "cls": "x:Y", "v": 3}})
+    with pytest.raises(wb.InvalidState, match="refuses"):
+        decode({"k": {"__wb__": "dataclass", "cls": f"{__name__}:Checked", "v": {"n": -1}}})
+    assert decode({"__wb__": "dataclass", "cls": f"{__name__}:Checked", "v": {"n": 2}}) == Checked(2)
+    deep = tmp_path / "deep.ckpt"
+    deep.write_text("[" * 30000)
+    wrong = tmp_path / "bool.ckpt"
+    wrong.write_text(json.dumps({"weightbank": True, "id": "ab" * 32}))
+    (tmp_path / "dir.ckpt").mkdir()
+    for bad in (deep, wrong, tmp_path / "dir.ckpt"):
+        with pytest.raises(wb.IncompatibleState):
+            wb.lightning.read_pointer(bad)

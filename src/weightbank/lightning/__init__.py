@@ -37,8 +37,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,11 +85,14 @@ def read_pointer(path: str | os.PathLike[str]) -> dict[str, Any]:
             raw = f.read(_POINTER_MAX + 1)
     except FileNotFoundError:
         raise CheckpointNotFound(str(path)) from None
+    except OSError as e:  # a directory, no permission: not a pointer this can read
+        raise IncompatibleState(f"{path} is not a readable weightbank pointer file ({e})") from None
     try:
         doc = json.loads(raw) if len(raw) <= _POINTER_MAX else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested past the parser's depth
         doc = None
-    if not isinstance(doc, dict) or doc.get("weightbank") != POINTER_VERSION:
+    version = doc.get("weightbank") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or type(version) is not int or version != POINTER_VERSION:
         raise IncompatibleState(
             f"{path} is not a weightbank pointer file (a Lightning .ckpt written without BankIO?);"
             " bring it into the bank with `weightbank import`, or pass a ref as ckpt_path='wb://run@latest'"
@@ -98,16 +103,26 @@ def read_pointer(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
-def _metrics(checkpoint: Mapping[str, Any]) -> dict[str, float]:
-    """The score each ``ModelCheckpoint`` monitors, as this checkpoint was saved."""
+def _metrics(checkpoint: Mapping[str, Any], path: str) -> dict[str, float]:
+    """The monitored score of this checkpoint, for each ``ModelCheckpoint`` that holds it as a top-k.
+
+    Read from the callback's ``best_k_models[path]``: ``current_score`` is the
+    score of the last top-k candidate, which a ``last.ckpt`` or a
+    ``trainer.save_checkpoint`` of a later state would wrongly claim as theirs.
+    """
     out: dict[str, float] = {}
     callbacks = checkpoint.get("callbacks")
     if not isinstance(callbacks, Mapping):
         return out
+    here = os.path.abspath(path)
     for key, state in callbacks.items():
         if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, Mapping)):
             continue
-        monitor, score = state.get("monitor"), state.get("current_score")
+        best_k = state.get("best_k_models")
+        if not isinstance(best_k, Mapping):
+            continue
+        scores = [v for k, v in best_k.items() if isinstance(k, str) and os.path.abspath(k) == here]
+        monitor, score = state.get("monitor"), scores[0] if scores else None
         if isinstance(score, torch.Tensor) and score.numel() == 1:
             score = score.item()
         if isinstance(monitor, str) and isinstance(score, (int, float)) and not isinstance(score, bool):
@@ -170,6 +185,8 @@ class BankIO(CheckpointIO):
         # Paths removed before their save finished (AsyncCheckpointIO queues saves, but calls
         # remove_checkpoint at once): the save, when it lands, is removed too.
         self._removed_early: set[str] = set()
+        # Checkpoints Lightning removed that a tag kept (the best): deleted once the tag moves off.
+        self._kept_by_tag: set[str] = set()
         self._lock = threading.Lock()
 
     # -- saving ---------------------------------------------------------------------------------
@@ -192,7 +209,12 @@ class BankIO(CheckpointIO):
         step = step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
         meta = {"lightning": {"path": os.fspath(path), "epoch": checkpoint.get("epoch")}}
         info = self.bank.save(
-            tree, run=self.run, step=step, metrics=_metrics(checkpoint), meta=meta, codec=self.codec
+            tree,
+            run=self.run,
+            step=step,
+            metrics=_metrics(checkpoint, os.fspath(path)),
+            meta=meta,
+            codec=self.codec,
         )
         pointer = {
             "weightbank": POINTER_VERSION,
@@ -201,12 +223,12 @@ class BankIO(CheckpointIO):
             "run": self.run,
             "step": step,
         }
-        _write_atomic(Path(path), json.dumps(pointer, indent=1).encode() + b"\n")
-        if replaced is not None and replaced != info.id:
-            self._forget(Path(path).parent, replaced, f"Lightning overwrote {Path(path).name}")
-        with self._lock:
+        with self._lock:  # with remove_checkpoint's check: a removal lands before or after, never between
+            _write_atomic(Path(path), json.dumps(pointer, indent=1).encode() + b"\n")
             early = os.path.abspath(path) in self._removed_early
             self._removed_early.discard(os.path.abspath(path))
+        if replaced is not None and replaced != info.id:
+            self._forget(Path(path).parent, replaced, f"Lightning overwrote {Path(path).name}")
         if early:
             self.remove_checkpoint(path)
         elif self.best_tags:
@@ -227,7 +249,10 @@ class BankIO(CheckpointIO):
             if previous == target:
                 continue
             self.bank.tag(name, target, why=f"Lightning ModelCheckpoint best {monitor}")
-            if previous is not None:  # removed while it was the best (the tag kept it): it goes now
+            with self._lock:
+                was_kept = previous in self._kept_by_tag
+                self._kept_by_tag.discard(previous or "")
+            if previous is not None and was_kept:  # removed while it was the best: it goes now
                 self._forget(
                     Path(path).parent, previous, f"Lightning removed it; no longer the best {monitor}"
                 )
@@ -267,16 +292,20 @@ class BankIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the pointer at ``path`` and, unless something else names it, its checkpoint."""
         p = Path(os.fspath(path))
-        try:
-            cid = str(read_pointer(p)["id"])
-        except CheckpointNotFound:
-            with self._lock:  # its save may still be queued (AsyncCheckpointIO): removed when it lands
+        if p.is_dir():  # not ours (a sharded strategy's directory): removed as Lightning's own IO would
+            shutil.rmtree(p, ignore_errors=True)
+            return
+        with self._lock:  # a save of the same path writes its pointer under it too
+            try:
+                cid = str(read_pointer(p)["id"])
+            except CheckpointNotFound:
+                # Its save may still be queued (AsyncCheckpointIO): it is removed when it lands.
                 self._removed_early.add(os.path.abspath(p))
-            return
-        except IncompatibleState:  # a file of Lightning's own (saved before BankIO): removed as asked
+                return
+            except IncompatibleState:  # a file of Lightning's own (saved before BankIO): removed as asked
+                p.unlink(missing_ok=True)
+                return
             p.unlink(missing_ok=True)
-            return
-        p.unlink(missing_ok=True)
         self._forget(p.parent, cid, f"Lightning removed {p.name}")
 
     def _forget(self, directory: Path, cid: str, why: str) -> None:
@@ -287,8 +316,9 @@ class BankIO(CheckpointIO):
             self.bank.delete(cid, why=why)
         except CheckpointNotFound:
             pass  # deleted already (by hand, or by a prune)
-        except IncompatibleState:
-            pass  # tagged (the best, a release): the tag keeps it
+        except IncompatibleState:  # tagged (the best, a release): the tag keeps it
+            with self._lock:
+                self._kept_by_tag.add(cid)
 
     def _still_named(self, directory: Path, cid: str) -> bool:
         """Whether another pointer file in ``directory`` names ``cid`` (``save_last="link"`` copies one)."""
@@ -331,8 +361,20 @@ class ExactResume(Callback):
         True
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._warned = False
+
     def state_dict(self) -> dict[str, Any]:
         """Every global generator's state, as a tree of tensors, arrays and JSON values."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not self._warned:
+            self._warned = True  # Lightning saves rank 0's callback state only
+            warnings.warn(
+                "ExactResume saves rank 0's RNG state only: after a resume every rank starts from it,"
+                " so a multi-process resume is not bit-exact (single-process runs are)",
+                stacklevel=2,
+            )
         return {"rng": capture_rng()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

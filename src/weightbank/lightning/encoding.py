@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import inspect
 import os
 import pathlib
 import sys
@@ -151,8 +152,11 @@ def _loaded_class(name: Any, path: str) -> type | None:
     module_name, qualname = name.split(":", 1)
     obj: Any = sys.modules.get(module_name)
     for part in qualname.split("."):
-        obj = getattr(obj, part, None) if obj is not None else None
-    return obj if isinstance(obj, type) else None
+        # Static lookups only: a module's __getattr__ (a lazy import) or a descriptor never runs.
+        obj = inspect.getattr_static(obj, part, None) if obj is not None else None
+    if not isinstance(obj, type) or (obj.__module__, obj.__qualname__) != (module_name, qualname):
+        return None
+    return obj
 
 
 def decode(value: Any, path: str = "") -> Any:
@@ -195,7 +199,8 @@ def decode(value: Any, path: str = "") -> Any:
         raise InvalidState(where, f"a stored {kind} must hold a string")
     text = str(inner)
     if kind == "path":
-        flavour = _FLAVOURS.get(value.get("flavour", "posix"))
+        name = value.get("flavour", "posix")
+        flavour = _FLAVOURS.get(name) if isinstance(name, str) else None
         if flavour is None:
             raise InvalidState(where, f"unknown path flavour {value.get('flavour')!r}")
         native = (flavour is pathlib.PurePosixPath) == (os.name != "nt")
@@ -211,13 +216,10 @@ def decode(value: Any, path: str = "") -> Any:
         except (RuntimeError, ValueError) as e:
             raise InvalidState(where, f"{text!r} is not a torch device ({e})") from None
     if kind == "enum":
+        if not isinstance(inner, str):
+            raise InvalidState(where, "a stored enum must hold its member's name")
         cls = _loaded_class(value.get("cls"), path)
-        if (
-            cls is not None
-            and issubclass(cls, enum.Enum)
-            and isinstance(inner, str)
-            and inner in cls.__members__
-        ):
+        if cls is not None and issubclass(cls, enum.Enum) and inner in cls.__members__:
             return cls[inner]
         warnings.warn(
             DecodeWarning(f"{where}: enum {value.get('cls')} is not imported; its member name is returned"),
@@ -228,12 +230,10 @@ def decode(value: Any, path: str = "") -> Any:
         items = fields()
         cls = _loaded_class(value.get("cls"), path)
         if cls is not None and dataclasses.is_dataclass(cls):
-            try:
+            try:  # the class's own __init__ / __post_init__ runs, as when the user built it
                 return cls(**items)
-            except TypeError as e:
-                raise InvalidState(
-                    where, f"{value.get('cls')} no longer takes the stored fields ({e})"
-                ) from None
+            except Exception as e:
+                raise InvalidState(where, f"{value.get('cls')} refuses the stored fields ({e!r})") from None
         warnings.warn(
             DecodeWarning(f"{where}: dataclass {value.get('cls')} is not imported; its fields are returned"),
             stacklevel=2,
