@@ -32,6 +32,8 @@ ALLOWED: dict[str, frozenset[str]] = {
     # serving reports the disk cache's statistics (storage.diskcache.DiskCacheStats) in its own stats
     "serving": frozenset({"bank", "format", "storage"}),
     "http": frozenset({"serving", "bank", "format"}),
+    # integrations (optional extras) sit on top: they use the library, nothing below imports them
+    "lightning": frozenset({"bank", "training"}),
     "cli": frozenset(
         {"__init__", "bank", "dcp", "format", "http", "interop", "serving", "storage", "training"}
     ),
