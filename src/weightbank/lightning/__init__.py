@@ -103,6 +103,21 @@ def read_pointer(path: str | os.PathLike[str]) -> dict[str, Any]:
     return doc
 
 
+def _model_checkpoints(checkpoint: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(monitor, state) of every ``ModelCheckpoint`` callback state with a monitor in ``checkpoint``."""
+    callbacks = checkpoint.get("callbacks")
+    if not isinstance(callbacks, Mapping):
+        return []
+    return [
+        (state["monitor"], state)
+        for key, state in callbacks.items()
+        if isinstance(key, str)
+        and key.startswith("ModelCheckpoint")
+        and isinstance(state, Mapping)
+        and isinstance(state.get("monitor"), str)
+    ]
+
+
 def _metrics(checkpoint: Mapping[str, Any], path: str) -> dict[str, float]:
     """The monitored score of this checkpoint, for each ``ModelCheckpoint`` that holds it as a top-k.
 
@@ -111,37 +126,27 @@ def _metrics(checkpoint: Mapping[str, Any], path: str) -> dict[str, float]:
     ``trainer.save_checkpoint`` of a later state would wrongly claim as theirs.
     """
     out: dict[str, float] = {}
-    callbacks = checkpoint.get("callbacks")
-    if not isinstance(callbacks, Mapping):
-        return out
     here = os.path.abspath(path)
-    for key, state in callbacks.items():
-        if not (isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, Mapping)):
-            continue
+    for monitor, state in _model_checkpoints(checkpoint):
         best_k = state.get("best_k_models")
         if not isinstance(best_k, Mapping):
             continue
         scores = [v for k, v in best_k.items() if isinstance(k, str) and os.path.abspath(k) == here]
-        monitor, score = state.get("monitor"), scores[0] if scores else None
+        score = scores[0] if scores else None
         if isinstance(score, torch.Tensor) and score.numel() == 1:
             score = score.item()
-        if isinstance(monitor, str) and isinstance(score, (int, float)) and not isinstance(score, bool):
+        if isinstance(score, (int, float)) and not isinstance(score, bool):
             out[monitor] = float(score)
     return out
 
 
 def _best_paths(checkpoint: Mapping[str, Any]) -> dict[str, str]:
     """monitor → the best model path each ``ModelCheckpoint`` holds after this save."""
-    out: dict[str, str] = {}
-    callbacks = checkpoint.get("callbacks")
-    if not isinstance(callbacks, Mapping):
-        return out
-    for key, state in callbacks.items():
-        if isinstance(key, str) and key.startswith("ModelCheckpoint") and isinstance(state, Mapping):
-            monitor, best = state.get("monitor"), state.get("best_model_path")
-            if isinstance(monitor, str) and isinstance(best, str) and best:
-                out[monitor] = best
-    return out
+    return {
+        monitor: state["best_model_path"]
+        for monitor, state in _model_checkpoints(checkpoint)
+        if isinstance(state.get("best_model_path"), str) and state["best_model_path"]
+    }
 
 
 class BankIO(CheckpointIO):
@@ -200,9 +205,8 @@ class BankIO(CheckpointIO):
                 "BankIO.save_checkpoint takes no storage_options (Lightning passes None unless you do)"
             )
         tree = encode(dict(checkpoint))
-        replaced: str | None = (
-            None  # a pointer overwritten (``last.ckpt``): its checkpoint goes, as a file would
-        )
+        # A pointer overwritten (``last.ckpt``): its checkpoint goes, as a file would.
+        replaced: str | None = None
         with contextlib.suppress(WeightbankError, OSError):
             replaced = str(read_pointer(path)["id"])
         step = checkpoint.get("global_step")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import inspect
 import os
 import pathlib
@@ -72,6 +73,7 @@ _FLAVOURS: dict[str, type[pathlib.PurePath]] = {
 }
 
 
+@functools.cache
 def _attribute_dict() -> type | None:
     try:
         from lightning.fabric.utilities.data import AttributeDict
